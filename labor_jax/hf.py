@@ -117,11 +117,18 @@ def _tensor_files(path: Path) -> list[Path]:
 
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, Any]]:
-  """Yields (name, file, lazy reader) without reading tensor data."""
+  """Yields (name, file, reader); the reader maps the file only while one tensor is read.
+
+  safetensors reads through mmap, and mapped pages count as resident memory until
+  the file is closed: reopening per tensor keeps at most one tensor's pages mapped
+  instead of a whole multi-GB shard.
+  """
   from safetensors import safe_open
   for f in files:
     with safe_open(str(f), framework="numpy") as fh:
-      for name in fh.keys():
+      names = list(fh.keys())
+    for name in names:
+      with safe_open(str(f), framework="numpy") as fh:
         yield name, f, fh
 
 
@@ -156,10 +163,9 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
     found = tuple(fh.get_slice(name).get_shape())
     if found != shape:
       raise CheckpointError(f"{f.name}: tensor {name} has shape {found}, expected {shape}")
-    arr = fh.get_tensor(name)
+    arr = fh.get_tensor(name).astype(target, copy=False)
     if transposed:
-      arr = arr.T
-    arr = np.ascontiguousarray(arr, dtype=target)
+      arr = arr.T  # a view: device_put / the callback copy it once into the device buffer
     if mesh is not None:
       sh = shardings[ours]
       params[ours] = jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])

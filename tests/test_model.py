@@ -1,0 +1,118 @@
+"""Model behaviour that needs no reference implementation: caching, padding, dtype, remat, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from labor_jax import hf, model, sharding
+from labor_jax.config import llama_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = llama_tiny(rope_theta=500000.0)
+  return config, model.init_params(config, jax.random.key(1))
+
+
+def test_forward_on_plain_int_array(tiny):
+  config, params = tiny
+  logits = model.forward(config, params, np.arange(10, dtype=np.int32)[None])
+  assert logits.shape == (1, 10, config.vocab_size) and logits.dtype == jnp.float32
+
+
+def test_cached_prefix_equals_full_sequence(tiny):
+  config, params = tiny
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, config.vocab_size)
+  full = model.forward(config, params, tokens)
+  _, kv = model.forward(config, params, tokens[:, :10], return_kv=True)
+  rest = model.forward(config, params, tokens[:, 10:], prefix=kv)
+  np.testing.assert_allclose(rest, full[:, 10:], atol=1e-5)
+
+
+def test_masked_prefix_equals_shorter_history(tiny):
+  config, params = tiny
+  tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, config.vocab_size)
+  _, kv = model.forward(config, params, tokens, return_kv=True)
+  prefix_mask = (jnp.arange(12) < 7)[None].astype(jnp.int32)
+  cont = jax.random.randint(jax.random.key(4), (1, 3), 0, config.vocab_size)
+  cached = model.forward(config, params, cont, prefix=kv, prefix_mask_BS=prefix_mask)
+  direct = model.forward(config, params, jnp.concatenate([tokens[:, :7], cont], axis=1))[:, 7:]
+  np.testing.assert_allclose(cached, direct, atol=1e-5)
+
+
+def test_padding_does_not_change_real_tokens(tiny):
+  config, params = tiny
+  tokens = jax.random.randint(jax.random.key(5), (1, 9), 0, config.vocab_size)
+  alone = model.forward(config, params, tokens)
+  padded = jnp.concatenate([jnp.zeros((1, 4), tokens.dtype), tokens], axis=1)
+  mask = jnp.concatenate([jnp.zeros((1, 4)), jnp.ones((1, 9))], axis=1).astype(jnp.int32)
+  np.testing.assert_allclose(model.forward(config, params, padded, mask_BT=mask)[:, 4:], alone, atol=1e-5)
+
+
+def test_remat_changes_nothing_but_memory(tiny):
+  config, params = tiny
+  tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, config.vocab_size)
+
+  def loss(p, cfg):
+    return jnp.mean(model.forward(cfg, p, tokens) ** 2)
+
+  g0 = jax.grad(loss)(params, config)
+  g1 = jax.grad(loss)(params, config.replace(remat=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_bf16_policy(tiny):
+  config, params = tiny
+  cfg16 = config.replace(param_dtype="bfloat16", dtype="bfloat16")
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  tokens = jax.random.randint(jax.random.key(7), (2, 8), 0, config.vocab_size)
+  hidden_dtypes = jax.tree.leaves(jax.tree.map(lambda x: x.dtype, model.param_shapes(cfg16)))
+  assert set(hidden_dtypes) == {jnp.dtype(jnp.bfloat16)}
+  out16 = model.forward(cfg16, p16, tokens)
+  out32 = model.forward(config, params, tokens)
+  assert out16.dtype == jnp.float32
+  assert np.abs(out16 - out32).max() < 0.05 * np.abs(out32).max()
+  assert np.abs(out16 - out32).max() > 0  # really computed in bf16
+
+
+def test_every_param_has_logical_axes(tiny):
+  config, _ = tiny
+  shapes = model.param_shapes(config)
+  axes = model.param_logical_axes(config)
+  for (path, sds), spec in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                               jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+    assert len(spec) == len(sds.shape) and all(spec), jax.tree_util.keystr(path)
+
+
+def test_sharding_rules_reject_gaps_and_collisions():
+  with pytest.raises(sharding.ShardingError, match="'nonsense' has no sharding rule"):
+    sharding.logical_to_mesh(("embed", "nonsense"))
+  rules = dict(sharding.DEFAULT_RULES)
+  rules["mlp"] = "fsdp"
+  with pytest.raises(sharding.ShardingError, match="both map to mesh axis 'fsdp'"):
+    sharding.logical_to_mesh(("embed", "mlp"), tuple(rules.items()))
+
+
+def test_load_places_tensors_into_mesh_shardings(tiny, tmp_path):
+  config, params = tiny
+  assert jax.device_count() == 8
+  hf.save(config, params, tmp_path / "ck")
+  mesh = sharding.make_mesh(fsdp=4, tensor=2)
+  _, sharded = hf.load(tmp_path / "ck", mesh=mesh)
+  assert sharding.unsharded_params(sharded) == []
+  q = sharded["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert q.addressable_shards[0].data.shape == (16, 32)
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+  np.testing.assert_allclose(model.forward(config, sharded, tokens), model.forward(config, params, tokens),
+                             atol=1e-5)
+
+
+def test_mesh_must_divide_dimensions(tiny, tmp_path):
+  config, params = tiny
+  hf.save(config, params, tmp_path / "ck")
+  mesh = sharding.make_mesh(tensor=8)  # 2 kv heads * 16 = 32 columns split 8 ways is fine, vocab 256 too
+  hf.load(tmp_path / "ck", mesh=mesh)
+  with pytest.raises(sharding.ShardingError, match="not divisible"):
+    sharding.param_shardings(config.replace(intermediate_size=100), mesh)
