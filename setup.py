@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
+    "importlib-resources==7.1.0",  # tensorflow-datasets needs it to build a dataset without TensorFlow
     "transformers==5.24.0",
     "tokenizers==0.23.3",
     "huggingface-hub==2.4.0",

@@ -1,0 +1,1 @@
+"""Career data: survey panels -> validated person-year records -> resume text -> tokens."""

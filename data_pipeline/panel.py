@@ -1,0 +1,183 @@
+"""Person-year panels: the generic format, reading CSV/Parquet, and validation.
+
+A panel has one row per person and year:
+
+=============  ========  =====================================================
+column         required  meaning
+=============  ========  =====================================================
+person_id      yes       worker identifier (any string; unique within dataset)
+year           yes       calendar year, integer in [1900, 2100]
+occupation     yes       a code of the titles table (when one is given) or a title
+dataset        no        survey name (NLSY79, NLSY97, PSID...); else ``--dataset``
+education      no        education level as text ("high school diploma")
+sex            no        e.g. "male", "female"
+race           no        e.g. "black"
+ethnicity      no        e.g. "hispanic"
+region         no        e.g. "south"
+birth_year     no        integer year of birth
+industry       no        industry as text
+=============  ========  =====================================================
+
+Row numbers in errors count data rows from 1 (in a CSV, row N is on line N + 1).
+Gaps are allowed: a person observed in 1980 and 1983 has no entries for 1981-82;
+the resume simply lists the observed years, and transitions are between
+consecutive observed entries (``gap`` = years skipped, 0 for adjacent years).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_pipeline.errors import PanelError
+from data_pipeline.titles import TitleTable
+
+REQUIRED = ("person_id", "year", "occupation")
+OPTIONAL = ("dataset", "education", "sex", "race", "ethnicity", "region", "birth_year", "industry")
+YEAR_RANGE = (1900, 2100)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+  """Reads CSV or Parquet into string columns (missing values stay missing)."""
+  path = Path(path)
+  if not path.exists():
+    raise PanelError(path, "file does not exist")
+  try:
+    if path.suffix.lower() in (".parquet", ".pq"):
+      df = pd.read_parquet(path)
+      df = df.astype(object).where(df.notna(), None)
+      df = df.apply(lambda c: c.map(lambda v: None if v is None else str(v)))
+    else:
+      df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
+  except pd.errors.EmptyDataError:
+    raise PanelError(path, "empty file") from None
+  except Exception as e:  # pyarrow / parser errors: report them in one line
+    raise PanelError(path, f"cannot read ({e.__class__.__name__}: {e})") from None
+  if df.empty:
+    raise PanelError(path, "empty file (a header but no rows)")
+  df.columns = [str(c).strip() for c in df.columns]
+  return df
+
+
+def _first_bad(mask: np.ndarray) -> int:
+  return int(np.flatnonzero(mask)[0])
+
+
+def _integer_column(df: pd.DataFrame, col: str, path, optional: bool) -> pd.Series:
+  raw = df[col]
+  present = raw.notna() & (raw.astype(str).str.strip() != "")
+  if not optional and not present.all():
+    i = _first_bad(~present.to_numpy())
+    raise PanelError(path, "missing value", row=i + 1, column=col, value=raw.iloc[i], has_value=True)
+  num = pd.to_numeric(raw.where(present), errors="coerce")
+  bad = present & (num.isna() | (num % 1 != 0))
+  if bad.any():
+    i = _first_bad(bad.to_numpy())
+    raise PanelError(path, "not an integer", row=i + 1, column=col, value=raw.iloc[i], has_value=True)
+  lo, hi = YEAR_RANGE
+  out = present & ((num < lo) | (num > hi))
+  if out.any():
+    i = _first_bad(out.to_numpy())
+    raise PanelError(path, f"out of range [{lo}, {hi}]", row=i + 1, column=col, value=raw.iloc[i], has_value=True)
+  return num.astype("Int64")
+
+
+def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
+             dataset: str | None = None) -> tuple[pd.DataFrame, TitleTable]:
+  """Checks a raw panel and returns (clean panel sorted by dataset/person/year, titles).
+
+  Without a titles table, occupation values are titles and the table is built from
+  them (codes "1", "2"... in sorted title order).
+  """
+  if df.empty:
+    raise PanelError(path, "empty file (a header but no rows)")
+  for col in REQUIRED:
+    if col not in df.columns:
+      raise PanelError(path, f"missing required column '{col}' (found: {list(df.columns)})")
+  out = pd.DataFrame(index=df.index)
+  pid = df["person_id"].astype(object)
+  empty = pid.isna() | (pid.astype(str).str.strip() == "")
+  if empty.any():
+    i = _first_bad(empty.to_numpy())
+    raise PanelError(path, "missing value", row=i + 1, column="person_id", value=pid.iloc[i], has_value=True)
+  out["person_id"] = pid.astype(str).str.strip()
+  out["year"] = _integer_column(df, "year", path, optional=False).astype(np.int64)
+  if "dataset" in df.columns:
+    ds = df["dataset"].where(df["dataset"].notna() & (df["dataset"].astype(str).str.strip() != ""), None)
+    if ds.isna().any() and not dataset:
+      i = _first_bad(ds.isna().to_numpy())
+      raise PanelError(path, "missing value (and no --dataset default)", row=i + 1, column="dataset",
+                       value=df["dataset"].iloc[i], has_value=True)
+    out["dataset"] = ds.fillna(dataset).astype(str).str.strip()
+  else:
+    out["dataset"] = dataset or Path(path).stem
+  occ = df["occupation"]
+  occ_missing = occ.isna() | (occ.astype(str).str.strip() == "")
+  if occ_missing.any():
+    i = _first_bad(occ_missing.to_numpy())
+    raise PanelError(path, "missing value", row=i + 1, column="occupation", value=occ.iloc[i], has_value=True)
+  occ = occ.astype(str).str.strip()
+  if titles is None:
+    uniq = sorted(occ.unique())
+    titles = TitleTable(tuple(str(i + 1) for i in range(len(uniq))), tuple(uniq), source=f"{path} (titles)")
+    out["occupation"] = occ.map(dict(zip(uniq, titles.codes)))
+  else:
+    known = occ.isin(titles.codes)
+    if not known.all():
+      i = _first_bad(~known.to_numpy())
+      raise PanelError(path, f"occupation code not in the titles table {titles.source}", row=i + 1,
+                       column="occupation", value=occ.iloc[i], has_value=True)
+    out["occupation"] = occ
+  for col in OPTIONAL:
+    if col in ("dataset",) or col not in df.columns:
+      continue
+    if col == "birth_year":
+      out[col] = _integer_column(df, col, path, optional=True)
+    else:
+      v = df[col].where(df[col].notna(), None)
+      out[col] = v.map(lambda s: None if s is None or pd.isna(s) or not str(s).strip() else str(s).strip())
+  dup = out.duplicated(["dataset", "person_id", "year"], keep="first")
+  if dup.any():
+    i = _first_bad(dup.to_numpy())
+    raise PanelError(path, f"duplicate person-year (person {out['person_id'].iloc[i]!r}, "
+                     f"year {out['year'].iloc[i]})", row=i + 1, column="year", value=df["year"].iloc[i],
+                     has_value=True)
+  out = out.sort_values(["dataset", "person_id", "year"], kind="stable").reset_index(drop=True)
+  return out, titles
+
+
+def read_panel(path: str | Path, titles: TitleTable | None = None,
+               dataset: str | None = None) -> tuple[pd.DataFrame, TitleTable]:
+  """Reads and validates a panel file (CSV or Parquet). See the module docstring."""
+  return validate(read_table(path), path, titles, dataset)
+
+
+def transitions(panel: pd.DataFrame) -> pd.DataFrame:
+  """One row per consecutive pair of observed entries of a person (with the gap in years)."""
+  same = (panel["person_id"].to_numpy()[1:] == panel["person_id"].to_numpy()[:-1]) & (
+      panel["dataset"].to_numpy()[1:] == panel["dataset"].to_numpy()[:-1])
+  prev = panel.iloc[:-1][same]
+  nxt = panel.iloc[1:][same]
+  return pd.DataFrame({
+      "dataset": nxt["dataset"].to_numpy(), "person_id": nxt["person_id"].to_numpy(),
+      "year": nxt["year"].to_numpy(), "prev_occupation": prev["occupation"].to_numpy(),
+      "occupation": nxt["occupation"].to_numpy(),
+      "gap": nxt["year"].to_numpy() - prev["year"].to_numpy() - 1,
+  })
+
+
+def summary(panel: pd.DataFrame) -> dict:
+  """Workers, person-years, transitions, stay rate, occupations used, years covered."""
+  tr = transitions(panel)
+  return {
+      "workers": int(panel.groupby(["dataset", "person_id"]).ngroups),
+      "person_years": int(len(panel)),
+      "years": [int(panel["year"].min()), int(panel["year"].max())],
+      "transitions": int(len(tr)),
+      "stay_rate": float((tr["prev_occupation"] == tr["occupation"]).mean()) if len(tr) else float("nan"),
+      "occupations_used": int(panel["occupation"].nunique()),
+      "datasets": sorted(panel["dataset"].unique().tolist()),
+      "gaps": int((tr["gap"] > 0).sum()),
+  }

@@ -1,0 +1,157 @@
+"""Tokenizers for resumes: a model's own (tokenizer.json or SentencePiece tokenizer.model)
+or a SentencePiece model trained here on the training resumes.
+
+Resume tokens are the concatenation of each segment's tokens (see resume.py), where a
+segment is encoded as a *continuation*: ``encode("\\n" + text)`` minus the tokens of
+``"\\n"``. This removes tokenizer artefacts at segment starts (SentencePiece's dummy
+prefix) and makes two promises the scorer relies on:
+
+* at every entry boundary, the tokens of a resume prefix are exactly a prefix of the
+  whole resume's tokens (true by construction, checked in tests);
+* each entry's title is a known token span, identical to the title encoded alone.
+
+Library roles: ``tokenizers`` reads tokenizer.json, ``sentencepiece`` reads and trains
+tokenizer.model files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from data_pipeline.resume import END_OF_DATA, NEWLINE, Resume
+
+_SENTINEL = "\n"
+
+
+class ResumeTokenizer:
+  """Wraps a tokenizers.Tokenizer or a sentencepiece.SentencePieceProcessor."""
+
+  def __init__(self, backend, bos_id: int | None, eos_id: int | None, pad_id: int, source: str):
+    self.backend, self.bos_id, self.eos_id, self.pad_id, self.source = backend, bos_id, eos_id, pad_id, source
+    self._sentinel = self._raw(_SENTINEL)
+    self._cache: dict[str, list[int]] = {}
+
+  # ------------------------------------------------------------------ loading
+  @classmethod
+  def from_dir(cls, path: str | Path) -> "ResumeTokenizer":
+    """Loads tokenizer.json (preferred) or tokenizer.model from a model directory."""
+    path = Path(path)
+    cfg = {}
+    if (path / "tokenizer_config.json").exists():
+      cfg = json.loads((path / "tokenizer_config.json").read_text())
+    if (path / "tokenizer.json").exists():
+      import tokenizers
+      tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+
+      def tid(name):
+        v = cfg.get(name)
+        v = v.get("content") if isinstance(v, dict) else v
+        return tok.token_to_id(v) if v else None
+      bos, eos = tid("bos_token"), tid("eos_token")
+      pad = tid("pad_token")
+      return cls(tok, bos, eos, pad if pad is not None else (eos or 0), str(path / "tokenizer.json"))
+    if (path / "tokenizer.model").exists():
+      return cls.from_sentencepiece(path / "tokenizer.model")
+    raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
+
+  @classmethod
+  def from_sentencepiece(cls, model_file: str | Path) -> "ResumeTokenizer":
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    opt = lambda i: i if i >= 0 else None  # noqa: E731
+    pad = sp.pad_id() if sp.pad_id() >= 0 else max(sp.eos_id(), 0)
+    return cls(sp, opt(sp.bos_id()), opt(sp.eos_id()), pad, str(model_file))
+
+  @property
+  def vocab_size(self) -> int:
+    b = self.backend
+    return b.get_vocab_size() if hasattr(b, "get_vocab_size") else b.get_piece_size()
+
+  # ----------------------------------------------------------------- encoding
+  def _raw(self, text: str) -> list[int]:
+    b = self.backend
+    if hasattr(b, "encode_as_ids"):
+      return list(b.encode_as_ids(text))
+    return list(b.encode(text, add_special_tokens=False).ids)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    b = self.backend
+    ids = [int(i) for i in ids]
+    return b.decode_ids(ids) if hasattr(b, "decode_ids") else b.decode(ids, skip_special_tokens=False)
+
+  def encode_piece(self, text: str) -> list[int]:
+    """Tokens of ``text`` as a continuation of earlier text (memoised)."""
+    hit = self._cache.get(text)
+    if hit is not None:
+      return hit
+    ids = self._raw(_SENTINEL + text)
+    n = len(self._sentinel)
+    if ids[:n] != self._sentinel:
+      raise ValueError(f"{self.source}: tokenizer merges a newline with the text that follows "
+                       f"({text[:30]!r}); resume segments need a newline token boundary")
+    out = ids[n:]
+    if len(self._cache) < 200_000:
+      self._cache[text] = out
+    return out
+
+  def encode_resume(self, resume: Resume) -> "TokenizedResume":
+    ids: list[int] = [] if self.bos_id is None else [self.bos_id]
+    ids += self.encode_piece(resume.header)
+    title_spans, prefix_ends, entry_starts = [], [], []
+    for e in resume.entries:
+      entry_starts.append(len(ids))
+      ids += self.encode_piece(NEWLINE)
+      ids += self.encode_piece(e.prefix)
+      prefix_ends.append(len(ids))
+      ids += self.encode_piece(e.title)
+      title_spans.append((prefix_ends[-1], len(ids)))
+    entry_starts.append(len(ids))
+    ids += self.encode_piece(NEWLINE) + self.encode_piece(END_OF_DATA)
+    if self.eos_id is not None:
+      ids.append(self.eos_id)
+    return TokenizedResume(np.asarray(ids, np.int32), np.asarray(title_spans, np.int32).reshape(-1, 2),
+                           np.asarray(entry_starts, np.int32))
+
+  def candidate_tokens(self, candidates: Iterable[str]) -> list[list[int]]:
+    """Each candidate title's tokens followed by the entry terminator (a newline)."""
+    nl = self.encode_piece(NEWLINE)
+    return [self.encode_piece(c) + nl for c in candidates]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedResume:
+  ids: np.ndarray  # [N] int32 token ids (BOS ... EOS)
+  title_spans: np.ndarray  # [E, 2] (start, end) of each entry's title tokens
+  entry_starts: np.ndarray  # [E + 1] index of each entry's leading newline, then of the end marker
+
+  def work_history_mask(self) -> np.ndarray:
+    """1 on the tokens of the work-history entries and end marker (the loss mask option)."""
+    m = np.zeros(len(self.ids), np.int32)
+    m[self.entry_starts[0]:] = 1
+    return m
+
+
+def train_sentencepiece(texts: Iterable[str], out_prefix: str | Path, vocab_size: int = 1024,
+                        seed_sentences: int = 200_000) -> Path:
+  """Trains a Llama-style BPE SentencePiece model (byte fallback, digits split) on ``texts``.
+
+  The newline is a user-defined piece, so it is never merged with its neighbours (the
+  segment boundary rule above needs that); identity normalisation keeps text as is.
+  Writes ``{out_prefix}.model``.
+  """
+  import sentencepiece as spm
+  out_prefix = Path(out_prefix)
+  out_prefix.parent.mkdir(parents=True, exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(list(texts)), model_prefix=str(out_prefix), vocab_size=vocab_size,
+      model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, add_dummy_prefix=True, user_defined_symbols=[NEWLINE],
+      unk_id=0, bos_id=1, eos_id=2, pad_id=3, input_sentence_size=seed_sentences,
+      shuffle_input_sentence=True, max_sentence_length=1 << 16, minloglevel=2,
+      hard_vocab_limit=False, allow_whitespace_only_pieces=True, train_extremely_large_corpus=False)
+  return out_prefix.with_suffix(".model")
