@@ -145,11 +145,15 @@ class Llama(nn.Module):
     return logits_BTV.astype(jnp.float32), tuple(kvs)
 
 
-def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None) -> jax.Array:
-  """Boolean [B, T, S]: causal within the T new tokens, padding keys masked, prefix keys per row."""
+def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None,
+                   segment_ids_BT: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, T, S]: causal within the T new tokens, padding keys masked, prefix keys per row,
+  and (for packed rows) no attention across segments."""
   t = mask_BT.shape[1]
   causal_TT = jnp.tril(jnp.ones((t, t), dtype=bool))
   mask_BTT = causal_TT[None] & mask_BT.astype(bool)[:, None, :]
+  if segment_ids_BT is not None:
+    mask_BTT &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   if prefix_mask_BS is None:
     return mask_BTT
   b, s = prefix_mask_BS.shape
@@ -162,6 +166,7 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
             positions_BT: jax.Array | None = None,
             prefix: Sequence[KV] | None = None,
             prefix_mask_BS: jax.Array | None = None,
+            segment_ids_BT: jax.Array | None = None,
             return_kv: bool = False):
   """Logits [B, T, V] (float32) of a Llama model: a pure function of (config, params, tokens).
 
@@ -178,6 +183,8 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
       as returned by ``forward(..., return_kv=True)``. New tokens attend to all valid prefix
       keys and causally to each other.
     prefix_mask_BS: which prefix keys are valid (defaults to all).
+    segment_ids_BT: for packed rows, the resume each token belongs to (1, 2, ...; 0 is
+      padding). Tokens attend only within their segment; pass the packer's positions too.
     return_kv: also return this call's keys/values per layer, to be reused as a prefix.
   """
   tokens_BT = jnp.asarray(tokens_BT)
@@ -185,7 +192,9 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     raise ValueError(f"tokens_BT must be [batch, length], got shape {tokens_BT.shape}")
   b, t = tokens_BT.shape
   if mask_BT is None:
-    mask_BT = jnp.ones((b, t), dtype=jnp.int32)
+    mask_BT = jnp.ones((b, t), dtype=jnp.int32) if segment_ids_BT is None else (segment_ids_BT > 0)
+  if segment_ids_BT is not None and prefix is not None:
+    raise ValueError("segment_ids_BT (packed rows) cannot be combined with a cached prefix")
   if prefix is not None and len(prefix) != config.num_hidden_layers:
     raise ValueError(f"prefix has {len(prefix)} layers, the model has {config.num_hidden_layers}")
   if prefix is not None and prefix_mask_BS is None:
@@ -194,7 +203,7 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     if prefix_mask_BS is not None:
       positions_BT = positions_BT + jnp.sum(prefix_mask_BS, axis=1, keepdims=True)
-  mask_BTS = attention_mask(mask_BT, prefix_mask_BS)
+  mask_BTS = attention_mask(mask_BT, prefix_mask_BS, segment_ids_BT)
   logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
                                         None if prefix is None else tuple(prefix))
   return (logits_BTV, kvs) if return_kv else logits_BTV

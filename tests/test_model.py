@@ -116,3 +116,15 @@ def test_mesh_must_divide_dimensions(tiny, tmp_path):
   hf.load(tmp_path / "ck", mesh=mesh)
   with pytest.raises(sharding.ShardingError, match="not divisible"):
     sharding.param_shardings(config.replace(intermediate_size=100), mesh)
+
+
+def test_packed_segments_equal_separate_sequences(tiny):
+  config, params = tiny
+  a = jax.random.randint(jax.random.key(8), (1, 5), 0, config.vocab_size)
+  b = jax.random.randint(jax.random.key(9), (1, 7), 0, config.vocab_size)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 4), a.dtype)], axis=1)
+  seg = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4])
+  pos = jnp.asarray([list(range(5)) + list(range(7)) + [0] * 4])
+  out = model.forward(config, params, packed, segment_ids_BT=seg, positions_BT=pos)
+  np.testing.assert_allclose(out[:, :5], model.forward(config, params, a), atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:12], model.forward(config, params, b), atol=1e-5)

@@ -1,0 +1,93 @@
+"""The embedded NLSY data, the TFDS dataset and the grain loader."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_pipeline import build, loader, nlsy, tfds_builder
+
+
+@pytest.fixture(scope="session")
+def nlsy_dataset(tmp_path_factory):
+  out = tmp_path_factory.mktemp("data") / "nlsy"
+  assert build.main(["--out", str(out), "--vocab-size", "600"]) == 0
+  return out
+
+
+def test_embedded_panel_is_the_published_one():
+  raw = nlsy.load_raw()
+  assert len(raw) == 4360 and raw["nr"].nunique() == 545
+  assert sorted(raw["year"].unique()) == list(range(1980, 1988))
+  assert raw["occupation"].nunique() == 9 and raw["industry"].nunique() == 12
+
+
+def test_default_build_summary(nlsy_dataset, capsys):
+  info = json.loads((nlsy_dataset / "summary.json").read_text())
+  assert info["workers"] == 545 and info["person_years"] == 4360 and info["transitions"] == 545 * 7
+  assert sum(info["split_workers"].values()) == 545
+  assert info["template"] == "labor-llm-v1"
+  assert (nlsy_dataset / "tokenizer" / "tokenizer.model").exists()
+
+
+def test_tfds_examples_carry_tokens_and_spans(nlsy_dataset):
+  src = tfds_builder.data_source(nlsy_dataset / "labor_resumes" / "1.0.0", "test")
+  ex = src[0]
+  assert len(ex["years"]) == len(ex["occupations"]) == len(ex["title_spans"]) == 8
+  assert ex["title_spans"][0][0] > ex["entry_starts"][0]
+  assert ex["text"].decode().endswith("<END OF DATA>")
+
+
+def _ds(nlsy_dataset, **kw):
+  args = dict(seq_len=224, batch_size=4, seed=3)
+  args.update(kw)
+  return loader.make_dataset(nlsy_dataset / "labor_resumes" / "1.0.0", "train", **args)
+
+
+def test_batches_and_history_loss_mask(nlsy_dataset):
+  b = next(iter(_ds(nlsy_dataset, loss_on="history")))
+  assert b["inputs"].shape == (4, 224) and b["inputs"].dtype == np.int32
+  np.testing.assert_array_equal(b["inputs"][:, 1:][b["segment_ids"][:, 1:] > 0],
+                                b["targets"][:, :-1][b["segment_ids"][:, 1:] > 0])
+  full = next(iter(_ds(nlsy_dataset, loss_on="all")))
+  assert 0 < b["loss_mask"].sum() < full["loss_mask"].sum() == full["segment_ids"].astype(bool).sum()
+  assert b["loss_mask"][:, :40].sum() == 0  # the header carries no loss
+
+
+def test_shuffle_is_seeded(nlsy_dataset):
+  a = next(iter(_ds(nlsy_dataset, seed=1)))["inputs"]
+  np.testing.assert_array_equal(a, next(iter(_ds(nlsy_dataset, seed=1)))["inputs"])
+  assert not np.array_equal(a, next(iter(_ds(nlsy_dataset, seed=2)))["inputs"])
+
+
+def test_process_shards_are_disjoint_and_complete(nlsy_dataset):
+  from collections import Counter
+
+  def rows(**kw):  # every row of one epoch, as a multiset (a few workers share identical resumes)
+    return Counter(tuple(r) for b in _ds(nlsy_dataset, num_epochs=1, batch_size=1, **kw) for r in b["inputs"])
+  one = rows()
+  p0, p1 = rows(process_index=0, process_count=2), rows(process_index=1, process_count=2)
+  assert sum(one.values()) == 375 and sum(p0.values()) == 188 and sum(p1.values()) == 187
+  assert p0 + p1 == one
+
+
+def test_iterator_state_restores_the_data_order(nlsy_dataset):
+  for pack in (False, True):
+    it = iter(_ds(nlsy_dataset, pack=pack, seq_len=400))
+    for _ in range(3):
+      next(it)
+    state = it.get_state()
+    expect = [next(it) for _ in range(2)]
+    it2 = iter(_ds(nlsy_dataset, pack=pack, seq_len=400))
+    it2.set_state(state)
+    for want in expect:
+      got = next(it2)
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_packing_puts_several_resumes_in_a_row(nlsy_dataset):
+  b = next(iter(_ds(nlsy_dataset, pack=True, seq_len=600)))
+  assert b["segment_ids"].max() >= 2
+  row = b["positions"][0][b["segment_ids"][0] == 2]
+  np.testing.assert_array_equal(row, np.arange(len(row)))

@@ -1,0 +1,114 @@
+"""Every validation error names the file, the row and the field, in one line."""
+
+import pandas as pd
+import pytest
+
+from data_pipeline import build
+from data_pipeline.errors import PanelError
+from data_pipeline.panel import read_panel, summary, transitions
+from data_pipeline.titles import load_titles, nlsy_groups
+
+GOOD = """person_id,year,occupation,education,sex,birth_year
+7,1980,3,high school diploma,female,1962
+7,1981,3,high school diploma,female,1962
+7,1983,5,some college,female,1962
+9,1980,1,bachelor's degree,male,
+"""
+
+
+def _write(tmp_path, text, name="panel.csv"):
+  p = tmp_path / name
+  p.write_text(text)
+  return p
+
+
+def _error(tmp_path, text, titles=None):
+  with pytest.raises(PanelError) as e:
+    read_panel(_write(tmp_path, text), titles)
+  msg = str(e.value)
+  assert "\n" not in msg and "panel.csv" in msg
+  return msg
+
+
+def test_good_panel_with_gap(tmp_path):
+  panel, titles = read_panel(_write(tmp_path, GOOD), nlsy_groups(), dataset="NLSY97")
+  assert list(panel["year"]) == [1980, 1981, 1983, 1980]
+  tr = transitions(panel)
+  assert list(tr["gap"]) == [0, 1]  # 1981 -> 1983 skips one year; person 9 has no transition
+  s = summary(panel)
+  assert s["workers"] == 2 and s["transitions"] == 2 and s["stay_rate"] == 0.5 and s["gaps"] == 1
+  assert panel["birth_year"].isna().sum() == 1 and panel["dataset"].unique().tolist() == ["NLSY97"]
+
+
+def test_parquet_reads_like_csv(tmp_path):
+  csv_panel, _ = read_panel(_write(tmp_path, GOOD), nlsy_groups())
+  pq = tmp_path / "panel.parquet"
+  pd.read_csv(tmp_path / "panel.csv").to_parquet(pq)
+  pq_panel, _ = read_panel(pq, nlsy_groups(), dataset="panel")
+  pd.testing.assert_frame_equal(csv_panel, pq_panel)
+
+
+def test_missing_required_column(tmp_path):
+  msg = _error(tmp_path, "person_id,occupation\n1,2\n")
+  assert "missing required column 'year'" in msg
+
+
+def test_non_integer_year(tmp_path):
+  msg = _error(tmp_path, GOOD.replace("7,1981", "7,198x"))
+  assert "row 2" in msg and "column 'year'" in msg and "not an integer" in msg and "'198x'" in msg
+
+
+def test_fractional_year(tmp_path):
+  msg = _error(tmp_path, GOOD.replace("7,1981", "7,1981.5"))
+  assert "row 2" in msg and "column 'year'" in msg
+
+
+def test_year_out_of_range(tmp_path):
+  msg = _error(tmp_path, GOOD.replace("9,1980", "9,3010"))
+  assert "row 4" in msg and "column 'year'" in msg and "out of range" in msg and "'3010'" in msg
+
+
+def test_duplicate_person_year(tmp_path):
+  msg = _error(tmp_path, GOOD + "7,1981,4,,,\n")
+  assert "row 5" in msg and "duplicate person-year" in msg and "person '7'" in msg and "1981" in msg
+
+
+def test_unknown_occupation_code(tmp_path):
+  msg = _error(tmp_path, GOOD.replace("7,1983,5", "7,1983,55"), nlsy_groups())
+  assert "row 3" in msg and "column 'occupation'" in msg and "'55'" in msg and "titles table" in msg
+
+
+def test_empty_file(tmp_path):
+  assert "empty file" in _error(tmp_path, "")
+  assert "empty file" in _error(tmp_path, "person_id,year,occupation\n")
+
+
+def test_wrong_type_birth_year(tmp_path):
+  msg = _error(tmp_path, GOOD.replace("female,1962\n7,1983", "female,nineteen\n7,1983"))
+  assert "row 2" in msg and "column 'birth_year'" in msg and "'nineteen'" in msg
+
+
+def test_missing_person_id(tmp_path):
+  msg = _error(tmp_path, GOOD.replace("9,1980", ",1980"))
+  assert "row 4" in msg and "column 'person_id'" in msg
+
+
+def test_titles_table_errors(tmp_path):
+  with pytest.raises(PanelError, match=r"titles.csv, row 2, column 'code': duplicate code"):
+    load_titles(_write(tmp_path, "code,title\n1,A\n1,B\n", "titles.csv"))
+  with pytest.raises(PanelError, match="missing required column 'title'"):
+    load_titles(_write(tmp_path, "code,name\n1,A\n", "titles.csv"))
+
+
+def test_occupations_as_titles_without_table(tmp_path):
+  panel, titles = read_panel(_write(tmp_path, "person_id,year,occupation\n1,2000,Cashiers\n1,2001,Nurses\n"))
+  assert titles.titles == ("Cashiers", "Nurses") and list(panel["occupation"]) == ["1", "2"]
+
+
+def test_cli_failure_writes_nothing(tmp_path, capsys):
+  bad = _write(tmp_path, GOOD.replace("7,1981", "7,198x"))
+  out = tmp_path / "out"
+  assert build.main(["--panel", str(bad), "--out", str(out)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "row 2" in err and "column 'year'" in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["panel.csv"]

@@ -1,0 +1,123 @@
+"""Resume text, the prefix property of resume tokens, splits, simulator."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_pipeline import resume, simulator, splits
+from data_pipeline.resume import END_OF_DATA
+from data_pipeline.titles import synthetic_titles
+from data_pipeline.tokenizer import ResumeTokenizer, train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def sim():
+  titles = synthetic_titles(40, seed=1)
+  panel = simulator.simulate(60, 6, titles, seed=3)
+  return panel, titles, resume.render_panel(panel, titles)
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(sim, tmp_path_factory):
+  _, _, resumes = sim
+  model = train_sentencepiece([r.text for r in resumes], tmp_path_factory.mktemp("sp") / "tok", vocab_size=400)
+  return ResumeTokenizer.from_sentencepiece(model)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(sim, tmp_path_factory):
+  """A Llama-3-style byte-level BPE tokenizer.json, trained here."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  _, _, resumes = sim
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([r.text for r in resumes], trainers.BpeTrainer(
+      vocab_size=600, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  d = tmp_path_factory.mktemp("bpe")
+  tok.save(str(d / "tokenizer.json"))
+  (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                       "eos_token": "<|end_of_text|>"}))
+  return ResumeTokenizer.from_dir(d)
+
+
+def test_template_example(sim):
+  _, titles, resumes = sim
+  text = resumes[0].text
+  lines = text.split("\n")
+  assert lines[0] == "<SIMULATED resume>"
+  assert lines[1].startswith("The following information is available about the work history of a")
+  assert lines[2].startswith("The worker was born in ")
+  assert lines[-1] == END_OF_DATA
+  first = resumes[0].entries[0]
+  assert f"\n{first.prefix}{first.title}\n" in text and first.title[1:] in titles.titles
+
+
+def test_missing_fields_are_left_out():
+  head = resume.header("PSID", sex=None, race=None, region=None, birth_year=None)
+  assert "born" not in head and "residing" not in head and "None" not in head and "nan" not in head
+  assert "history of a worker." in head
+
+
+def test_codes_variant(sim):
+  panel, titles, _ = sim
+  coded = resume.render_panel(panel, titles, "codes")
+  assert coded[0].entries[0].title == " " + coded[0].entries[0].code
+  assert not any(t in coded[0].text for t in titles.titles)
+
+
+@pytest.mark.parametrize("which", ["sp_tokenizer", "bpe_tokenizer"])
+def test_prefix_property_and_title_spans(which, request, sim):
+  tok = request.getfixturevalue(which)
+  _, titles, resumes = sim
+  cands = tok.candidate_tokens(resume.candidate_texts(titles))
+  index = titles.index
+  nl = tok.encode_piece("\n")
+  for r in resumes[:20]:
+    tr = tok.encode_resume(r)
+    full = list(tr.ids)
+    start = 0 if tok.bos_id is None else 1
+    assert tok.decode(full[start:len(full) - (tok.eos_id is not None)]) == r.text
+    for t, e in enumerate(r.entries):
+      # Tokens of the text up to entry t's prefix are a prefix of the whole resume's tokens.
+      partial = resume.Resume(r.dataset, r.person_id, r.header, r.entries[:t + 1])
+      prefix_ids = list(tok.encode_resume(partial).ids)[:tr.title_spans[t][0]]
+      assert prefix_ids == full[:tr.title_spans[t][0]]
+      assert tok.decode(prefix_ids[start:]) == r.text[:r.text.index(e.prefix + e.title) + len(e.prefix)]
+      # The title span is exactly the candidate's tokens, followed by the terminator.
+      s, f = tr.title_spans[t]
+      cand = cands[index[e.code]]
+      assert full[s:f] + nl == cand == full[s:f + len(nl)]
+
+
+def test_bytelevel_segments_equal_whole_text_tokens(bpe_tokenizer, sim):
+  _, _, resumes = sim
+  tr = bpe_tokenizer.encode_resume(resumes[0])
+  assert list(tr.ids[1:-1]) == bpe_tokenizer._raw(resumes[0].text)
+
+
+def test_splits_deterministic_and_order_free(sim):
+  panel, _, _ = sim
+  a = splits.assign(panel, seed=5)
+  shuffled = panel.sample(frac=1.0, random_state=0)
+  b = splits.assign(shuffled, seed=5).reindex(panel.index)
+  pd.testing.assert_series_equal(a, b)
+  assert (a.groupby([panel["dataset"], panel["person_id"]]).nunique() == 1).all()
+  assert not a.equals(splits.assign(panel, seed=6))
+  big = simulator.simulate(3000, 1, synthetic_titles(10), seed=0)
+  frac = splits.assign(big, seed=0).value_counts(normalize=True)
+  assert abs(frac["train"] - 0.7) < 0.03 and abs(frac["test"] - 0.2) < 0.03
+
+
+def test_simulator_is_seeded_and_sticky():
+  titles = synthetic_titles(30)
+  a = simulator.simulate(200, 10, titles, seed=1, stay=0.8)
+  b = simulator.simulate(200, 10, titles, seed=1, stay=0.8)
+  pd.testing.assert_frame_equal(a, b)
+  from data_pipeline.panel import summary, validate
+  s = summary(validate(a, "sim", titles)[0])
+  assert 0.75 < s["stay_rate"] < 0.87 and s["gaps"] > 0
