@@ -214,9 +214,9 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
       get_storage_size=lambda x: int(np.prod(x.shape)) * itemsize,
       filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
   writer = jax.process_index() == 0
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if writer else None
   if writer:
     path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if writer else None
   try:
     for filename, tensor_names in split.filename_to_tensors.items():
       shard = {}

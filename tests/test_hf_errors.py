@@ -93,3 +93,11 @@ def test_failed_export_leaves_nothing(tmp_path):
   with pytest.raises(hf.CheckpointError, match="norm/weight"):
     hf.save(config, params, tmp_path / "out")
   assert list(tmp_path.iterdir()) == []
+
+
+def test_config_round_trips_through_hf_json(tmp_path):
+  import jax
+  for config in (llama_tiny(), llama_tiny(rope_type="llama3", rope_factor=8.0, rope_original_max_position=64),
+                 llama_tiny(model_type="mistral", tie_word_embeddings=True, pad_token_id=0)):
+    d = hf.save(config, init_params(config, jax.random.key(0)), tmp_path / config.model_type / config.rope_type)
+    assert hf.load(d)[0] == config
