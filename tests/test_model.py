@@ -128,3 +128,18 @@ def test_packed_segments_equal_separate_sequences(tiny):
   out = model.forward(config, params, packed, segment_ids_BT=seg, positions_BT=pos)
   np.testing.assert_allclose(out[:, :5], model.forward(config, params, a), atol=1e-5)
   np.testing.assert_allclose(out[:, 5:12], model.forward(config, params, b), atol=1e-5)
+
+
+def test_bfloat16_checkpoint_round_trip(tiny, tmp_path):
+  config, params = tiny
+  cfg16 = config.replace(param_dtype="bfloat16")
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  hf.save(cfg16, p16, tmp_path / "bf16")
+  from safetensors import safe_open
+  with safe_open(str(tmp_path / "bf16" / hf.SAFETENSORS_SINGLE), framework="numpy") as f:
+    assert f.get_tensor("model.norm.weight").dtype == jnp.bfloat16
+  got_cfg, got = hf.load(tmp_path / "bf16", param_dtype="bfloat16")
+  assert got_cfg == cfg16
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p16, got)
+  _, up = hf.load(tmp_path / "bf16")  # default policy: float32 parameters
+  assert up["norm"]["weight"].dtype == jnp.float32
