@@ -29,15 +29,12 @@ from data_pipeline import nlsy, resume, splits as split_lib, tfds_builder
 from data_pipeline.errors import PanelError
 from data_pipeline.panel import read_panel, summary, validate
 from data_pipeline.titles import TitleTable, load_titles
-from data_pipeline.tokenizer import ResumeTokenizer, train_sentencepiece
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+from data_pipeline.tokenizer import TOKENIZER_FILES, ResumeTokenizer, train_sentencepiece
 
 
 def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
                   tokenizer_dir: str | Path | None = None, variant: str = "titles", seed: int = 0,
-                  fractions=split_lib.DEFAULT_FRACTIONS, vocab_size: int = 1024, source: str = "",
-                  log=print) -> dict:
+                  fractions=split_lib.DEFAULT_FRACTIONS, vocab_size: int = 1024, source: str = "") -> dict:
   """Builds the dataset directory ``out`` from a validated panel; returns the summary."""
   out = Path(out)
   t0 = time.perf_counter()

@@ -26,6 +26,9 @@ import numpy as np
 from data_pipeline.resume import END_OF_DATA, NEWLINE, Resume
 
 _SENTINEL = "\n"
+# Files that make up a model's tokenizer (copied with datasets and exported checkpoints).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
 
 
 class ResumeTokenizer:

@@ -25,14 +25,13 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from data_pipeline.tokenizer import TOKENIZER_FILES
 from labor_jax import model
 from labor_jax import sharding as shard_lib
 from labor_jax.config import LlamaConfig
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
 
 # (HF name, labor_jax path, transposed). "{i}" is a layer index, "{p}" a projection name.
 KEY_MAP = (

@@ -30,7 +30,7 @@ def main():
   panel, titles = validate(raw, "simulated", titles)
   t2 = time.perf_counter()
   with tempfile.TemporaryDirectory() as d:
-    info = build.build_dataset(panel, titles, os.path.join(d, "out"), source="simulated", log=lambda *a: None)
+    info = build.build_dataset(panel, titles, os.path.join(d, "out"), source="simulated")
   t3 = time.perf_counter()
   sec = info["seconds"]
   n = len(panel)
