@@ -46,6 +46,10 @@ class LlamaConfig:
   param_dtype: str = "float32"  # storage dtype of parameters
   dtype: str = "float32"  # compute dtype of matmuls (norms and softmax run in float32)
   remat: bool = False  # rematerialise each decoder block in the backward pass
+  lora_rank: int = 0  # LoRA rank r; 0 disables adapters (see labor_jax.lora)
+  lora_alpha: float = 16.0  # LoRA scale numerator: the branch is multiplied by alpha / r
+  lora_dropout: float = 0.0  # dropout probability on the LoRA branch input (training only)
+  lora_targets: str = r"self_attn/(q|k|v|o)_proj"  # regex over module paths that get adapters
 
   def __post_init__(self):
     if self.head_dim is None:

@@ -201,6 +201,8 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
   import transformers
 
   path = Path(path)
+  if config.lora_rank:
+    raise CheckpointError("params carry LoRA adapters: fold them in first with labor_jax.lora.merge")
   flat = _flat(params)
   want = {ours for ours, _, _ in expected_tensors(config).values()}
   if set(flat) != want:

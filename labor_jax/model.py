@@ -12,6 +12,7 @@ device mesh); so do the main activations.
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -30,10 +31,36 @@ class KV(NamedTuple):
   v: jax.Array
 
 
-def _dense(features: int, name: str, axes: tuple[str, str], cfg: LlamaConfig) -> nn.Dense:
-  return nn.Dense(
-      features, use_bias=False, name=name, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
+class Linear(nn.Module):
+  """``x @ kernel`` (no bias), plus a LoRA branch ``scale * dropout(x) @ lora_a @ lora_b`` on the
+  layers whose path matches ``cfg.lora_targets`` when ``cfg.lora_rank > 0``."""
+  features: int
+  axes: tuple[str, str]
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BTI):
+    cfg = self.cfg
+    d_in = x_BTI.shape[-1]
+    kernel_IO = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+                           (d_in, self.features), cfg.jnp_param_dtype)
+    x_BTI = x_BTI.astype(cfg.jnp_dtype)
+    y_BTO = jnp.dot(x_BTI, kernel_IO.astype(cfg.jnp_dtype))
+    if cfg.lora_rank and re.search(cfg.lora_targets, "/".join(self.scope.path)):
+      r = cfg.lora_rank
+      a_IR = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(d_in ** -0.5),
+                                                               (self.axes[0], "lora_rank")),
+                        (d_in, r), cfg.jnp_param_dtype)
+      b_RO = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
+                        (r, self.features), cfg.jnp_param_dtype)
+      xd_BTI = nn.Dropout(cfg.lora_dropout, deterministic=not self.has_rng("dropout"))(x_BTI)
+      y_BTO = y_BTO + (cfg.lora_alpha / r) * jnp.dot(jnp.dot(xd_BTI, a_IR.astype(cfg.jnp_dtype)),
+                                                    b_RO.astype(cfg.jnp_dtype))
+    return y_BTO
+
+
+def _dense(features: int, name: str, axes: tuple[str, str], cfg: LlamaConfig) -> Linear:
+  return Linear(features, axes, cfg, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -167,6 +194,7 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
             prefix: Sequence[KV] | None = None,
             prefix_mask_BS: jax.Array | None = None,
             segment_ids_BT: jax.Array | None = None,
+            dropout_rng: jax.Array | None = None,
             return_kv: bool = False):
   """Logits [B, T, V] (float32) of a Llama model: a pure function of (config, params, tokens).
 
@@ -185,6 +213,7 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     prefix_mask_BS: which prefix keys are valid (defaults to all).
     segment_ids_BT: for packed rows, the resume each token belongs to (1, 2, ...; 0 is
       padding). Tokens attend only within their segment; pass the packer's positions too.
+    dropout_rng: enables LoRA dropout (training); None is deterministic.
     return_kv: also return this call's keys/values per layer, to be reused as a prefix.
   """
   tokens_BT = jnp.asarray(tokens_BT)
@@ -205,7 +234,8 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
       positions_BT = positions_BT + jnp.sum(prefix_mask_BS, axis=1, keepdims=True)
   mask_BTS = attention_mask(mask_BT, prefix_mask_BS, segment_ids_BT)
   logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
-                                        None if prefix is None else tuple(prefix))
+                                        None if prefix is None else tuple(prefix),
+                                        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
   return (logits_BTV, kvs) if return_kv else logits_BTV
 
 

@@ -6,8 +6,7 @@ what trains; everything else is "frozen" and goes through ``optax.set_to_zero`` 
 already sharded (``jax.jit`` of the initialiser with ``out_shardings``), and the step is
 jitted once with explicit in/out shardings and the state donated.
 
-This module does not yet hold the trainer around it (config file, CLI, checkpoints,
-LoRA adapters, multi-host launch): see the open training issue.
+The trainer around these pieces (config, data, checkpoints, logging) is labor_jax.train.
 """
 
 from __future__ import annotations
@@ -30,9 +29,10 @@ TRAIN, FROZEN = "train", "frozen"
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array  # optimizer steps taken (int32 scalar)
   params: Any
   opt_state: Any
+  rng: jax.Array  # raw uint32 key data (jax.random.key_data), folded with the step for dropout
 
 
 def path_str(path) -> str:
@@ -61,14 +61,20 @@ def make_optimizer(labels: Any, *, lr: float | optax.Schedule, weight_decay: flo
   return optax.multi_transform({TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()}, labels)
 
 
-def loss_fn(config: LlamaConfig, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-  """Mean next-token cross-entropy over ``loss_mask`` (batches from data_pipeline.loader)."""
+def loss_sums(config: LlamaConfig, params: Any, batch: dict[str, jax.Array],
+              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(sum of next-token cross-entropy over ``loss_mask``, number of loss tokens)."""
   logits_BTV = model.forward(config, params, batch["inputs"], segment_ids_BT=batch["segment_ids"],
-                             positions_BT=batch["positions"])
+                             positions_BT=batch["positions"], dropout_rng=dropout_rng)
   xent_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
   mask_BT = batch["loss_mask"].astype(jnp.float32)
-  tokens = jnp.maximum(mask_BT.sum(), 1.0)
-  return (xent_BT * mask_BT).sum() / tokens, {"tokens": mask_BT.sum()}
+  return (xent_BT * mask_BT).sum(), mask_BT.sum()
+
+
+def loss_fn(config: LlamaConfig, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+  """Mean next-token cross-entropy over ``loss_mask`` (batches from data_pipeline.loader)."""
+  total, tokens = loss_sums(config, params, batch)
+  return total / jnp.maximum(tokens, 1.0), {"tokens": tokens}
 
 
 def state_shardings(config: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -93,15 +99,17 @@ def state_shardings(config: LlamaConfig, optimizer: optax.GradientTransformation
     return hit[0] if hit is not None and hit[1] == leaf.shape else replicated
 
   opt_sh = jax.tree_util.tree_map_with_path(follow, opt_shapes)
-  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
 def create_state(config: LlamaConfig, optimizer: optax.GradientTransformation, shardings: TrainState,
                  rng: jax.Array, params: Any = None) -> TrainState:
   """A train state born sharded (random init unless ``params`` are given, e.g. from hf.load)."""
   def init(rng, params):
-    p = model.init_params(config, rng) if params is None else params
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p))
+    init_rng, train_rng = jax.random.split(rng)
+    p = model.init_params(config, init_rng) if params is None else params
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                      rng=jax.random.key_data(train_rng))
   return jax.jit(init, out_shardings=shardings)(rng, params)
 
 
@@ -110,16 +118,65 @@ def batch_sharding(mesh: Mesh, rules: shard_lib.Rules = shard_lib.DEFAULT_RULES)
 
 
 def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, shardings: TrainState,
-                    batch_sh: NamedSharding) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is donated."""
+                    batch_sh: NamedSharding, *, labels: Any = None, grad_accum: int = 1,
+                    schedule: optax.Schedule | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is donated.
+
+  ``labels`` (from :func:`trainable_labels`) stops gradients at frozen parameters, so their
+  weight gradients are never computed. ``grad_accum`` splits the batch into that many
+  micro-batches, run one after another (``lax.scan``) with gradients summed before one
+  optimizer update; the loss is the token-weighted mean over the whole batch either way.
+  """
   replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(config, p, batch), has_aux=True)(state.params)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+    def sums(params, mb, i):
+      if labels is not None:
+        params = jax.tree.map(lambda p, l: p if l == TRAIN else jax.lax.stop_gradient(p), params, labels)
+      return loss_sums(config, params, mb, jax.random.fold_in(rng, i))
+
+    def body(carry, xs):
+      g_acc, loss_acc, tok_acc = carry
+      mb, i = xs
+      (loss_sum, tokens), g = jax.value_and_grad(lambda p: sums(p, mb, i), has_aux=True)(state.params)
+      return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_sum, tok_acc + tokens), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (g_sum, loss_sum, tokens), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, g_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": aux["tokens"]}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
                  donate_argnames=("state",))
+
+
+def make_eval_step(config: LlamaConfig, shardings: TrainState, batch_sh: NamedSharding):
+  """``eval_step(params, batch) -> (loss sum, tokens)``, jitted."""
+  replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
+  return jax.jit(lambda p, b: loss_sums(config, p, b), in_shardings=(shardings.params, batch_sh),
+                 out_shardings=(replicated, replicated))
+
+
+def make_schedule(lr: float, steps: int, warmup_steps: int, decay: str, min_lr_ratio: float) -> optax.Schedule:
+  """Linear warmup to ``lr``, then cosine / linear decay to ``lr * min_lr_ratio`` (or constant)."""
+  warmup = max(0, min(warmup_steps, steps))
+  rest = max(1, steps - warmup)
+  if decay == "cosine":
+    after = optax.cosine_decay_schedule(lr, rest, alpha=min_lr_ratio)
+  elif decay == "linear":
+    after = optax.linear_schedule(lr, lr * min_lr_ratio, rest)
+  else:
+    after = optax.constant_schedule(lr)
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])

@@ -15,3 +15,12 @@ def torch():
   torch = pytest.importorskip("torch", reason="parity tests need the [test] extra (torch==2.13.0)")
   torch.set_num_threads(2)
   return torch
+
+
+@pytest.fixture(scope="session")
+def nlsy_dataset(tmp_path_factory):
+  """The embedded NLSY panel built once per test session (small SentencePiece vocabulary)."""
+  from data_pipeline import build
+  out = tmp_path_factory.mktemp("data") / "nlsy"
+  assert build.main(["--out", str(out), "--vocab-size", "600"]) == 0
+  return out

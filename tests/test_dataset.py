@@ -5,14 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data_pipeline import build, loader, nlsy, tfds_builder
-
-
-@pytest.fixture(scope="session")
-def nlsy_dataset(tmp_path_factory):
-  out = tmp_path_factory.mktemp("data") / "nlsy"
-  assert build.main(["--out", str(out), "--vocab-size", "600"]) == 0
-  return out
+from data_pipeline import loader, nlsy, tfds_builder
 
 
 def test_embedded_panel_is_the_published_one():

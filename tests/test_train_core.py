@@ -22,13 +22,14 @@ def _batch(step):
           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy()}
 
 
-def _train(mesh, pattern=None, steps=3):
+def _train(mesh, pattern=None, steps=3, grad_accum=1):
   labels = train_core.trainable_labels(jax.eval_shape(lambda: train_core.model.init_params(CONFIG, jax.random.key(0))),
                                        pattern)
   opt = train_core.make_optimizer(labels, lr=3e-3, weight_decay=0.01)
   sh = train_core.state_shardings(CONFIG, opt, mesh)
   state = train_core.create_state(CONFIG, opt, sh, jax.random.key(0))
-  step = train_core.make_train_step(CONFIG, opt, sh, train_core.batch_sharding(mesh))
+  step = train_core.make_train_step(CONFIG, opt, sh, train_core.batch_sharding(mesh), labels=labels,
+                                    grad_accum=grad_accum)
   losses = []
   for _ in range(steps):
     state, m = step(state, _batch(0))  # one fixed batch: the loss must fall
@@ -78,3 +79,17 @@ def test_optimizer_moments_follow_parameter_shardings():
   assert jax.sharding.PartitionSpec("fsdp", "tensor") in specs  # q_proj's moments
   n_params = len(jax.tree.leaves(sh.params))
   assert sum(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(sh.opt_state)) >= 2 * (n_params - 5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(reference):
+  _, want = reference
+  _, got = _train(sharding.make_mesh(fsdp=8), grad_accum=1)
+  _, acc = _train(sharding.make_mesh(devices=jax.devices()[:1]), grad_accum=4)
+  np.testing.assert_allclose(acc, want, rtol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_schedule_warmup_then_decay():
+  s = train_core.make_schedule(1.0, 100, 10, "cosine", 0.1)
+  assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(1.0) and float(s(100)) == pytest.approx(0.1)
+  assert float(train_core.make_schedule(1.0, 100, 0, "linear", 0.0)(50)) == pytest.approx(0.5)

@@ -1,0 +1,70 @@
+"""Orbax checkpoints of the train state and the grain iterator, with a fallback for bad ones.
+
+One CheckpointManager under ``RUN/checkpoints``: the last ``keep`` steps are kept, and so is
+the best step by validation loss (``AnyPreservationPolicy`` of ``LatestN`` and ``BestN``).
+Each step holds ``state`` (params, optimizer state, step, RNG; restored straight into its
+shardings) and ``data`` (every process's grain iterator state).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+
+def manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  policy = cm.AnyPreservationPolicy([
+      cm.LatestN(n=keep),
+      cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iter, metrics: dict | None = None,
+         wait: bool = False):
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         data=grain.checkpoint.CheckpointSave(data_iter)),
+           metrics=metrics, force=True)
+  if wait:
+    mgr.wait_until_finished()
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter, log=print):
+  """Restores the newest readable step into ``abstract_state``'s shardings and ``data_iter``.
+
+  Returns (step, state), or (None, None) when there is no checkpoint. A step that fails to
+  restore (partial or corrupt files) is reported, moved aside to ``<step>.unreadable`` (kept
+  for inspection, invisible to orbax) and the previous one is tried.
+  """
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                      data=grain.checkpoint.CheckpointRestore(data_iter)))
+      return step, out["state"]
+    except Exception as e:  # orbax raises many types for a damaged directory
+      msg = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
+      log(f"warning: checkpoint step {step} in {mgr.directory} cannot be restored ({msg}); "
+          f"moved to {step}.unreadable, trying the previous one")
+      if jax.process_index() == 0:
+        src = Path(mgr.directory) / str(step)
+        src.rename(src.with_name(f"{step}.unreadable"))
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"labor_jax: set aside checkpoint {step}")
+      mgr.reload()
+  return None, None
+
+
+def abstract(state: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def eprint(*args):
+  print(*args, file=sys.stderr, flush=True)

@@ -1,0 +1,197 @@
+"""Typed run configuration: YAML file + dotted ``--set`` overrides, checked before anything compiles.
+
+Every field has one comment saying what it does and its unit. Unknown keys, wrong
+types, a mesh that does not match the devices, or a batch the mesh cannot split fail
+with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A run configuration problem, reported before any compilation."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  hf_path: str | None = None  # local HF checkpoint directory to fine-tune; None trains from scratch
+  hidden_size: int = 64  # from scratch: residual width
+  intermediate_size: int = 128  # from scratch: SwiGLU width
+  num_hidden_layers: int = 2  # from scratch: decoder blocks
+  num_attention_heads: int = 4  # from scratch: query heads
+  num_key_value_heads: int = 2  # from scratch: key/value heads
+  max_position_embeddings: int = 1024  # from scratch: longest sequence (tokens)
+  rope_theta: float = 10000.0  # from scratch: RoPE base
+  param_dtype: str = "float32"  # parameter storage dtype: float32 or bfloat16
+  dtype: str = "float32"  # matmul compute dtype: float32 or bfloat16
+  remat: bool = False  # rematerialise decoder blocks in the backward pass (saves activation memory)
+
+
+@dataclasses.dataclass
+class LoraConfig:
+  enabled: bool = False  # train LoRA adapters instead of all weights
+  rank: int = 8  # adapter rank r
+  alpha: float = 16.0  # adapter scale numerator (branch scaled by alpha / rank)
+  dropout: float = 0.0  # dropout on the adapter input, training only
+  targets: str = r"self_attn/(q|k|v|o)_proj"  # regex over module paths that get adapters
+
+
+@dataclasses.dataclass
+class DataConfig:
+  dataset_dir: str | None = None  # a data_pipeline.build output; None builds the embedded NLSY data
+  seq_len: int = 256  # tokens per training row
+  pack: bool = False  # pack several resumes per row (segment-masked attention)
+  loss_on: str = "all"  # "all" tokens or only the work "history" entries
+  vocab_size: int = 1024  # SentencePiece vocabulary when the dataset is built here
+
+
+@dataclasses.dataclass
+class OptimConfig:
+  lr: float = 1e-3  # peak learning rate
+  warmup_steps: int = 10  # linear warmup steps
+  decay: str = "cosine"  # "cosine", "linear" or "constant" after warmup
+  min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+  weight_decay: float = 0.0  # AdamW decoupled weight decay
+  b1: float = 0.9  # AdamW beta1
+  b2: float = 0.95  # AdamW beta2
+  clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+  grad_accum: int = 1  # micro-batches per optimizer step (the batch is split this many ways)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+  data: int = 1  # data-parallel replicas
+  fsdp: int = 1  # fully-sharded data parallel (parameters split along "embed")
+  tensor: int = 1  # tensor parallel (heads / mlp / vocab split)
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+  initialize: str = "auto"  # "auto" (TPU pod / SLURM env / coordinator set), "yes" or "no"
+  coordinator_address: str | None = None  # host:port of process 0 (multi-host CPU/GPU without SLURM)
+  num_processes: int | None = None  # total processes (with coordinator_address)
+  process_id: int | None = None  # this process (with coordinator_address)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  run_dir: str = "runs/demo"  # where config, tokenizer, checkpoints, metrics and events go
+  steps: int = 100  # optimizer steps
+  batch_size: int = 8  # global batch (rows of seq_len tokens), all processes together
+  seed: int = 0  # parameter init, data order, dropout
+  log_every: int = 10  # steps between metric lines
+  eval_every: int = 50  # steps between validation losses (and at the end)
+  eval_batches: int = 8  # validation batches per evaluation; 0 = the whole split
+  ckpt_every: int = 50  # steps between checkpoints (and at the end)
+  keep: int = 3  # most recent checkpoints kept (the best by validation loss is kept too)
+  async_checkpointing: bool = True  # write checkpoints in the background
+  progress: bool = True  # show a progress bar
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+
+_CHOICES = {"data.loss_on": ("all", "history"), "optim.decay": ("cosine", "linear", "constant"),
+            "model.param_dtype": ("float32", "bfloat16"), "model.dtype": ("float32", "bfloat16"),
+            "distributed.initialize": ("auto", "yes", "no")}
+
+
+def _check(value: Any, typ: Any, key: str) -> Any:
+  origin = typing.get_origin(typ)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(typ)
+    if value is None and type(None) in args:
+      return None
+    return _check(value, next(a for a in args if a is not type(None)), key)
+  if typ is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if typ is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+    try:
+      value = float(value)
+    except ValueError:
+      pass
+  if typ in (int, float, str, bool) and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+  if key in _CHOICES and value not in _CHOICES[key]:
+    raise ConfigError(f"{key}: must be one of {_CHOICES[key]}, got {value!r}")
+  return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+  if not isinstance(data, dict):
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in data.items():
+    if key not in fields:
+      raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
+    typ = hints[key]
+    if dataclasses.is_dataclass(typ):
+      kwargs[key] = _build(typ, value or {}, f"{prefix}{key}.")
+    else:
+      kwargs[key] = _check(value, typ, f"{prefix}{key}")
+  return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value: Any):
+  *parents, last = dotted.split(".")
+  node = tree
+  for p in parents:
+    node = node.setdefault(p, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"--set {dotted}: {p} is not a section")
+  node[last] = value
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+  """Reads a YAML run config and applies ``key.sub=value`` overrides (values parsed as YAML)."""
+  raw: dict = {}
+  if path is not None:
+    try:
+      raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+      raise ConfigError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"--set {item!r}: expected key=value")
+    key, value = item.split("=", 1)
+    _set(raw, key.strip(), yaml.safe_load(value))
+  cfg = _build(TrainConfig, raw)
+  positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "data.seq_len": cfg.data.seq_len,
+              "optim.grad_accum": cfg.optim.grad_accum, "mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
+              "mesh.tensor": cfg.mesh.tensor, "log_every": cfg.log_every, "eval_every": cfg.eval_every,
+              "ckpt_every": cfg.ckpt_every, "keep": cfg.keep}
+  for key, v in positive.items():
+    if v <= 0:
+      raise ConfigError(f"{key}: must be positive, got {v}")
+  return cfg
+
+
+def check_devices(cfg: TrainConfig, n_devices: int, n_processes: int):
+  """Mesh and batch divisibility, against the devices actually present."""
+  m = cfg.mesh
+  if m.data * m.fsdp * m.tensor != n_devices:
+    raise ConfigError(f"mesh: data={m.data} x fsdp={m.fsdp} x tensor={m.tensor} = {m.data * m.fsdp * m.tensor} "
+                      f"devices, but {n_devices} are present")
+  split = m.data * m.fsdp
+  if cfg.batch_size % (split * cfg.optim.grad_accum):
+    raise ConfigError(f"batch_size: {cfg.batch_size} does not divide into mesh data x fsdp = {split} shards "
+                      f"x optim.grad_accum = {cfg.optim.grad_accum} micro-batches")
+  if cfg.batch_size % n_processes:
+    raise ConfigError(f"batch_size: {cfg.batch_size} does not divide among {n_processes} processes")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+  return dataclasses.asdict(cfg)

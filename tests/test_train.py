@@ -1,0 +1,132 @@
+"""The trainer end to end: config errors, resume after SIGKILL, SIGTERM, bad checkpoints, NaN guard."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from labor_jax import train
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+        "model.num_attention_heads=2", "model.num_key_value_heads=1", "data.seq_len=64", "batch_size=4",
+        "optim.lr=0.003", "optim.warmup_steps=2", "log_every=1", "eval_batches=2", "progress=false"]
+
+
+def _args(run_dir, data_dir, *extra):
+  out = ["--config", "configs/demo.yaml"]
+  for s in TINY + [f"run_dir={run_dir}", f"data.dataset_dir={data_dir}", *extra]:
+    out += ["--set", s]
+  return out
+
+
+def _spawn(run_dir, data_dir, *extra, devices=1, sleep=0.0):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             LABOR_JAX_DEBUG_STEP_SLEEP=str(sleep))
+  return subprocess.Popen([sys.executable, "-m", "labor_jax.train", *_args(run_dir, data_dir, *extra)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run(run_dir, data_dir, *extra, **kw):
+  p = _spawn(run_dir, data_dir, *extra, **kw)
+  out, err = p.communicate(timeout=300)
+  return p.returncode, out, err
+
+
+def _metrics(run_dir):
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_params(run_dir):
+  import orbax.checkpoint as ocp
+  mgr = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state", "data"))
+  step = mgr.latest_step()
+  state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return step, state["params"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lrr=1", "optim.lrr: unknown key"),
+    ("steps=many", "steps: expected int"),
+    ("mesh.data=3", "mesh: data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are present"),
+    ("mesh.data=8", "batch_size: 4 does not divide into mesh data x fsdp = 8"),
+    ("data.loss_on=tokens", "data.loss_on: must be one of"),
+])
+def test_config_errors_fail_before_compiling(tmp_path, nlsy_dataset, capsys, override, needle):
+  assert train.main(_args(tmp_path / "run", nlsy_dataset, override)) == train.EXIT_CONFIG
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and needle in err
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, nlsy_dataset):
+  run_dir = tmp_path_factory.mktemp("full") / "run"
+  code, out, err = _run(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4")
+  assert code == 0, err
+  return run_dir
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, nlsy_dataset, uninterrupted):
+  run_dir = tmp_path / "run"
+  p = _spawn(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4", sleep=1.0)
+  deadline = time.time() + 240
+  while not (run_dir / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
+    assert time.time() < deadline and p.poll() is None, p.communicate()[1][-2000:]
+    time.sleep(0.1)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  killed_at = _metrics(run_dir)[-1]["step"]
+  assert killed_at < 8
+  code, out, err = _run(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4")
+  assert code == 0, err
+  assert "resumed from step 4" in out
+  step_a, want = _final_params(uninterrupted)
+  step_b, got = _final_params(run_dir)
+  assert step_a == step_b == 8
+  import jax
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0), want, got)
+  order_a = {r["step"]: r["batch_crc"] for r in _metrics(uninterrupted)}
+  order_b = {r["step"]: r["batch_crc"] for r in _metrics(run_dir)}  # steps 5.. logged twice: same batches
+  assert order_a == order_b
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path, nlsy_dataset):
+  run_dir = tmp_path / "run"
+  p = _spawn(run_dir, nlsy_dataset, "steps=50", "ckpt_every=100", "eval_every=100", sleep=0.5)
+  deadline = time.time() + 240
+  while not (run_dir / "metrics.jsonl").exists() or len(_metrics(run_dir)) < 2:
+    assert time.time() < deadline and p.poll() is None, p.communicate()[1][-2000:]
+    time.sleep(0.1)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err
+  step, _ = _final_params(run_dir)
+  assert 2 <= step < 50 and f"saved checkpoint at step {step}" in out
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, nlsy_dataset, uninterrupted):
+  run_dir = tmp_path / "run"
+  shutil.copytree(uninterrupted, run_dir)
+  shutil.rmtree(run_dir / "checkpoints" / "8" / "state")  # a partial latest checkpoint
+  (run_dir / "metrics.jsonl").unlink()
+  code, out, err = _run(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4")
+  assert code == 0, err
+  assert "checkpoint step 8" in err and "cannot be restored" in err and "resumed from step 4" in out
+  assert [r["step"] for r in _metrics(run_dir)] == [5, 6, 7, 8]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nlsy_dataset):
+  run_dir = tmp_path / "run"
+  code, out, err = _run(run_dir, nlsy_dataset, "steps=30", "ckpt_every=2", "eval_every=100",
+                        "optim.lr=1.0e+30", "optim.warmup_steps=0", "optim.clip_norm=0")
+  assert code == train.EXIT_NAN, err
+  assert "loss is nan" in err.lower() or "loss is inf" in err.lower()
+  good = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+  bad_step = int(err.split(" at step ")[1].split(":")[0])
+  assert good and max(good) < bad_step
