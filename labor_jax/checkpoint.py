@@ -68,3 +68,26 @@ def abstract(state: Any) -> Any:
 
 def eprint(*args):
   print(*args, file=sys.stderr, flush=True)
+
+
+def restore_params(directory: str | Path, step: int | None = None, mesh=None, shardings: Any = None):
+  """(step, params) of a run's checkpoint, on any topology (default: the first local device).
+
+  Reads the saved state's metadata for shapes and dtypes, so it needs no config. Pass
+  ``shardings`` (a tree matching the params) to place them on a mesh instead.
+  """
+  mgr = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
+                              item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                             "data": grain.checkpoint.CheckpointHandler()})
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
+  meta = mgr.item_metadata(step)["state"]
+  meta = getattr(meta, "tree", meta)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+  if shardings is not None:
+    target["params"] = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+                                    target["params"], shardings)
+  state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  return step, state["params"]

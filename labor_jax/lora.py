@@ -8,6 +8,7 @@ weights go through ``optax.set_to_zero`` and keep no optimizer state.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -64,7 +65,8 @@ def merge(config: LlamaConfig, params: Any) -> tuple[LlamaConfig, Any]:
     if isinstance(node, dict):
       return {k: fold(v) for k, v in node.items()}
     return node
-  return config.replace(lora_rank=0), fold(params)
+  defaults = {f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.name.startswith("lora_")}
+  return config.replace(**defaults), fold(params)
 
 
 def adapter_params(params: Any) -> Any:
@@ -72,6 +74,6 @@ def adapter_params(params: Any) -> Any:
   def keep(node):
     if isinstance(node, dict):
       out = {k: keep(v) for k, v in node.items() if k in ("lora_a", "lora_b") or isinstance(v, dict)}
-      return {k: v for k, v in out.items() if v != {}}
+      return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
     return node
   return keep(params)

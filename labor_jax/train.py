@@ -36,7 +36,7 @@ class NonFiniteLoss(RuntimeError):
 def maybe_initialize_distributed(cfg: train_config.DistributedConfig) -> None:
   """Calls jax.distributed.initialize when configured, or (auto) on a TPU pod / under SLURM."""
   import jax
-  want = cfg.initialize == "yes" or (cfg.initialize == "auto" and (
+  want = cfg.initialize is True or (cfg.initialize == "auto" and (
       cfg.coordinator_address or "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
       or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]))
   if not want:

@@ -75,7 +75,7 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class DistributedConfig:
-  initialize: str = "auto"  # "auto" (TPU pod / SLURM env / coordinator set), "yes" or "no"
+  initialize: bool | str = "auto"  # true, false, or "auto" (on a TPU pod, under SLURM, or with a coordinator)
   coordinator_address: str | None = None  # host:port of process 0 (multi-host CPU/GPU without SLURM)
   num_processes: int | None = None  # total processes (with coordinator_address)
   process_id: int | None = None  # this process (with coordinator_address)
@@ -104,7 +104,7 @@ class TrainConfig:
 
 _CHOICES = {"data.loss_on": ("all", "history"), "optim.decay": ("cosine", "linear", "constant"),
             "model.param_dtype": ("float32", "bfloat16"), "model.dtype": ("float32", "bfloat16"),
-            "distributed.initialize": ("auto", "yes", "no")}
+            "distributed.initialize": ("auto", True, False)}
 
 
 def _check(value: Any, typ: Any, key: str) -> Any:
@@ -113,7 +113,13 @@ def _check(value: Any, typ: Any, key: str) -> Any:
     args = typing.get_args(typ)
     if value is None and type(None) in args:
       return None
-    return _check(value, next(a for a in args if a is not type(None)), key)
+    members = [a for a in args if a is not type(None)]
+    for a in members[:-1]:
+      try:
+        return _check(value, a, key)
+      except ConfigError:
+        pass
+    return _check(value, members[-1], key)
   if typ is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if typ is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string

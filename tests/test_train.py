@@ -43,11 +43,8 @@ def _metrics(run_dir):
 
 
 def _final_params(run_dir):
-  import orbax.checkpoint as ocp
-  mgr = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state", "data"))
-  step = mgr.latest_step()
-  state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  return step, state["params"]
+  from labor_jax.checkpoint import restore_params
+  return restore_params(run_dir / "checkpoints")
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -130,3 +127,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nlsy_dataset):
   good = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
   bad_step = int(err.split(" at step ")[1].split(":")[0])
   assert good and max(good) < bad_step
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, nlsy_dataset):
+  """2 local processes x 2 CPU devices (gloo collectives) train like 1 process x 4 devices."""
+  common = ["steps=3", "ckpt_every=3", "eval_every=3", "batch_size=8", "mesh.data=2", "mesh.fsdp=2"]
+  code, out, err = _run(tmp_path / "single", nlsy_dataset, *common, devices=4)
+  assert code == 0, err
+  port = _free_port()
+  procs = [_spawn(tmp_path / "multi", nlsy_dataset, *common, "distributed.initialize=true",
+                  f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                  f"distributed.process_id={i}", devices=2) for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  assert "2 process(es)" in results[0][0] and "4 cpu devices" in results[0][0]
+  single, multi = _metrics(tmp_path / "single"), _metrics(tmp_path / "multi")
+  assert len(multi) == 3  # only process 0 writes metrics
+  np.testing.assert_allclose([r["loss"] for r in multi], [r["loss"] for r in single], rtol=1e-5)
+  np.testing.assert_allclose(multi[-1]["val_loss"], single[-1]["val_loss"], rtol=1e-5)
+  step, params = _final_params(tmp_path / "multi")
+  assert step == 3

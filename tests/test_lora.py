@@ -1,0 +1,73 @@
+"""LoRA adapters: start as a no-op, train alone through the optax label tree, merge for export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from labor_jax import hf, lora, model, sharding, train_core
+from labor_jax.config import llama_tiny
+
+CONFIG = llama_tiny(vocab_size=128)
+
+
+@pytest.fixture(scope="module")
+def base():
+  return model.init_params(CONFIG, jax.random.key(0))
+
+
+def test_fresh_adapters_leave_the_model_unchanged(base):
+  cfg, params = lora.add_adapters(CONFIG, base, jax.random.key(1), rank=4)
+  q = params["layers_0"]["self_attn"]["q_proj"]
+  assert q["lora_a"].shape == (64, 4) and q["lora_b"].shape == (4, 64) and not q["lora_b"].any()
+  assert "lora_a" not in params["layers_0"]["mlp"]["up_proj"]  # default targets: attention only
+  tokens = jnp.arange(12, dtype=jnp.int32)[None]
+  np.testing.assert_array_equal(model.forward(cfg, params, tokens), model.forward(CONFIG, base, tokens))
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(base, tmp_path):
+  cfg, params = lora.add_adapters(CONFIG, base, jax.random.key(1), rank=4, alpha=8.0,
+                                  targets=r"(self_attn/(q|v)_proj|mlp/down_proj)")
+  labels = train_core.trainable_labels(params, lora.LORA_PATTERN)
+  frac = train_core.trainable_fraction(params, labels)
+  assert 0 < frac < 0.1
+  opt = train_core.make_optimizer(labels, lr=1e-2)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  sh = train_core.state_shardings(cfg, opt, mesh)
+  state = train_core.create_state(cfg, opt, sh, jax.random.key(2), params=params)
+  full_opt = train_core.make_optimizer(train_core.trainable_labels(params, None), lr=1e-2)
+  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+  full_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(full_opt.init, params)))
+  assert opt_bytes < 0.1 * full_bytes
+  step = train_core.make_train_step(cfg, opt, sh, train_core.batch_sharding(mesh), labels=labels)
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(0, 128, size=(4, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((4, 16), np.int32),
+           "segment_ids": np.ones((4, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (4, 1))}
+  for _ in range(3):
+    state, m = step(state, batch)
+  trained = state.params
+  np.testing.assert_array_equal(trained["layers_1"]["self_attn"]["q_proj"]["kernel"],
+                                params["layers_1"]["self_attn"]["q_proj"]["kernel"])
+  assert np.abs(trained["layers_1"]["self_attn"]["q_proj"]["lora_b"]).max() > 0
+  merged_cfg, merged = lora.merge(cfg, trained)
+  assert merged_cfg.lora_rank == 0 and merged_cfg == CONFIG
+  x = jnp.asarray(tokens[:, :-1])
+  np.testing.assert_allclose(model.forward(merged_cfg, merged, x), model.forward(cfg, trained, x), atol=1e-5)
+  with pytest.raises(hf.CheckpointError, match="lora.merge"):
+    hf.save(cfg, trained, tmp_path / "unmerged")
+  out = hf.save(merged_cfg, merged, tmp_path / "merged")
+  np.testing.assert_allclose(model.forward(*hf.load(out), x), model.forward(cfg, trained, x), atol=1e-5)
+  adapters = jax.tree_util.tree_leaves_with_path(lora.adapter_params(trained))
+  assert len(adapters) == 2 * 3 * 2  # 2 layers x (q, v, down) x (a, b)
+  assert all(str(p[-1].key) in ("lora_a", "lora_b") for p, _ in adapters)
+
+
+def test_dropout_only_with_an_rng(base):
+  cfg, params = lora.add_adapters(CONFIG, base, jax.random.key(1), rank=4, dropout=0.5)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if str(p[-1].key) == "lora_b" else x, params)  # make the branch non-zero
+  tokens = jnp.arange(12, dtype=jnp.int32)[None]
+  a = model.forward(cfg, params, tokens)
+  np.testing.assert_array_equal(a, model.forward(cfg, params, tokens))
+  assert not np.allclose(a, model.forward(cfg, params, tokens, dropout_rng=jax.random.key(3)))
