@@ -178,6 +178,26 @@ class LlamaConfig:
     return out
 
 
+# Architectures of the foundation models LABOR-LLM fine-tunes (from their published
+# config.json files), for memory plans and tests that need shapes without weights.
+PRESETS = {
+    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "llama2_13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, rms_norm_eps=1e-5,
+                       max_position_embeddings=4096),
+    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+  if name not in PRESETS:
+    raise ConfigError(f"unknown preset {name!r} (known: {sorted(PRESETS)})")
+  return LlamaConfig(**{**PRESETS[name], **overrides})
+
+
 def llama_tiny(**overrides) -> LlamaConfig:
   """A tiny config for tests and the CPU demo."""
   base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

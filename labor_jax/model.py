@@ -195,6 +195,8 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
             prefix_mask_BS: jax.Array | None = None,
             segment_ids_BT: jax.Array | None = None,
             dropout_rng: jax.Array | None = None,
+            mesh: jax.sharding.Mesh | None = None,
+            rules=None,
             return_kv: bool = False):
   """Logits [B, T, V] (float32) of a Llama model: a pure function of (config, params, tokens).
 
@@ -214,6 +216,9 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     segment_ids_BT: for packed rows, the resume each token belongs to (1, 2, ...; 0 is
       padding). Tokens attend only within their segment; pass the packer's positions too.
     dropout_rng: enables LoRA dropout (training); None is deterministic.
+    mesh, rules: inside jit on a device mesh, pin the activations' logical axes to mesh axes
+      (``rules`` defaults to :data:`labor_jax.sharding.DEFAULT_RULES`), so that the batch stays
+      split and FSDP gathers weights instead of activations. Without a mesh: no constraints.
     return_kv: also return this call's keys/values per layer, to be reused as a prefix.
   """
   tokens_BT = jnp.asarray(tokens_BT)
@@ -233,9 +238,17 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     if prefix_mask_BS is not None:
       positions_BT = positions_BT + jnp.sum(prefix_mask_BS, axis=1, keepdims=True)
   mask_BTS = attention_mask(mask_BT, prefix_mask_BS, segment_ids_BT)
-  logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
-                                        None if prefix is None else tuple(prefix),
-                                        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+  def apply():
+    return Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
+                               None if prefix is None else tuple(prefix),
+                               rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+  if mesh is None:
+    logits_BTV, kvs = apply()
+  else:
+    from labor_jax.sharding import DEFAULT_RULES
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules or DEFAULT_RULES):
+      logits_BTV, kvs = apply()
   return (logits_BTV, kvs) if return_kv else logits_BTV
 
 

@@ -62,10 +62,10 @@ def make_optimizer(labels: Any, *, lr: float | optax.Schedule, weight_decay: flo
 
 
 def loss_sums(config: LlamaConfig, params: Any, batch: dict[str, jax.Array],
-              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+              dropout_rng: jax.Array | None = None, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropy over ``loss_mask``, number of loss tokens)."""
   logits_BTV = model.forward(config, params, batch["inputs"], segment_ids_BT=batch["segment_ids"],
-                             positions_BT=batch["positions"], dropout_rng=dropout_rng)
+                             positions_BT=batch["positions"], dropout_rng=dropout_rng, mesh=mesh)
   xent_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   return (xent_BT * mask_BT).sum(), mask_BT.sum()
@@ -137,7 +137,7 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
     def sums(params, mb, i):
       if labels is not None:
         params = jax.tree.map(lambda p, l: p if l == TRAIN else jax.lax.stop_gradient(p), params, labels)
-      return loss_sums(config, params, mb, jax.random.fold_in(rng, i))
+      return loss_sums(config, params, mb, jax.random.fold_in(rng, i), mesh=batch_sh.mesh)
 
     def body(carry, xs):
       g_acc, loss_acc, tok_acc = carry
@@ -163,7 +163,7 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
 def make_eval_step(config: LlamaConfig, shardings: TrainState, batch_sh: NamedSharding):
   """``eval_step(params, batch) -> (loss sum, tokens)``, jitted."""
   replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-  return jax.jit(lambda p, b: loss_sums(config, p, b), in_shardings=(shardings.params, batch_sh),
+  return jax.jit(lambda p, b: loss_sums(config, p, b, mesh=batch_sh.mesh), in_shardings=(shardings.params, batch_sh),
                  out_shardings=(replicated, replicated))
 
 

@@ -155,3 +155,24 @@ def test_two_processes_match_one(tmp_path, nlsy_dataset):
   np.testing.assert_allclose(multi[-1]["val_loss"], single[-1]["val_loss"], rtol=1e-5)
   step, params = _final_params(tmp_path / "multi")
   assert step == 3
+
+
+def test_lora_run_exports_merged_checkpoint_that_pytorch_loads(tmp_path, nlsy_dataset, torch):
+  import transformers
+
+  from labor_jax import export, lora, model
+  run_dir = tmp_path / "run"
+  code, out, err = _run(run_dir, nlsy_dataset, "steps=3", "ckpt_every=3", "eval_every=3", "lora.enabled=true",
+                        "lora.rank=4")
+  assert code == 0, err
+  assert "LoRA r=4" in out and "trainable" in out
+  assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+  config, params, _ = export.load_run(run_dir)
+  merged_cfg, merged = lora.merge(config, params)
+  tokens = np.arange(1, 21, dtype=np.int64)[None]
+  ours = np.asarray(model.forward(config, params, tokens))
+  ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  with torch.no_grad():
+    theirs = ref(torch.tensor(tokens)).logits.numpy()
+  assert np.abs(ours - theirs).max() < 1e-4
+  assert (tmp_path / "hf" / "tokenizer.model").exists()

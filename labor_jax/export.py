@@ -1,0 +1,59 @@
+"""``python -m labor_jax.export --run RUN --out DIR``: a trained run -> Hugging Face checkpoint.
+
+Restores the newest (or ``--step``) checkpoint's parameters, folds LoRA adapters into
+the base weights, and writes config.json, generation_config.json, safetensors and the
+run's tokenizer, loadable by ``transformers.AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from labor_jax.config import LlamaConfig
+
+
+def load_run(run_dir: str | Path, step: int | None = None):
+  """(config, params, step) of a training run, LoRA adapters still separate."""
+  from labor_jax.checkpoint import restore_params
+  run_dir = Path(run_dir)
+  cfg_file = run_dir / "model_config.json"
+  if not cfg_file.exists():
+    raise FileNotFoundError(f"{run_dir}: no model_config.json (not a labor_jax.train run directory)")
+  config = LlamaConfig(**json.loads(cfg_file.read_text()))
+  step, params = restore_params(run_dir / "checkpoints", step)
+  return config, params, step
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
+  ap.add_argument("--out", required=True, help="output directory (created atomically)")
+  ap.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="tensor dtype (default: the run's)")
+  ap.add_argument("--max-shard-size", default="5GB")
+  args = ap.parse_args(argv)
+
+  import jax
+  from labor_jax import hf, lora
+  try:
+    config, params, step = load_run(args.run, args.step)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  had_lora = bool(config.lora_rank)
+  config, params = lora.merge(config, params)
+  if args.dtype:
+    config = config.replace(param_dtype=args.dtype)
+    params = jax.tree.map(lambda x: x.astype(config.jnp_param_dtype), params)
+  tok = Path(args.run) / "tokenizer"
+  out = hf.save(config, params, args.out, tokenizer_dir=tok if tok.exists() else None,
+                max_shard_size=args.max_shard_size)
+  print(f"exported step {step} of {args.run}{' (LoRA merged)' if had_lora else ''} to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
