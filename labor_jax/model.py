@@ -86,11 +86,23 @@ def _apply_rope(x_BTNE, cos_BTE, sin_BTE):
   return out.astype(x_BTNE.dtype)
 
 
+class Tree(NamedTuple):
+  """Tokens laid out as G groups of the same L-node token tree, per batch row.
+
+  Every group of row b attends to the first ``prefix_len_BG[b, g]`` keys of row b's
+  prefix cache, and within its own L nodes to those allowed by ``self_mask_LL`` (a node's
+  ancestors and itself). The scorer uses it to run every candidate title, for every
+  time step, against one cached encoding of each resume.
+  """
+  self_mask_LL: jax.Array  # bool [L, L]
+  prefix_len_BG: jax.Array  # int [B, G]
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix: KV | None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix: KV | None, tree: Tree | None = None):
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -101,6 +113,10 @@ class Attention(nn.Module):
     q_BTHE = _apply_rope(q_BTHE, cos_BTE, sin_BTE)
     k_BTKE = _apply_rope(k_BTKE, cos_BTE, sin_BTE)
     new_kv = KV(k_BTKE, v_BTKE)
+    if tree is not None:
+      out_BTHE = _tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix, tree)
+      out_BTD = _dense(cfg.hidden_size, "o_proj", ("q_heads", "embed"), cfg)(out_BTHE.reshape(b, t, h * e))
+      return out_BTD, new_kv
     if prefix is not None:
       k_BSKE = jnp.concatenate([prefix.k.astype(k_BTKE.dtype), k_BTKE], axis=1)
       v_BSKE = jnp.concatenate([prefix.v.astype(v_BTKE.dtype), v_BTKE], axis=1)
@@ -115,6 +131,28 @@ class Attention(nn.Module):
     out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
     out_BTD = _dense(cfg.hidden_size, "o_proj", ("q_heads", "embed"), cfg)(out_BTKGE.reshape(b, t, h * e))
     return out_BTD, new_kv
+
+
+def _tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix: KV, tree: Tree):
+  """Attention of G groups x L tree nodes to a per-row prefix and to their own ancestors."""
+  b, t, h, e = q_BTHE.shape
+  k = k_BTKE.shape[2]
+  l = tree.self_mask_LL.shape[0]
+  g = t // l
+  q = q_BTHE.reshape(b, g, l, k, h // k, e)
+  ks, vs = k_BTKE.reshape(b, g, l, k, e), v_BTKE.reshape(b, g, l, k, e)
+  pk, pv = prefix.k.astype(ks.dtype), prefix.v.astype(vs.dtype)
+  n = pk.shape[1]
+  scale = e ** -0.5
+  s_pre = jnp.einsum("bglkqe,bnke->bkqgln", q, pk, preferred_element_type=jnp.float32) * scale
+  s_self = jnp.einsum("bglkqe,bgmke->bkqglm", q, ks, preferred_element_type=jnp.float32) * scale
+  pre_ok_BGN = jnp.arange(n)[None, None, :] < tree.prefix_len_BG[:, :, None]
+  s_pre = jnp.where(pre_ok_BGN[:, None, None, :, None, :], s_pre, _NEG)
+  s_self = jnp.where(tree.self_mask_LL, s_self, _NEG)
+  probs = jax.nn.softmax(jnp.concatenate([s_pre, s_self], axis=-1), axis=-1).astype(vs.dtype)
+  out = (jnp.einsum("bkqgln,bnke->bglkqe", probs[..., :n], pv)
+         + jnp.einsum("bkqglm,bgmke->bglkqe", probs[..., n:], vs))
+  return out.reshape(b, t, h, e)
 
 
 class MLP(nn.Module):
@@ -133,9 +171,9 @@ class DecoderLayer(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix, tree=None):
     attn_BTD, kv = Attention(self.cfg, name="self_attn")(
-        RMSNorm(self.cfg, name="input_layernorm")(x_BTD), cos_BTE, sin_BTE, mask_BTS, prefix)
+        RMSNorm(self.cfg, name="input_layernorm")(x_BTD), cos_BTE, sin_BTE, mask_BTS, prefix, tree)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTD))
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed")), kv
@@ -146,7 +184,7 @@ class Llama(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, mask_BTS, prefix: Sequence[KV] | None):
+  def __call__(self, tokens_BT, positions_BT, mask_BTS, prefix: Sequence[KV] | None, tree: Tree | None = None):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=cfg.jnp_dtype,
                      param_dtype=cfg.jnp_param_dtype,
@@ -161,7 +199,7 @@ class Llama(nn.Module):
     kvs = []
     for i in range(cfg.num_hidden_layers):
       x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
-          x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else prefix[i])
+          x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else prefix[i], tree)
       kvs.append(kv)
     x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
     if cfg.tie_word_embeddings:
@@ -250,6 +288,27 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules or DEFAULT_RULES):
       logits_BTV, kvs = apply()
   return (logits_BTV, kvs) if return_kv else logits_BTV
+
+
+def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, tree_depth_L: jax.Array,
+                 tree_mask_LL: jax.Array, prefix: Sequence[KV], prefix_len_BG: jax.Array) -> jax.Array:
+  """Logits [B, G, L, V] of one token tree continued from G prefixes of each row's cache.
+
+  ``tree_tokens_L`` are the tree's nodes (shared by every row and group), ``tree_depth_L``
+  their depth (0 for roots), ``tree_mask_LL[i, j]`` whether node i sees node j (its
+  ancestors and itself). Group g of row b continues the first ``prefix_len_BG[b, g]``
+  tokens of ``prefix`` (keys/values from ``forward(..., return_kv=True)``); node i sits at
+  position ``prefix_len + depth_i``. Equivalent to running every root-to-node path after
+  every prefix separately, in one pass.
+  """
+  b, g = prefix_len_BG.shape
+  l = tree_tokens_L.shape[0]
+  tokens_BT = jnp.broadcast_to(jnp.asarray(tree_tokens_L)[None, None], (b, g, l)).reshape(b, g * l)
+  positions_BT = (prefix_len_BG[:, :, None] + jnp.asarray(tree_depth_L)[None, None]).reshape(b, g * l)
+  tree = Tree(jnp.asarray(tree_mask_LL, bool), prefix_len_BG)
+  dummy_mask = jnp.ones((1, 1, 1), bool)  # unused in tree mode
+  logits_BTV, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, tuple(prefix), tree)
+  return logits_BTV.reshape(b, g, l, -1)
 
 
 def _init_boxed(config: LlamaConfig, rng: jax.Array):

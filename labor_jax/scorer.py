@@ -1,0 +1,136 @@
+"""Next-occupation scores: log P(title j is worker b's entry at step t | history), every j, t, b at once.
+
+One fused pass (:func:`score`):
+
+1. each resume is encoded once, keeping every layer's keys/values and the log-probabilities
+   at every position (the first token of every candidate title is read off these);
+2. the candidate titles (title tokens + the entry terminator) form one token tree
+   (:class:`CandidateTree`): titles sharing leading tokens share nodes;
+3. the tree is run once per (worker, step) group against the cached prefix of that
+   worker's resume, masked to the step's history (``model.forward_tree``).
+
+``score(config, params, tree, batch)`` is a pure JAX function: it jits, vmaps and
+differentiates (see tests/test_scorer.py), so economists can embed it in estimation code.
+:func:`naive_score` is the reference: every prompt + candidate run on its own, no cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from labor_jax import model
+from labor_jax.config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateTree:
+  """The candidates' tokens as a prefix tree over their *input* tokens (all but the last)."""
+  first_J: np.ndarray  # int32 [J]: each candidate's first token
+  nodes_L: np.ndarray  # int32 [L]: token of each tree node
+  depth_L: np.ndarray  # int32 [L]: node depth (0 = a candidate's first token)
+  mask_LL: np.ndarray  # bool [L, L]: node i attends to node j (j is i or an ancestor of i)
+  path_JK: np.ndarray  # int32 [J, K]: node whose output predicts the candidate's token k + 1
+  target_JK: np.ndarray  # int32 [J, K]: that token
+  valid_JK: np.ndarray  # bool [J, K]: k + 1 < len(candidate)
+  lengths_J: np.ndarray  # int32 [J]: tokens per candidate
+
+  @classmethod
+  def build(cls, candidates: Sequence[Sequence[int]]) -> "CandidateTree":
+    if not candidates or any(len(c) == 0 for c in candidates):
+      raise ValueError("every candidate needs at least one token")
+    if len({tuple(c) for c in candidates}) != len(candidates):
+      raise ValueError("two candidates have identical tokens")
+    index: dict[tuple[int, ...], int] = {}
+    parents: list[int] = []
+    tokens: list[int] = []
+    k = max(len(c) for c in candidates) - 1
+    path = np.zeros((len(candidates), max(k, 1)), np.int32)
+    target = np.zeros_like(path)
+    valid = np.zeros(path.shape, bool)
+    for j, c in enumerate(candidates):
+      for i in range(len(c) - 1):
+        key = tuple(c[:i + 1])
+        if key not in index:
+          index[key] = len(tokens)
+          tokens.append(int(c[i]))
+          parents.append(index[key[:-1]] if i else -1)
+        path[j, i], target[j, i], valid[j, i] = index[key], c[i + 1], True
+    n = max(len(tokens), 1)
+    tokens = tokens or [0]
+    parents = parents or [-1]
+    mask = np.eye(n, dtype=bool)
+    depth = np.zeros(n, np.int32)
+    for i, p in enumerate(parents):  # parents precede children
+      if p >= 0:
+        mask[i] |= mask[p]
+        depth[i] = depth[p] + 1
+    return cls(np.asarray([c[0] for c in candidates], np.int32), np.asarray(tokens, np.int32), depth, mask,
+               path, target, valid, np.asarray([len(c) for c in candidates], np.int32))
+
+  @property
+  def num_candidates(self) -> int:
+    return len(self.first_J)
+
+
+def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.Array, mask_BN: jax.Array,
+          prefix_ends_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None) -> jax.Array:
+  """log P(candidate j | the first ``prefix_ends_BT[b, t]`` tokens of resume b): [B, T, J] float32.
+
+  Args:
+    tokens_BN, mask_BN: the resumes' tokens (right padded) and their validity mask.
+    prefix_ends_BT: for each step, the number of resume tokens before its title (the
+      ``title_spans[:, 0]`` of data_pipeline.tokenizer.TokenizedResume); pad unused steps
+      with any value in [1, N] and ignore their scores.
+    normalize: log-probabilities renormalised over the J candidates (``log_softmax`` over j).
+    chunk: workers per tree pass (bounds memory: the tree pass holds [chunk, T, L, V] logits).
+  """
+  tokens_BN = jnp.asarray(tokens_BN)
+  b, n = tokens_BN.shape
+  logits_BNV, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True)
+  logz_BN = jax.nn.logsumexp(logits_BNV, axis=-1)
+  last_BT = jnp.clip(prefix_ends_BT - 1, 0, n - 1)
+  rows_B1 = jnp.arange(b)[:, None]
+  first_BTJ = logits_BNV[rows_B1, last_BT][:, :, tree.first_J] - logz_BN[rows_B1, last_BT][:, :, None]
+
+  def rest(args):
+    kv_c, ends_c = args
+    logits_CTLV = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.mask_LL, kv_c, ends_c)
+    logz_CTL = jax.nn.logsumexp(logits_CTLV, axis=-1)
+    picked_CTJK = logits_CTLV[:, :, tree.path_JK, tree.target_JK] - logz_CTL[:, :, tree.path_JK]
+    return jnp.sum(jnp.where(tree.valid_JK, picked_CTJK, 0.0), axis=-1)
+
+  c = b if chunk is None else max(1, min(chunk, b))
+  if b % c:
+    raise ValueError(f"chunk={c} must divide the batch of {b} workers")
+  if c == b:
+    rest_BTJ = rest((kv, prefix_ends_BT))
+  else:
+    split = lambda x: x.reshape(b // c, c, *x.shape[1:])  # noqa: E731
+    kv_s = [model.KV(split(k), split(v)) for k, v in kv]
+    rest_BTJ = jax.lax.map(rest, (kv_s, split(prefix_ends_BT))).reshape(b, *prefix_ends_BT.shape[1:], -1)
+  logp_BTJ = first_BTJ + rest_BTJ
+  return jax.nn.log_softmax(logp_BTJ, axis=-1) if normalize else logp_BTJ
+
+
+def naive_score(config: LlamaConfig, params: Any, candidates: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]]
+                ) -> np.ndarray:
+  """Reference: each prompt + each candidate as its own sequence, no cache. [P, J] log-probs."""
+  width = max(len(p) for p in prompts) + max(len(c) for c in candidates)
+  fwd = jax.jit(lambda p, t, m: model.forward(config, p, t, mask_BT=m))
+  out = np.zeros((len(prompts), len(candidates)), np.float64)
+  for i, prompt in enumerate(prompts):
+    toks = np.zeros((len(candidates), width), np.int32)
+    mask = np.zeros_like(toks)
+    for j, c in enumerate(candidates):
+      seq = list(prompt) + list(c)
+      toks[j, :len(seq)], mask[j, :len(seq)] = seq, 1
+    logp = np.asarray(jax.nn.log_softmax(fwd(params, toks, mask), axis=-1))
+    for j, c in enumerate(candidates):
+      pos = np.arange(len(prompt) - 1, len(prompt) + len(c) - 1)
+      out[i, j] = logp[j, pos, np.asarray(c)].sum()
+  return out

@@ -1,0 +1,75 @@
+"""The fused occupation scorer equals naive scoring and is an ordinary JAX function."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from labor_jax import model, scorer
+from labor_jax.config import llama_tiny
+
+CONFIG = llama_tiny(rope_theta=500000.0)
+# Candidates with shared leading tokens, one that is a token-prefix of another's input, different lengths.
+CANDS = [[5, 7, 2], [5, 8, 2], [9, 2], [5, 7, 11, 2], [12, 13, 14, 15, 2]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = model.init_params(CONFIG, jax.random.key(0))
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(3, CONFIG.vocab_size, (3, 24)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, 17:] = 0  # different history lengths, right padding
+  mask[2, 11:] = 0
+  ends = np.array([[4, 9, 24], [3, 10, 17], [5, 11, 11]], np.int32)
+  return params, scorer.CandidateTree.build(CANDS), tokens, mask, ends
+
+
+def test_tree_shares_leading_tokens():
+  tree = scorer.CandidateTree.build(CANDS)
+  # inputs: [5], [5,7], [5,8]... -> nodes 5, 7, 8, 9, 11, 12, 13, 14, 15 (5 shared by three titles)
+  assert len(tree.nodes_L) == 9 and tree.nodes_L.tolist().count(5) == 1
+  assert tree.mask_LL[tree.path_JK[3, 2], tree.path_JK[3, 0]]  # node "11" sees its ancestor "5"
+  with pytest.raises(ValueError, match="identical"):
+    scorer.CandidateTree.build([[1, 2], [1, 2]])
+
+
+def test_fused_equals_naive(setup):
+  params, tree, tokens, mask, ends = setup
+  fused = np.asarray(jax.jit(lambda p: scorer.score(CONFIG, p, tree, tokens, mask, ends))(params))
+  prompts = [tokens[b, :ends[b, t]] for b in range(3) for t in range(3)]
+  naive = scorer.naive_score(CONFIG, params, CANDS, prompts).reshape(3, 3, len(CANDS))
+  assert np.abs(fused - naive).max() <= 1e-4
+  chunked = np.asarray(scorer.score(CONFIG, params, tree, tokens, mask, ends, chunk=1))
+  assert np.abs(chunked - naive).max() <= 1e-4
+
+
+def test_normalised_over_candidates(setup):
+  params, tree, tokens, mask, ends = setup
+  raw = scorer.score(CONFIG, params, tree, tokens, mask, ends)
+  norm = scorer.score(CONFIG, params, tree, tokens, mask, ends, normalize=True)
+  np.testing.assert_allclose(np.exp(norm).sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(norm, raw - jax.nn.logsumexp(raw, -1, keepdims=True), atol=1e-5)
+  assert (np.exp(raw).sum(-1) < 1).all()  # raw: other continuations keep probability mass
+
+
+def test_vmap_over_batches_and_grad(setup):
+  params, tree, tokens, mask, ends = setup
+  f = lambda p, t, m, e: scorer.score(CONFIG, p, tree, t, m, e, normalize=True)  # noqa: E731
+  stacked = [np.stack([x, x[::-1]]) for x in (tokens, mask, ends)]
+  v = jax.vmap(f, in_axes=(None, 0, 0, 0))(params, *stacked)
+  np.testing.assert_allclose(v[0], f(params, tokens, mask, ends), atol=1e-5)
+  np.testing.assert_allclose(v[1], f(params, tokens[::-1], mask[::-1], ends[::-1]), atol=1e-5)
+
+  # Gradient of a log-likelihood through the scorer equals the finite difference.
+  def nll(scale):
+    p = jax.tree.map(lambda x: x, params)
+    p["lm_head"]["kernel"] = p["lm_head"]["kernel"] * scale
+    return -f(p, tokens, mask, ends)[:, :, 0].sum()
+  g = jax.grad(nll)(1.0)
+  eps = 1e-3
+  fd = (nll(1.0 + eps) - nll(1.0 - eps)) / (2 * eps)
+  assert np.isfinite(g) and abs(g - fd) <= 1e-2 * max(1.0, abs(fd))
+  grads = jax.grad(lambda p: f(p, tokens, mask, ends)[:, :, 1].sum())(params)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
+  assert np.abs(grads["layers_0"]["self_attn"]["q_proj"]["kernel"]).max() > 0
