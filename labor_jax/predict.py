@@ -1,0 +1,110 @@
+"""``python -m labor_jax.predict --run RUN --history worker.json``: top-k next occupations of one worker.
+
+The history is JSON (or a CSV in the panel format, one row per year, for one person)::
+
+  {"dataset": "NLSY79", "sex": "male", "race": "black", "region": "the south", "birth_year": 1960,
+   "history": [{"year": 1980, "education": "high school diploma", "occupation": "Service workers"},
+               {"year": 1981, "education": "high school diploma", "occupation": "6"}],
+   "next_year": 1982, "next_education": "some college"}
+
+``occupation`` is a code or a title of the run's titles table. Everything but ``history``
+is optional; the next entry defaults to the year after the last one, with the last
+education. Probabilities are normalised over the run's occupation titles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+
+
+def load_history(path: str | Path, titles) -> tuple[pd.DataFrame, int, str | None]:
+  """(panel rows, next year, next education) from a JSON or CSV history file."""
+  from data_pipeline.errors import PanelError
+  from data_pipeline.panel import validate, read_table
+  path = Path(path)
+  by_title = dict(zip(titles.titles, titles.codes))
+  if path.suffix.lower() == ".json":
+    try:
+      doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise PanelError(path, f"cannot read JSON ({e})") from None
+    if not isinstance(doc, dict) or not doc.get("history"):
+      raise PanelError(path, "expected an object with a non-empty 'history' list")
+    rows = []
+    for i, h in enumerate(doc["history"], start=1):
+      if not isinstance(h, dict):
+        raise PanelError(path, "each history entry must be an object", row=i)
+      row = {k: doc.get(k) for k in ("dataset", "sex", "race", "ethnicity", "region", "birth_year")}
+      row.update(person_id=doc.get("person_id", "worker"), **h)
+      rows.append(row)
+    raw = pd.DataFrame(rows).astype(object)
+    raw = raw.where(raw.notna(), None).map(lambda v: None if v is None else str(v))
+    next_year, next_edu = doc.get("next_year"), doc.get("next_education")
+  else:
+    raw, next_year, next_edu = read_table(path), None, None
+  if "occupation" in raw.columns:
+    raw["occupation"] = raw["occupation"].map(lambda v: by_title.get(v, v) if v is not None else v)
+  panel, _ = validate(raw, path, titles, dataset="NLSY79")
+  if panel[["dataset", "person_id"]].drop_duplicates().shape[0] != 1:
+    raise PanelError(path, "the history must describe exactly one worker")
+  last = panel.iloc[-1]
+  next_year = int(next_year) if next_year is not None else int(last["year"]) + 1
+  if next_edu is None and "education" in panel.columns:
+    next_edu = last["education"]
+  return panel, next_year, next_edu
+
+
+def predict(run_dir: str | Path, history: str | Path, top_k: int = 5) -> list[tuple[str, float]]:
+  from data_pipeline import resume
+  from data_pipeline.titles import load_titles
+  from data_pipeline.tokenizer import ResumeTokenizer
+  from labor_jax import export, scorer
+  from labor_jax.evaluate import run_dataset_dir
+  run_dir = Path(run_dir)
+  data_dir = run_dataset_dir(run_dir)
+  titles = load_titles(data_dir / "titles.csv")
+  variant = json.loads((data_dir / "summary.json").read_text()).get("variant", "titles")
+  panel, next_year, next_edu = load_history(history, titles)
+  r = resume.render_person(panel, titles, variant)
+  prefix = f"{next_year} ({next_edu}):" if next_edu else f"{next_year}:"
+  r = resume.Resume(r.dataset, r.person_id, r.header,
+                    r.entries + (resume.Entry(next_year, prefix, " ?", titles.codes[0]),))
+  tok = ResumeTokenizer.from_dir(run_dir / "tokenizer")
+  ids = tok.encode_resume(r)
+  end = int(ids.title_spans[-1][0])
+  config, params, _ = export.load_run(run_dir)
+  tree = scorer.CandidateTree.build(tok.candidate_tokens(resume.candidate_texts(titles, variant)))
+  tokens = np.asarray(ids.ids[:end], np.int32)[None]
+  logp = scorer.score(config, params, tree, tokens, np.ones_like(tokens), np.asarray([[end]], np.int32),
+                      normalize=True)[0, 0]
+  p = np.exp(np.asarray(logp))
+  order = np.argsort(-p)[:top_k]
+  return [(titles.titles[j], float(p[j])) for j in order]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
+  ap.add_argument("--history", required=True, help="worker history: JSON or panel-format CSV")
+  ap.add_argument("--top-k", type=int, default=5)
+  args = ap.parse_args(argv)
+  from data_pipeline.errors import PanelError
+  try:
+    top = predict(args.run, args.history, args.top_k)
+  except (PanelError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for title, prob in top:
+    print(f"{prob:7.3f}  {title}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
