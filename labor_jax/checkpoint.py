@@ -21,10 +21,13 @@ from orbax.checkpoint import checkpoint_managers as cm
 def manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   policy = cm.AnyPreservationPolicy([
       cm.LatestN(n=keep),
-      cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=False, n=1, keep_checkpoints_without_metrics=False),
+      # reverse=True: BestN keeps the end of the sorted order, so sort descending to keep the lowest loss.
+      cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
   ])
+  # best_fn makes orbax store each step's metrics (and answers best_step()).
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
-                                         cleanup_tmp_directories=True)
+                                         cleanup_tmp_directories=True, best_fn=lambda m: m["val_loss"],
+                                         best_mode="min")
   return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
 
 
@@ -70,15 +73,20 @@ def eprint(*args):
   print(*args, file=sys.stderr, flush=True)
 
 
-def restore_params(directory: str | Path, step: int | None = None, mesh=None, shardings: Any = None):
+def restore_params(directory: str | Path, step: int | str | None = None, shardings: Any = None):
   """(step, params) of a run's checkpoint, on any topology (default: the first local device).
 
-  Reads the saved state's metadata for shapes and dtypes, so it needs no config. Pass
-  ``shardings`` (a tree matching the params) to place them on a mesh instead.
+  ``step``: an int, None for the newest, or "best" for the lowest validation loss (the
+  newest when no step has one). Reads the saved state's metadata for shapes and dtypes, so
+  it needs no config. Pass ``shardings`` (a tree matching the params) to place them on a
+  mesh instead.
   """
-  mgr = ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False),
+  options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["val_loss"], best_mode="min")
+  mgr = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                               item_handlers={"state": ocp.StandardCheckpointHandler(),
                                              "data": grain.checkpoint.CheckpointHandler()})
+  if step == "best":
+    step = mgr.best_step()
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")

@@ -15,8 +15,11 @@ from pathlib import Path
 from labor_jax.config import LlamaConfig
 
 
-def load_run(run_dir: str | Path, step: int | None = None):
-  """(config, params, step) of a training run, LoRA adapters still separate."""
+def load_run(run_dir: str | Path, step: int | str | None = "best"):
+  """(config, params, step) of a training run, LoRA adapters still separate.
+
+  ``step`` defaults to the checkpoint with the lowest validation loss ("best"); None is
+  the newest."""
   from labor_jax.checkpoint import restore_params
   run_dir = Path(run_dir)
   cfg_file = run_dir / "model_config.json"
@@ -31,7 +34,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--out", required=True, help="output directory (created atomically)")
-  ap.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+  ap.add_argument("--step", help="checkpoint step, 'latest', or 'best' (default: lowest validation loss)",
+                  default="best")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="tensor dtype (default: the run's)")
   ap.add_argument("--max-shard-size", default="5GB")
   args = ap.parse_args(argv)
@@ -39,7 +43,8 @@ def main(argv=None) -> int:
   import jax
   from labor_jax import hf, lora
   try:
-    config, params, step = load_run(args.run, args.step)
+    step_arg = None if args.step == "latest" else args.step if args.step == "best" else int(args.step)
+    config, params, step = load_run(args.run, step_arg)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -78,7 +78,18 @@ def _model(cfg: TrainConfig, tok, mesh, rng):
   from labor_jax.config import LlamaConfig
   m = cfg.model
   policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
-  if m.hf_path:
+  if m.hf_path and m.init_from:
+    raise ConfigError("model.hf_path and model.init_from are exclusive")
+  if m.init_from:
+    from labor_jax import export
+    config, params, step = export.load_run(m.init_from)
+    config = config.replace(**policy)
+    if config.lora_rank:
+      config, params = lora.merge(config, params)
+    if tok.vocab_size > config.vocab_size:
+      raise ConfigError(f"model.init_from: tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
+    print(f"initialised from {m.init_from} (step {step})", flush=True)
+  elif m.hf_path:
     config, params = hf.load(m.hf_path, mesh=mesh, **policy)
     if tok.vocab_size > config.vocab_size:
       raise ConfigError(f"model.hf_path: tokenizer has {tok.vocab_size} tokens, the model only "

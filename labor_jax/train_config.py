@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class ModelConfig:
   hf_path: str | None = None  # local HF checkpoint directory to fine-tune; None trains from scratch
+  init_from: str | None = None  # a labor_jax.train run directory whose best checkpoint initialises the weights
   hidden_size: int = 64  # from scratch: residual width
   intermediate_size: int = 128  # from scratch: SwiGLU width
   num_hidden_layers: int = 2  # from scratch: decoder blocks

@@ -176,3 +176,20 @@ def test_lora_run_exports_merged_checkpoint_that_pytorch_loads(tmp_path, nlsy_da
     theirs = ref(torch.tensor(tokens)).logits.numpy()
   assert np.abs(ours - theirs).max() < 1e-4
   assert (tmp_path / "hf" / "tokenizer.model").exists()
+
+
+def test_keeps_latest_and_best_checkpoints(tmp_path):
+  import jax.numpy as jnp
+
+  from labor_jax import checkpoint
+  mgr = checkpoint.manager(tmp_path / "ck", keep=2, async_save=False)
+  import orbax.checkpoint as ocp
+  for step, loss in [(1, 0.5), (2, 0.3), (3, 0.4), (4, 0.6), (5, None)]:
+    state = {"params": {"w": jnp.full(2, step, jnp.float32)}}
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+             metrics=None if loss is None else {"val_loss": loss})
+  mgr.wait_until_finished()
+  assert mgr.all_steps() == [2, 4, 5]  # the last two, and the best by validation loss
+  step, params = checkpoint.restore_params(tmp_path / "ck", "best")
+  assert step == 2 and float(params["w"][0]) == 2.0
+  assert checkpoint.restore_params(tmp_path / "ck")[0] == 5
