@@ -1,87 +1,98 @@
-"""``python -m labor_jax.main``: the end-to-end job on the embedded NLSY panel.
+"""``python -m labor_jax.main``: the end-to-end job on the embedded NLSY panel, on a laptop CPU.
 
-Stages available today: build the resume dataset (data_pipeline), build a tiny Llama
-sized to its tokenizer, export it as a Hugging Face checkpoint with the tokenizer and
-import it back (checked bit for bit), then score every occupation title as the next
-entry of one test worker's resume, using the model's cached-prefix forward pass.
-Training and evaluation against the econometric baselines are not built yet: the
-model is untrained, so its probabilities carry no information about careers (they
-mostly reflect how many tokens each title has).
+LABOR-LLM starts from a foundation model trained on other, non-representative text and
+fine-tunes it on survey resumes. This job reproduces that two-stage shape at CPU scale:
+
+1. data: the embedded NLSY panel -> resumes -> tokens (SentencePiece trained on the
+   training resumes), split 70/10/20 by person;
+2. stage 1 ("foundation"): a tiny Llama trained from scratch on a larger, synthetic,
+   non-representative career corpus (data_pipeline.simulator: other dynamics, other
+   cohorts, the same occupation titles and resume template);
+3. stage 2: fine-tuned on the NLSY training resumes from the stage-1 weights;
+4. the same architecture fine-tuned on NLSY alone, to show what stage 1 is worth;
+5. evaluation on the NLSY test split against empirical frequencies, first-order Markov,
+   multinomial logit and a CAREER-style transformer; report in RUN/llm/eval_test/.
+
+Every stage is an ordinary ``labor_jax.train`` run (configs/demo.yaml plus the overrides
+printed below), so each can be inspected, resumed or rerun on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
+STAGE1_YEARS = 8  # years per synthetic career
+COMMON = ["progress=false", "data.loss_on=history", "log_every=50"]
+STAGE1 = ["steps=800", "eval_every=200", "ckpt_every=200"]
+STAGE2 = ["steps=500", "eval_every=50", "ckpt_every=50", "optim.lr=1.0e-3", "optim.warmup_steps=20"]
+SCRATCH = ["steps=600", "eval_every=50", "ckpt_every=50"]
 
 
-def next_occupation_logprobs(config, params, prompt_ids, candidates) -> np.ndarray:
-  """log P(candidate j | prompt) for each candidate token list (prompt encoded once, cached)."""
-  from labor_jax import model
-  prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
-  logits, kv = model.forward(config, params, prompt, return_kv=True)
-  last = jax.nn.log_softmax(logits[0, -1])
-  width = max(len(c) for c in candidates)
-  toks = np.zeros((len(candidates), width), np.int32)
-  mask = np.zeros_like(toks)
-  for j, c in enumerate(candidates):
-    toks[j, :len(c)], mask[j, :len(c)] = c, 1
-  kv_j = [model.KV(jnp.repeat(k, len(candidates), 0), jnp.repeat(v, len(candidates), 0)) for k, v in kv]
-  out = jax.nn.log_softmax(model.forward(config, params, toks, mask_BT=mask, prefix=kv_j), axis=-1)
-  first = last[toks[:, 0]]
-  rest = jnp.take_along_axis(out[:, :-1], toks[:, 1:, None], axis=-1)[..., 0] * mask[:, 1:]
-  return np.asarray(first + rest.sum(1))
+def _train(run_dir: Path, data_dir: Path, overrides: list[str]) -> None:
+  from labor_jax import train
+  args = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")]
+  for s in COMMON + overrides + [f"run_dir={run_dir}", f"data.dataset_dir={data_dir}"]:
+    args += ["--set", s]
+  print("  python -m labor_jax.train " + " ".join(a if a.startswith("--") else repr(a) if " " in a else a for a in args),
+        flush=True)
+  code = train.main(args)
+  if code:
+    raise SystemExit(f"training {run_dir} failed with exit code {code}")
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default="runs/main", help="run directory")
+  ap.add_argument("--out", default="runs/main", help="directory for every stage's run")
   args = ap.parse_args(argv)
-
-  from data_pipeline import build, resume, tfds_builder
-  from data_pipeline.titles import load_titles
-  from data_pipeline.tokenizer import ResumeTokenizer
-  from labor_jax import hf, model
-  from labor_jax.config import llama_tiny
-
   out = Path(args.out)
-  print("== 1/4 data: embedded NLSY panel -> resumes -> tokens")
-  data_dir = out / "data"
-  build.main(["--out", str(data_dir)])
-  tok = ResumeTokenizer.from_dir(data_dir / "tokenizer")
-  titles = load_titles(data_dir / "titles.csv")
+  t0 = time.perf_counter()
 
-  print("\n== 2/4 model: tiny Llama sized to the tokenizer")
-  config = llama_tiny(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id)
-  params = model.init_params(config, jax.random.key(0))
-  print(f"{config.num_params() / 1e6:.2f}M parameters, {config.num_hidden_layers} layers, d={config.hidden_size}")
+  from data_pipeline import build, simulator
+  from data_pipeline.panel import validate
+  from data_pipeline.titles import load_titles
+  from labor_jax import evaluate
 
-  print("\n== 3/4 Hugging Face export -> import round trip")
-  ck = hf.save(config, params, out / "hf_checkpoint", tokenizer_dir=data_dir / "tokenizer")
-  config2, params2 = hf.load(ck)
-  same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
-  print(f"wrote {ck}; reloaded bitwise-equal: {same}")
-  if not same or config2 != config:
-    print("error: round trip changed the parameters", file=sys.stderr)
+  print("== 1/5 data: embedded NLSY panel -> resumes -> tokens", flush=True)
+  nlsy_dir = out / "data"
+  if build.main(["--out", str(nlsy_dir)]) != 0:
     return 1
+  titles = load_titles(nlsy_dir / "titles.csv")
 
-  print("\n== 4/4 next-occupation distribution for one test worker (untrained model)")
-  ex = tfds_builder.data_source(data_dir / "labor_resumes" / "1.0.0", "test")[0]
-  t = len(ex["years"]) - 1
-  prompt = ex["tokens"][: ex["title_spans"][t][0]]
-  cands = tok.candidate_tokens(resume.candidate_texts(titles))
-  logp = next_occupation_logprobs(config2, params2, prompt, cands)
-  p = np.exp(logp - np.logaddexp.reduce(logp))
-  print(tok.decode(prompt[1:])[-200:].split("\n", 1)[-1])
-  print(f"true next occupation: {titles.titles[ex['occupations'][t]]}")
-  for j in np.argsort(-p):
-    print(f"  {p[j]:.3f}  {titles.titles[j]}")
+  print(f"\n== 2/5 stage 1: {STAGE1_WORKERS:,} synthetic careers (non-representative), trained from scratch",
+        flush=True)
+  synth_dir = out / "data_stage1"
+  raw = simulator.simulate(STAGE1_WORKERS, STAGE1_YEARS, titles, seed=1, start_year=1975, stay=0.6, neighbours=4,
+                           dataset="SYNTHETIC")
+  panel, titles = validate(raw, "simulated panel", titles)
+  info = build.build_dataset(panel, titles, synth_dir, tokenizer_dir=nlsy_dir / "tokenizer",
+                             source="synthetic careers (data_pipeline.simulator), not survey data")
+  print(build.format_summary(info), flush=True)
+  _train(out / "stage1", synth_dir, STAGE1)
+
+  print("\n== 3/5 stage 2: fine-tune on NLSY from the stage-1 weights", flush=True)
+  _train(out / "llm", nlsy_dir, STAGE2 + [f"model.init_from={out / 'stage1'}"])
+
+  print("\n== 4/5 ablation: the same model trained on NLSY alone", flush=True)
+  _train(out / "llm_nlsy_only", nlsy_dir, SCRATCH)
+
+  print("\n== 5/5 evaluation on the NLSY test split", flush=True)
+  metrics = evaluate.evaluate(out / "llm", "test", extra_llms={"LLM without stage 1 (NLSY only)": out / "llm_nlsy_only"})
+  report = out / "llm" / "eval_test" / "report.md"
+  print()
+  print(report.read_text().split("## Perplexity by years")[0].strip())
+  ours = metrics["models"]["LABOR-LLM (this run)"]["perplexity"]
+  alone = metrics["models"]["LLM without stage 1 (NLSY only)"]["perplexity"]
+  mnl = metrics["models"]["multinomial logit"]["perplexity"]
+  print(f"\nstage 1 is worth {alone - ours:+.3f} perplexity ({alone:.3f} without it, {ours:.3f} with it); "
+        f"the multinomial logit gets {mnl:.3f}.")
+  print(f"report: {report}   total time {time.perf_counter() - t0:.0f}s")
+  (out / "summary.json").write_text(json.dumps({"perplexity": {k: v["perplexity"] for k, v in metrics["models"].items()},
+                                                 "seconds": time.perf_counter() - t0}, indent=2) + "\n")
   return 0
 
 

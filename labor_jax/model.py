@@ -90,11 +90,13 @@ class Tree(NamedTuple):
   """Tokens laid out as G groups of the same L-node token tree, per batch row.
 
   Every group of row b attends to the first ``prefix_len_BG[b, g]`` keys of row b's
-  prefix cache, and within its own L nodes to those allowed by ``self_mask_LL`` (a node's
-  ancestors and itself). The scorer uses it to run every candidate title, for every
-  time step, against one cached encoding of each resume.
+  prefix cache and, within its own nodes, to the node's path from the root:
+  ``ancestors_LA[l, a]`` is the node at depth a on node l's path (valid for
+  a <= depth of l; the last valid one is l itself). The scorer uses it to run every
+  candidate title, for every time step, against one cached encoding of each resume.
   """
-  self_mask_LL: jax.Array  # bool [L, L]
+  ancestors_LA: jax.Array  # int [L, A]
+  ancestor_ok_LA: jax.Array  # bool [L, A]
   prefix_len_BG: jax.Array  # int [B, G]
 
 
@@ -134,24 +136,25 @@ class Attention(nn.Module):
 
 
 def _tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix: KV, tree: Tree):
-  """Attention of G groups x L tree nodes to a per-row prefix and to their own ancestors."""
+  """Attention of G groups x L tree nodes to a per-row prefix and to their own root paths."""
   b, t, h, e = q_BTHE.shape
   k = k_BTKE.shape[2]
-  l = tree.self_mask_LL.shape[0]
+  l = tree.ancestors_LA.shape[0]
   g = t // l
   q = q_BTHE.reshape(b, g, l, k, h // k, e)
   ks, vs = k_BTKE.reshape(b, g, l, k, e), v_BTKE.reshape(b, g, l, k, e)
+  ks_anc, vs_anc = ks[:, :, tree.ancestors_LA], vs[:, :, tree.ancestors_LA]  # [b, g, L, A, K, E]
   pk, pv = prefix.k.astype(ks.dtype), prefix.v.astype(vs.dtype)
   n = pk.shape[1]
   scale = e ** -0.5
   s_pre = jnp.einsum("bglkqe,bnke->bkqgln", q, pk, preferred_element_type=jnp.float32) * scale
-  s_self = jnp.einsum("bglkqe,bgmke->bkqglm", q, ks, preferred_element_type=jnp.float32) * scale
+  s_self = jnp.einsum("bglkqe,bglake->bkqgla", q, ks_anc, preferred_element_type=jnp.float32) * scale
   pre_ok_BGN = jnp.arange(n)[None, None, :] < tree.prefix_len_BG[:, :, None]
   s_pre = jnp.where(pre_ok_BGN[:, None, None, :, None, :], s_pre, _NEG)
-  s_self = jnp.where(tree.self_mask_LL, s_self, _NEG)
+  s_self = jnp.where(tree.ancestor_ok_LA, s_self, _NEG)
   probs = jax.nn.softmax(jnp.concatenate([s_pre, s_self], axis=-1), axis=-1).astype(vs.dtype)
   out = (jnp.einsum("bkqgln,bnke->bglkqe", probs[..., :n], pv)
-         + jnp.einsum("bkqglm,bgmke->bglkqe", probs[..., n:], vs))
+         + jnp.einsum("bkqgla,bglake->bglkqe", probs[..., n:], vs_anc))
   return out.reshape(b, t, h, e)
 
 
@@ -291,21 +294,24 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
 
 
 def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, tree_depth_L: jax.Array,
-                 tree_mask_LL: jax.Array, prefix: Sequence[KV], prefix_len_BG: jax.Array) -> jax.Array:
+                 tree_ancestors_LA: jax.Array, prefix: Sequence[KV], prefix_len_BG: jax.Array) -> jax.Array:
   """Logits [B, G, L, V] of one token tree continued from G prefixes of each row's cache.
 
   ``tree_tokens_L`` are the tree's nodes (shared by every row and group), ``tree_depth_L``
-  their depth (0 for roots), ``tree_mask_LL[i, j]`` whether node i sees node j (its
-  ancestors and itself). Group g of row b continues the first ``prefix_len_BG[b, g]``
-  tokens of ``prefix`` (keys/values from ``forward(..., return_kv=True)``); node i sits at
-  position ``prefix_len + depth_i``. Equivalent to running every root-to-node path after
-  every prefix separately, in one pass.
+  their depth (0 for roots), ``tree_ancestors_LA[l, a]`` the node at depth a on node l's
+  path from its root (entries past ``depth_l`` are ignored). Group g of row b continues
+  the first ``prefix_len_BG[b, g]`` tokens of ``prefix`` (keys/values from
+  ``forward(..., return_kv=True)``); node l sits at position ``prefix_len + depth_l``.
+  Equivalent to running every root-to-node path after every prefix separately, in one pass.
   """
   b, g = prefix_len_BG.shape
   l = tree_tokens_L.shape[0]
+  depth_L = jnp.asarray(tree_depth_L)
   tokens_BT = jnp.broadcast_to(jnp.asarray(tree_tokens_L)[None, None], (b, g, l)).reshape(b, g * l)
-  positions_BT = (prefix_len_BG[:, :, None] + jnp.asarray(tree_depth_L)[None, None]).reshape(b, g * l)
-  tree = Tree(jnp.asarray(tree_mask_LL, bool), prefix_len_BG)
+  positions_BT = (prefix_len_BG[:, :, None] + depth_L[None, None]).reshape(b, g * l)
+  anc_LA = jnp.asarray(tree_ancestors_LA)
+  ok_LA = jnp.arange(anc_LA.shape[1])[None, :] <= depth_L[:, None]
+  tree = Tree(jnp.where(ok_LA, anc_LA, 0), ok_LA, prefix_len_BG)
   dummy_mask = jnp.ones((1, 1, 1), bool)  # unused in tree mode
   logits_BTV, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, tuple(prefix), tree)
   return logits_BTV.reshape(b, g, l, -1)

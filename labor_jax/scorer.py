@@ -17,6 +17,7 @@ differentiates (see tests/test_scorer.py), so economists can embed it in estimat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -33,7 +34,7 @@ class CandidateTree:
   first_J: np.ndarray  # int32 [J]: each candidate's first token
   nodes_L: np.ndarray  # int32 [L]: token of each tree node
   depth_L: np.ndarray  # int32 [L]: node depth (0 = a candidate's first token)
-  mask_LL: np.ndarray  # bool [L, L]: node i attends to node j (j is i or an ancestor of i)
+  ancestors_LA: np.ndarray  # int32 [L, A]: node at depth a on node l's root path (a <= depth_l; itself last)
   path_JK: np.ndarray  # int32 [J, K]: node whose output predicts the candidate's token k + 1
   target_JK: np.ndarray  # int32 [J, K]: that token
   valid_JK: np.ndarray  # bool [J, K]: k + 1 < len(candidate)
@@ -63,13 +64,16 @@ class CandidateTree:
     n = max(len(tokens), 1)
     tokens = tokens or [0]
     parents = parents or [-1]
-    mask = np.eye(n, dtype=bool)
     depth = np.zeros(n, np.int32)
     for i, p in enumerate(parents):  # parents precede children
       if p >= 0:
-        mask[i] |= mask[p]
         depth[i] = depth[p] + 1
-    return cls(np.asarray([c[0] for c in candidates], np.int32), np.asarray(tokens, np.int32), depth, mask,
+    anc = np.zeros((n, int(depth.max()) + 1), np.int32)
+    for i, p in enumerate(parents):
+      if p >= 0:
+        anc[i] = anc[p]
+      anc[i, depth[i]] = i
+    return cls(np.asarray([c[0] for c in candidates], np.int32), np.asarray(tokens, np.int32), depth, anc,
                path, target, valid, np.asarray([len(c) for c in candidates], np.int32))
 
   @property
@@ -99,7 +103,7 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
 
   def rest(args):
     kv_c, ends_c = args
-    logits_CTLV = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.mask_LL, kv_c, ends_c)
+    logits_CTLV = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c)
     logz_CTL = jax.nn.logsumexp(logits_CTLV, axis=-1)
     picked_CTJK = logits_CTLV[:, :, tree.path_JK, tree.target_JK] - logz_CTL[:, :, tree.path_JK]
     return jnp.sum(jnp.where(tree.valid_JK, picked_CTJK, 0.0), axis=-1)
@@ -117,11 +121,18 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
   return jax.nn.log_softmax(logp_BTJ, axis=-1) if normalize else logp_BTJ
 
 
-def naive_score(config: LlamaConfig, params: Any, candidates: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]]
-                ) -> np.ndarray:
-  """Reference: each prompt + each candidate as its own sequence, no cache. [P, J] log-probs."""
-  width = max(len(p) for p in prompts) + max(len(c) for c in candidates)
-  fwd = jax.jit(lambda p, t, m: model.forward(config, p, t, mask_BT=m))
+@functools.lru_cache(maxsize=8)
+def _naive_forward(config: LlamaConfig):
+  return jax.jit(lambda p, t, m: jax.nn.log_softmax(model.forward(config, p, t, mask_BT=m), axis=-1))
+
+
+def naive_score(config: LlamaConfig, params: Any, candidates: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]],
+                width: int | None = None) -> np.ndarray:
+  """Reference: each prompt + each candidate as its own sequence, no cache. [P, J] log-probs.
+
+  Sequences are right-padded to ``width`` (default: longest prompt + longest candidate)."""
+  width = width or max(len(p) for p in prompts) + max(len(c) for c in candidates)
+  fwd = _naive_forward(config)
   out = np.zeros((len(prompts), len(candidates)), np.float64)
   for i, prompt in enumerate(prompts):
     toks = np.zeros((len(candidates), width), np.int32)
@@ -129,7 +140,7 @@ def naive_score(config: LlamaConfig, params: Any, candidates: Sequence[Sequence[
     for j, c in enumerate(candidates):
       seq = list(prompt) + list(c)
       toks[j, :len(seq)], mask[j, :len(seq)] = seq, 1
-    logp = np.asarray(jax.nn.log_softmax(fwd(params, toks, mask), axis=-1))
+    logp = np.asarray(fwd(params, toks, mask))
     for j, c in enumerate(candidates):
       pos = np.arange(len(prompt) - 1, len(prompt) + len(c) - 1)
       out[i, j] = logp[j, pos, np.asarray(c)].sum()

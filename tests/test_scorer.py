@@ -29,7 +29,9 @@ def test_tree_shares_leading_tokens():
   tree = scorer.CandidateTree.build(CANDS)
   # inputs: [5], [5,7], [5,8]... -> nodes 5, 7, 8, 9, 11, 12, 13, 14, 15 (5 shared by three titles)
   assert len(tree.nodes_L) == 9 and tree.nodes_L.tolist().count(5) == 1
-  assert tree.mask_LL[tree.path_JK[3, 2], tree.path_JK[3, 0]]  # node "11" sees its ancestor "5"
+  node_11 = tree.path_JK[3, 2]
+  assert tree.depth_L[node_11] == 2
+  assert tree.ancestors_LA[node_11][:3].tolist() == [tree.path_JK[3, 0], tree.path_JK[3, 1], node_11]  # 5 -> 7 -> 11
   with pytest.raises(ValueError, match="identical"):
     scorer.CandidateTree.build([[1, 2], [1, 2]])
 
