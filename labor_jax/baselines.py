@@ -43,6 +43,11 @@ def transition_table(panel: pd.DataFrame, titles_index: dict[str, int]) -> pd.Da
   return out[t >= 1].reset_index(drop=True)
 
 
+def categorical(values: pd.Series) -> pd.Series:
+  """Values as category labels (strings), missing ones as "NA"."""
+  return values.map(lambda v: "NA" if pd.isna(v) else str(v))
+
+
 def log_likelihood(probs: np.ndarray, y: np.ndarray) -> float:
   return float(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
 
@@ -84,7 +89,7 @@ class MultinomialLogit:
 
   def _design(self, df: pd.DataFrame, fit: bool = False):
     from scipy import sparse
-    cat = lambda s: s.map(lambda v: "NA" if pd.isna(v) else str(v))  # noqa: E731
+    cat = categorical
     cols = {"prev": cat(df["prev"]), "prev2": cat(df["prev2"]), "year": cat(df["year"]),
             "t": cat(df["t"].clip(upper=10))}
     for c in COVARIATES:

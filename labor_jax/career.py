@@ -23,6 +23,8 @@ import numpy as np
 import optax
 import pandas as pd
 
+from labor_jax.baselines import categorical
+
 FEATURES = ("year", "education", "t", "race", "ethnicity", "region", "cohort")
 
 
@@ -96,7 +98,7 @@ class CareerBaseline:
 
   def _encode(self, panel: pd.DataFrame, fit: bool = False):
     p = panel.sort_values(["dataset", "person_id", "year"], kind="stable").reset_index(drop=True)
-    cat = lambda s: s.map(lambda v: "NA" if pd.isna(v) else str(v))  # noqa: E731
+    cat = categorical
     by = pd.to_numeric(p["birth_year"], errors="coerce") if "birth_year" in p.columns else pd.Series(np.nan, p.index)
     key = p["dataset"].astype(str) + "\x00" + p["person_id"].astype(str)
     t = p.groupby(key, sort=False).cumcount()

@@ -29,7 +29,7 @@ STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
 STAGE1_YEARS = 8  # years per synthetic career
 COMMON = ["progress=false", "data.loss_on=history", "log_every=50"]
 STAGE1 = ["steps=800", "eval_every=200", "ckpt_every=200"]
-STAGE2 = ["steps=500", "eval_every=50", "ckpt_every=50", "optim.lr=1.0e-3", "optim.warmup_steps=20"]
+STAGE2 = ["steps=800", "eval_every=50", "ckpt_every=50", "optim.lr=5.0e-4", "optim.warmup_steps=20"]
 SCRATCH = ["steps=600", "eval_every=50", "ckpt_every=50"]
 
 
