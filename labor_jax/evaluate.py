@@ -125,15 +125,17 @@ def _calibration_plots(out_dir: Path, table: pd.DataFrame, probs: dict[str, np.n
   fig, ax = plt.subplots(figsize=(6, 6))
   y = table["occ"].to_numpy()
   prev = table["prev"].to_numpy()
+  pts = []
   for name, p in probs.items():
     pm = 1 - p[np.arange(len(y)), prev]
     xs = [float((y[m] != prev[m]).mean()) for m in groups.values()]
     ys = [float(pm[m].mean()) for m in groups.values()]
     ax.scatter(xs, ys, label=name, s=25)
-  ax.plot([0, 1], [0, 1], "k--", lw=1)
-  lo = 0.2
-  ax.set_xlim(lo, 0.7)
-  ax.set_ylim(lo, 0.7)
+    pts += xs + ys
+  lo, hi = (max(0.0, min(pts) - 0.05), min(1.0, max(pts) + 0.05)) if pts else (0.0, 1.0)
+  ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+  ax.set_xlim(lo, hi)
+  ax.set_ylim(lo, hi)
   ax.set_xlabel("observed move rate in subgroup")
   ax.set_ylabel("mean predicted move probability")
   ax.set_title(f"Calibration of occupation changes by subgroup ({len(groups)} groups, n >= 20)")
