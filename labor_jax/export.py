@@ -16,7 +16,7 @@ from labor_jax.config import LlamaConfig
 
 
 def load_run(run_dir: str | Path, step: int | str | None = "best"):
-  """(config, params, step) of a training run, LoRA adapters still separate.
+  """(config, params, step) of a training run (per-layer layout), LoRA adapters still separate.
 
   ``step`` defaults to the checkpoint with the lowest validation loss ("best"); None is
   the newest."""
@@ -27,6 +27,9 @@ def load_run(run_dir: str | Path, step: int | str | None = "best"):
     raise FileNotFoundError(f"{run_dir}: no model_config.json (not a labor_jax.train run directory)")
   config = LlamaConfig(**json.loads(cfg_file.read_text()))
   step, params = restore_params(run_dir / "checkpoints", step)
+  if config.scan_layers:  # scoring and export work on per-layer params
+    from labor_jax import model
+    config, params = config.replace(scan_layers=False), model.unstack_layers(params)
   return config, params, step
 
 

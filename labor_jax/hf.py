@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline.tokenizer import TOKENIZER_FILES
@@ -86,9 +87,12 @@ def _unflat(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...], bool]]:
-  """HF tensor name -> (labor_jax path, HF shape, transposed) for every parameter of ``config``."""
+  """HF tensor name -> (labor_jax path, HF shape, transposed) for every parameter of ``config``.
+
+  Paths are per layer (``layers_3/...``) even for ``scan_layers`` configs, whose stacked
+  ``layers/...`` leaves are filled slice by slice."""
   out = {}
-  for path, sds in _flat(model.param_shapes(config)).items():
+  for path, sds in _flat(model.param_shapes(config.replace(scan_layers=False))).items():
     name, transposed = hf_name(path)
     shape = tuple(sds.shape[::-1]) if transposed else tuple(sds.shape)
     out[name] = (path, shape, transposed)
@@ -147,6 +151,7 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
   config = LlamaConfig.from_hf_file(path / "config.json", **policy)
   expected = expected_tensors(config)
   shardings = _flat(shard_lib.param_shardings(config, mesh, rules)) if mesh is not None else {}
+  stacked = _StackedLoader(config, shardings) if config.scan_layers else None
   target = np.dtype(config.jnp_param_dtype)
   tied_head = "lm_head.weight" if config.tie_word_embeddings else None
   params: dict[str, jax.Array] = {}
@@ -165,7 +170,9 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
     arr = fh.get_tensor(name).astype(target, copy=False)
     if transposed:
       arr = arr.T  # a view: device_put / the callback copy it once into the device buffer
-    if mesh is not None:
+    if stacked is not None and stacked.put(ours, arr):
+      params[ours] = None  # recorded; the stacked leaf is assembled on the device
+    elif mesh is not None:
       sh = shardings[ours]
       params[ours] = jax.make_array_from_callback(arr.shape, sh, lambda idx, a=arr: a[idx])
     else:
@@ -175,7 +182,36 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
   if missing:
     raise CheckpointError(f"{path}: missing tensor {missing[0]} (expected shape {expected[missing[0]][1]})"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+  if stacked is not None:
+    params = {k: v for k, v in params.items() if v is not None}
+    params.update(stacked.buffers)
   return config, _unflat(params)
+
+
+class _StackedLoader:
+  """Fills the stacked ``layers/...`` leaves of a scan_layers model one layer slice at a time,
+  on the device (a donated in-place update), so host memory holds one tensor at a time."""
+
+  def __init__(self, config: LlamaConfig, shardings: dict):
+    self.n = config.num_hidden_layers
+    self.shapes = _flat(model.param_shapes(config))
+    self.shardings = shardings
+    self.buffers: dict[str, jax.Array] = {}
+    self._update = {}
+
+  def put(self, ours: str, arr: np.ndarray) -> bool:
+    m = re.match(r"layers_(\d+)/(.*)$", ours)
+    if not m:
+      return False
+    i, key = int(m.group(1)), "layers/" + m.group(2)
+    if key not in self.buffers:
+      sds = self.shapes[key]
+      sh = self.shardings.get(key)
+      self.buffers[key] = jax.jit(lambda: jnp.zeros(sds.shape, sds.dtype), out_shardings=sh)()
+      self._update[key] = jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0),
+                                  donate_argnums=0, out_shardings=sh)
+    self.buffers[key] = self._update[key](self.buffers[key], arr, i)
+    return True
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -183,6 +219,22 @@ def _host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
+
+
+class _LayerSlice:
+  """Layer i of a stacked leaf; the host copy of the stacked leaf is shared by its slices."""
+  _cache: dict = {}
+
+  def __init__(self, stacked: jax.Array, i: int):
+    self.stacked, self.i = stacked, i
+    self.shape = stacked.shape[1:]
+
+  def host(self) -> np.ndarray:
+    key = id(self.stacked)
+    if key not in _LayerSlice._cache:
+      _LayerSlice._cache.clear()  # one stacked leaf on the host at a time
+      _LayerSlice._cache[key] = _host(self.stacked)
+    return _LayerSlice._cache[key][self.i]
 
 
 def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
@@ -204,6 +256,11 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
   if config.lora_rank:
     raise CheckpointError("params carry LoRA adapters: fold them in first with labor_jax.lora.merge")
   flat = _flat(params)
+  if config.scan_layers:  # per-layer views of the stacked leaves, sliced when written
+    for key in [k for k in flat if k.startswith("layers/")]:
+      leaf = flat.pop(key)
+      for i in range(config.num_hidden_layers):
+        flat[f"layers_{i}/{key[len('layers/'):]}"] = _LayerSlice(leaf, i)
   want = {ours for ours, _, _ in expected_tensors(config).values()}
   if set(flat) != want:
     extra, missing = sorted(set(flat) - want), sorted(want - set(flat))
@@ -222,7 +279,9 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
     for filename, tensor_names in split.filename_to_tensors.items():
       shard = {}
       for n in tensor_names:
-        arr = _host(flat[names[n]]).astype(config.jnp_param_dtype)
+        leaf = flat[names[n]]
+        arr = leaf.host() if isinstance(leaf, _LayerSlice) else _host(leaf)
+        arr = arr.astype(config.jnp_param_dtype)
         shard[n] = np.ascontiguousarray(arr.T if hf_name(names[n])[1] else arr)
       if writer:
         save_file(shard, str(tmp / filename), metadata={"format": "pt"})
@@ -255,4 +314,6 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    _LayerSlice._cache.clear()
   return path

@@ -200,7 +200,16 @@ class Llama(nn.Module):
     cos_BTE, sin_BTE = jnp.cos(angles_BTE), jnp.sin(angles_BTE)
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     kvs = []
-    for i in range(cfg.num_hidden_layers):
+    if cfg.scan_layers:
+      if prefix is not None or tree is not None:
+        raise ValueError("scan_layers models run plain sequences only; convert with model.unstack_layers "
+                         "for cached prefixes or the scorer")
+      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, kv_L = stack(cfg, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, None)
+      kvs = [KV(kv_L.k[i], kv_L.v[i]) for i in range(cfg.num_hidden_layers)]
+    for i in range(0 if cfg.scan_layers else cfg.num_hidden_layers):
       x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
           x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else prefix[i], tree)
       kvs.append(kv)
@@ -330,6 +339,24 @@ def init_params(config: LlamaConfig, rng: jax.Array) -> Params:
 def param_shapes(config: LlamaConfig) -> Params:
   """ShapeDtypeStructs of every parameter, computed without allocating."""
   return nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
+  """Per-layer params (``layers_0`` ... ) -> the ``scan_layers`` layout (``layers`` with a leading axis)."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
+  return out
+
+
+def unstack_layers(params: Params) -> Params:
+  """The ``scan_layers`` layout -> per-layer params (``layers_0`` ...)."""
+  if "layers" not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  n = jax.tree.leaves(params["layers"])[0].shape[0]
+  for i in range(n):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out
 
 
 def param_logical_axes(config: LlamaConfig) -> Params:

@@ -31,6 +31,7 @@ DEFAULT_RULES: Rules = (
     ("norm", None),
     ("head_dim", None),
     ("lora_rank", None),
+    ("layers", None),  # the stacked-layer axis of scan_layers models
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),

@@ -77,7 +77,7 @@ def _model(cfg: TrainConfig, tok, mesh, rng):
   from labor_jax import hf, lora
   from labor_jax.config import LlamaConfig
   m = cfg.model
-  policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+  policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
   if m.hf_path and m.init_from:
     raise ConfigError("model.hf_path and model.init_from are exclusive")
   if m.init_from:
@@ -101,6 +101,9 @@ def _model(cfg: TrainConfig, tok, mesh, rng):
                          max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **policy)
     params = None
+  if params is not None and config.scan_layers and "layers" not in params:
+    from labor_jax import model
+    params = model.stack_layers(params, config.num_hidden_layers)
   if cfg.lora.enabled:
     if params is None:
       from labor_jax import model

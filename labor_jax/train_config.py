@@ -34,6 +34,7 @@ class ModelConfig:
   param_dtype: str = "float32"  # parameter storage dtype: float32 or bfloat16
   dtype: str = "float32"  # matmul compute dtype: float32 or bfloat16
   remat: bool = False  # rematerialise decoder blocks in the backward pass (saves activation memory)
+  scan_layers: bool = False  # one scanned block over stacked weights (faster compiles, one layer's weights live)
 
 
 @dataclasses.dataclass

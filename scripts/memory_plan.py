@@ -35,7 +35,7 @@ def main():
   cfg = train_config.load(args.config, args.set)
   train_config.check_devices(cfg, jax.device_count(), 1)
   m = cfg.model
-  policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+  policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
   if args.preset:
     config = config_lib.preset(args.preset, **policy)
   elif m.hf_path:

@@ -143,3 +143,27 @@ def test_bfloat16_checkpoint_round_trip(tiny, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p16, got)
   _, up = hf.load(tmp_path / "bf16")  # default policy: float32 parameters
   assert up["norm"]["weight"].dtype == jnp.float32
+
+
+def test_scanned_layers_equal_unrolled_and_round_trip_hf(tiny, tmp_path):
+  config, params = tiny
+  scanned_cfg = config.replace(scan_layers=True, remat=True)
+  stacked = model.stack_layers(params, config.num_hidden_layers)
+  assert stacked["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 64, 128)
+  tokens = jax.random.randint(jax.random.key(10), (2, 9), 0, config.vocab_size)
+  np.testing.assert_allclose(model.forward(scanned_cfg, stacked, tokens), model.forward(config, params, tokens),
+                             atol=1e-5)
+  g = jax.grad(lambda p: model.forward(config, p, tokens).mean())(params)
+  gs = jax.grad(lambda p: model.forward(scanned_cfg, p, tokens).mean())(stacked)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), model.stack_layers(g, 2), gs)
+  # HF export from the stacked layout, import into it on a mesh, and back to per-layer params.
+  hf.save(scanned_cfg, stacked, tmp_path / "scan", max_shard_size="100KB")
+  _, plain = hf.load(tmp_path / "scan")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, plain)
+  mesh = sharding.make_mesh(fsdp=4, tensor=2)
+  got_cfg, got = hf.load(tmp_path / "scan", mesh=mesh, scan_layers=True)
+  assert got_cfg.scan_layers and got["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == \
+      jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stacked, got)
+  with pytest.raises(ValueError, match="scan_layers models run plain sequences only"):
+    model.forward(scanned_cfg, stacked, tokens, prefix=model.forward(config, params, tokens, return_kv=True)[1])

@@ -157,13 +157,13 @@ def test_two_processes_match_one(tmp_path, nlsy_dataset):
   assert step == 3
 
 
-def test_lora_run_exports_merged_checkpoint_that_pytorch_loads(tmp_path, nlsy_dataset, torch):
+def test_lora_scanned_run_exports_merged_checkpoint_that_pytorch_loads(tmp_path, nlsy_dataset, torch):
   import transformers
 
   from labor_jax import export, lora, model
   run_dir = tmp_path / "run"
   code, out, err = _run(run_dir, nlsy_dataset, "steps=3", "ckpt_every=3", "eval_every=3", "lora.enabled=true",
-                        "lora.rank=4")
+                        "lora.rank=4", "model.scan_layers=true", "model.remat=true")
   assert code == 0, err
   assert "LoRA r=4" in out and "trainable" in out
   assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0

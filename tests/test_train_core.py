@@ -22,13 +22,17 @@ def _batch(step):
           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy()}
 
 
-def _train(mesh, pattern=None, steps=3, grad_accum=1):
-  labels = train_core.trainable_labels(jax.eval_shape(lambda: train_core.model.init_params(CONFIG, jax.random.key(0))),
+def _train(mesh, pattern=None, steps=3, grad_accum=1, config=CONFIG):
+  labels = train_core.trainable_labels(jax.eval_shape(lambda: train_core.model.init_params(config, jax.random.key(0))),
                                        pattern)
   opt = train_core.make_optimizer(labels, lr=3e-3, weight_decay=0.01)
-  sh = train_core.state_shardings(CONFIG, opt, mesh)
-  state = train_core.create_state(CONFIG, opt, sh, jax.random.key(0))
-  step = train_core.make_train_step(CONFIG, opt, sh, train_core.batch_sharding(mesh), labels=labels,
+  sh = train_core.state_shardings(config, opt, mesh)
+  params = None
+  if config.scan_layers:  # the same initial weights as the unrolled reference
+    params = train_core.model.stack_layers(
+        train_core.model.init_params(CONFIG, jax.random.split(jax.random.key(0))[0]), config.num_hidden_layers)
+  state = train_core.create_state(config, opt, sh, jax.random.key(0), params=params)
+  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=labels,
                                     grad_accum=grad_accum)
   losses = []
   for _ in range(steps):
@@ -93,3 +97,10 @@ def test_schedule_warmup_then_decay():
   s = train_core.make_schedule(1.0, 100, 10, "cosine", 0.1)
   assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(1.0) and float(s(100)) == pytest.approx(0.1)
   assert float(train_core.make_schedule(1.0, 100, 0, "linear", 0.0)(50)) == pytest.approx(0.5)
+
+
+def test_scanned_layers_train_like_unrolled(reference):
+  _, want = reference
+  state, got = _train(sharding.make_mesh(fsdp=4, tensor=2), config=CONFIG.replace(scan_layers=True, remat=True))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert sharding.unsharded_params(state.params, min_size=2 ** 12) == []
