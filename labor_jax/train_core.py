@@ -71,12 +71,6 @@ def loss_sums(config: LlamaConfig, params: Any, batch: dict[str, jax.Array],
   return (xent_BT * mask_BT).sum(), mask_BT.sum()
 
 
-def loss_fn(config: LlamaConfig, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-  """Mean next-token cross-entropy over ``loss_mask`` (batches from data_pipeline.loader)."""
-  total, tokens = loss_sums(config, params, batch)
-  return total / jnp.maximum(tokens, 1.0), {"tokens": tokens}
-
-
 def state_shardings(config: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules: shard_lib.Rules = shard_lib.DEFAULT_RULES) -> TrainState:
   """NamedShardings of the whole train state: optimizer moments follow their parameters."""
