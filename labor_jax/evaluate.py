@@ -247,11 +247,13 @@ def main(argv=None) -> int:
   ap.add_argument("--no-career", action="store_true", help="skip the CAREER-style transformer baseline")
   args = ap.parse_args(argv)
   try:
-    metrics = evaluate(args.run, args.split, args.out, career=not args.no_career)
+    evaluate(args.run, args.split, args.out, career=not args.no_career)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(report_markdown(metrics, {}).split("## Perplexity by years")[0])
+  report = Path(args.out or Path(args.run) / f"eval_{args.split}") / "report.md"
+  print(report.read_text().split("## Perplexity by years")[0].strip())
+  print(f"\nfull report: {report}")
   return 0
 
 

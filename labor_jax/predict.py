@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 
-def load_history(path: str | Path, titles) -> tuple[pd.DataFrame, int, str | None]:
-  """(panel rows, next year, next education) from a JSON or CSV history file."""
+def load_history(path: str | Path, titles, dataset: str) -> tuple[pd.DataFrame, int, str | None]:
+  """(panel rows, next year, next education) from a JSON or CSV history file; ``dataset`` names
+  the survey when the file does not."""
   from data_pipeline.errors import PanelError
   from data_pipeline.panel import validate, read_table
   path = Path(path)
@@ -51,7 +52,7 @@ def load_history(path: str | Path, titles) -> tuple[pd.DataFrame, int, str | Non
     raw, next_year, next_edu = read_table(path), None, None
   if "occupation" in raw.columns:
     raw["occupation"] = raw["occupation"].map(lambda v: by_title.get(v, v) if v is not None else v)
-  panel, _ = validate(raw, path, titles, dataset="NLSY79")
+  panel, _ = validate(raw, path, titles, dataset=dataset)
   if panel[["dataset", "person_id"]].drop_duplicates().shape[0] != 1:
     raise PanelError(path, "the history must describe exactly one worker")
   last = panel.iloc[-1]
@@ -70,8 +71,9 @@ def predict(run_dir: str | Path, history: str | Path, top_k: int = 5) -> list[tu
   run_dir = Path(run_dir)
   data_dir = run_dataset_dir(run_dir)
   titles = load_titles(data_dir / "titles.csv")
-  variant = json.loads((data_dir / "summary.json").read_text()).get("variant", "titles")
-  panel, next_year, next_edu = load_history(history, titles)
+  summary = json.loads((data_dir / "summary.json").read_text())
+  variant = summary.get("variant", "titles")
+  panel, next_year, next_edu = load_history(history, titles, (summary.get("datasets") or ["worker"])[0])
   r = resume.render_person(panel, titles, variant)
   prefix = f"{next_year} ({next_edu}):" if next_edu else f"{next_year}:"
   r = resume.Resume(r.dataset, r.person_id, r.header,
