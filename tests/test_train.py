@@ -137,8 +137,17 @@ def _free_port():
 
 
 def test_two_processes_match_one(tmp_path, nlsy_dataset):
-  """2 local processes x 2 CPU devices (gloo collectives) train like 1 process x 4 devices."""
-  common = ["steps=3", "ckpt_every=3", "eval_every=3", "batch_size=8", "mesh.data=2", "mesh.fsdp=2"]
+  """2 local processes x 2 CPU devices (gloo collectives) fine-tune a HF checkpoint like 1 process x 4 devices
+  (hf.load places every tensor into its multi-process sharding)."""
+  import jax
+
+  from labor_jax import hf, model
+  from labor_jax.config import LlamaConfig
+  base = LlamaConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=128)
+  hf.save(base, model.init_params(base, jax.random.key(5)), tmp_path / "base")
+  common = ["steps=3", "ckpt_every=3", "eval_every=3", "batch_size=8", "mesh.data=2", "mesh.fsdp=2",
+            f"model.hf_path={tmp_path / 'base'}"]
   code, out, err = _run(tmp_path / "single", nlsy_dataset, *common, devices=4)
   assert code == 0, err
   port = _free_port()
