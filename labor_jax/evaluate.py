@@ -40,11 +40,11 @@ def run_dataset_dir(run_dir: Path) -> Path:
 def llm_scores(config, params, tokenizer, titles, variant: str, dataset_dir: Path, split: str,
                batch_workers: int = 16) -> pd.DataFrame:
   """Normalised and raw log-probs [n, J] for every entry (t >= 0) of every worker of ``split``."""
-  from data_pipeline import resume, tfds_builder
+  from data_pipeline import tfds_builder
   from labor_jax import scorer
   src = tfds_builder.data_source(dataset_dir / "labor_resumes" / "1.0.0", split)
   examples = [src[i] for i in range(len(src))]
-  tree = scorer.CandidateTree.build(tokenizer.candidate_tokens(resume.candidate_texts(titles, variant)))
+  tree = scorer.CandidateTree.for_titles(tokenizer, titles, variant)
   n_max = max(len(e["tokens"]) for e in examples)
   t_max = max(len(e["years"]) for e in examples)
 

@@ -193,7 +193,6 @@ class _StackedLoader:
   on the device (a donated in-place update), so host memory holds one tensor at a time."""
 
   def __init__(self, config: LlamaConfig, shardings: dict):
-    self.n = config.num_hidden_layers
     self.shapes = _flat(model.param_shapes(config))
     self.shardings = shardings
     self.buffers: dict[str, jax.Array] = {}
@@ -222,19 +221,19 @@ def _host(x: jax.Array) -> np.ndarray:
 
 
 class _LayerSlice:
-  """Layer i of a stacked leaf; the host copy of the stacked leaf is shared by its slices."""
-  _cache: dict = {}
+  """Layer i of a stacked leaf. Slices of one save share ``cache``, which holds the host
+  copy of one stacked leaf at a time (slices are written grouped by leaf)."""
 
-  def __init__(self, stacked: jax.Array, i: int):
-    self.stacked, self.i = stacked, i
+  def __init__(self, stacked: jax.Array, i: int, cache: dict):
+    self.stacked, self.i, self.cache = stacked, i, cache
     self.shape = stacked.shape[1:]
 
   def host(self) -> np.ndarray:
     key = id(self.stacked)
-    if key not in _LayerSlice._cache:
-      _LayerSlice._cache.clear()  # one stacked leaf on the host at a time
-      _LayerSlice._cache[key] = _host(self.stacked)
-    return _LayerSlice._cache[key][self.i]
+    if key not in self.cache:
+      self.cache.clear()
+      self.cache[key] = _host(self.stacked)
+    return self.cache[key][self.i]
 
 
 def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
@@ -257,10 +256,11 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
     raise CheckpointError("params carry LoRA adapters: fold them in first with labor_jax.lora.merge")
   flat = _flat(params)
   if config.scan_layers:  # per-layer views of the stacked leaves, sliced when written
+    cache: dict = {}
     for key in [k for k in flat if k.startswith("layers/")]:
       leaf = flat.pop(key)
       for i in range(config.num_hidden_layers):
-        flat[f"layers_{i}/{key[len('layers/'):]}"] = _LayerSlice(leaf, i)
+        flat[f"layers_{i}/{key[len('layers/'):]}"] = _LayerSlice(leaf, i, cache)
   want = {ours for ours, _, _ in expected_tensors(config).values()}
   if set(flat) != want:
     extra, missing = sorted(set(flat) - want), sorted(want - set(flat))
@@ -314,6 +314,4 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
     if tmp is not None:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
-  finally:
-    _LayerSlice._cache.clear()
   return path

@@ -209,10 +209,11 @@ class Llama(nn.Module):
                       length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x_BTD, kv_L = stack(cfg, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, None)
       kvs = [KV(kv_L.k[i], kv_L.v[i]) for i in range(cfg.num_hidden_layers)]
-    for i in range(0 if cfg.scan_layers else cfg.num_hidden_layers):
-      x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
-          x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else prefix[i], tree)
-      kvs.append(kv)
+    else:
+      for i in range(cfg.num_hidden_layers):
+        x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
+            x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else prefix[i], tree)
+        kvs.append(kv)
     x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
     if cfg.tie_word_embeddings:
       logits_BTV = embed.attend(x_BTD)

@@ -19,7 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pandas as pd
 
@@ -82,7 +81,7 @@ def predict(run_dir: str | Path, history: str | Path, top_k: int = 5) -> list[tu
   ids = tok.encode_resume(r)
   end = int(ids.title_spans[-1][0])
   config, params, _ = export.load_run(run_dir)
-  tree = scorer.CandidateTree.build(tok.candidate_tokens(resume.candidate_texts(titles, variant)))
+  tree = scorer.CandidateTree.for_titles(tok, titles, variant)
   tokens = np.asarray(ids.ids[:end], np.int32)[None]
   logp = scorer.score(config, params, tree, tokens, np.ones_like(tokens), np.asarray([[end]], np.int32),
                       normalize=True)[0, 0]

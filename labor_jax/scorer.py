@@ -76,6 +76,12 @@ class CandidateTree:
     return cls(np.asarray([c[0] for c in candidates], np.int32), np.asarray(tokens, np.int32), depth, anc,
                path, target, valid, np.asarray([len(c) for c in candidates], np.int32))
 
+  @classmethod
+  def for_titles(cls, tokenizer, titles, variant: str = "titles") -> "CandidateTree":
+    """The tree of a titles table's candidates (title segment + entry terminator) under ``tokenizer``."""
+    from data_pipeline import resume
+    return cls.build(tokenizer.candidate_tokens(resume.candidate_texts(titles, variant)))
+
   @property
   def num_candidates(self) -> int:
     return len(self.first_J)

@@ -74,26 +74,24 @@ def _prepare_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path:
 
 def _model(cfg: TrainConfig, tok, mesh, rng):
   """(LlamaConfig, params or None for random init)."""
-  from labor_jax import hf, lora
+  import jax
+
+  from labor_jax import export, hf, lora, model
   from labor_jax.config import LlamaConfig
   m = cfg.model
   policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
   if m.hf_path and m.init_from:
     raise ConfigError("model.hf_path and model.init_from are exclusive")
   if m.init_from:
-    from labor_jax import export
     config, params, step = export.load_run(m.init_from)
     config = config.replace(**policy)
     if config.lora_rank:
       config, params = lora.merge(config, params)
-    if tok.vocab_size > config.vocab_size:
-      raise ConfigError(f"model.init_from: tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}")
+    source, hint = "model.init_from", ""
     print(f"initialised from {m.init_from} (step {step})", flush=True)
   elif m.hf_path:
     config, params = hf.load(m.hf_path, mesh=mesh, **policy)
-    if tok.vocab_size > config.vocab_size:
-      raise ConfigError(f"model.hf_path: tokenizer has {tok.vocab_size} tokens, the model only "
-                        f"{config.vocab_size}; build the dataset with --tokenizer-dir {m.hf_path}")
+    source, hint = "model.hf_path", f"; build the dataset with --tokenizer-dir {m.hf_path}"
   else:
     config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=m.hidden_size,
                          intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
@@ -101,13 +99,12 @@ def _model(cfg: TrainConfig, tok, mesh, rng):
                          max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **policy)
     params = None
+  if params is not None and tok.vocab_size > config.vocab_size:
+    raise ConfigError(f"{source}: tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}{hint}")
   if params is not None and config.scan_layers and "layers" not in params:
-    from labor_jax import model
     params = model.stack_layers(params, config.num_hidden_layers)
   if cfg.lora.enabled:
     if params is None:
-      from labor_jax import model
-      import jax
       params = model.init_params(config, jax.random.fold_in(rng, 1))
     config, params = lora.add_adapters(config, params, rng, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                                        dropout=cfg.lora.dropout, targets=cfg.lora.targets)

@@ -11,7 +11,6 @@ both restricted to the same thread count) and reports tokens/s and the ratio.
 
 import argparse
 import os
-import tempfile
 import time
 
 SIZES = {
@@ -34,28 +33,22 @@ def _time(fn, repeats):
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=50, help="timed batches per framework (the best one counts)")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   args = ap.parse_args()
 
   import jax
   import numpy as np
   import torch
-  import transformers
 
-  from labor_jax import hf, model
+  from labor_jax import model
+  from _reference import random_llama_pair
 
   torch.set_num_threads(args.threads)
   layers, d, f, h, k, v, b, t = SIZES[args.size]
-  cfg = transformers.LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
-                                 num_attention_heads=h, num_key_value_heads=k, max_position_embeddings=t)
-  torch.manual_seed(0)
-  ref = transformers.LlamaForCausalLM(cfg).eval()
+  ref, config, params = random_llama_pair(layers, d, f, h, k, v, t)
+  ref = ref.eval()
   tokens = np.random.RandomState(0).randint(0, v, size=(b, t))
-  with tempfile.TemporaryDirectory() as ck:
-    ref.save_pretrained(ck)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(ck).eval()
-    config, params = hf.load(ck)
 
   fwd = jax.jit(lambda p, x: model.forward(config, p, x))
   tok_j = jax.numpy.asarray(tokens, dtype=jax.numpy.int32)

@@ -13,7 +13,6 @@ full fine-tuning versus LoRA (rank 8 on attention projections).
 
 import argparse
 import os
-import tempfile
 import time
 
 SIZES = {
@@ -33,19 +32,13 @@ def main():
   import jax
   import numpy as np
   import torch
-  import transformers
 
-  from labor_jax import hf, lora, sharding, train_core
+  from labor_jax import lora, sharding, train_core
+  from _reference import random_llama_pair
 
   torch.set_num_threads(args.threads)
   layers, d, f, h, k, v, b, t = SIZES[args.size]
-  hf_cfg = transformers.LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
-                                    num_attention_heads=h, num_key_value_heads=k, max_position_embeddings=t)
-  torch.manual_seed(0)
-  ref = transformers.LlamaForCausalLM(hf_cfg)
-  with tempfile.TemporaryDirectory() as ck:
-    ref.save_pretrained(ck)
-    config, params = hf.load(ck)
+  ref, config, params = random_llama_pair(layers, d, f, h, k, v, t)
   rng = np.random.RandomState(0)
   batches = []
   for _ in range(args.steps + 1):

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from data_pipeline import loader, nlsy, tfds_builder
 

@@ -1,7 +1,6 @@
 """The fused occupation scorer equals naive scoring and is an ordinary JAX function."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,9 +1,7 @@
 """Sharded training steps on 8 fake CPU devices match one device; freezing keeps no state."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from labor_jax import sharding, train_core
