@@ -47,6 +47,7 @@ class LlamaConfig:
   dtype: str = "float32"  # compute dtype of matmuls (norms and softmax run in float32)
   remat: bool = False  # rematerialise each decoder block in the backward pass
   scan_layers: bool = False  # run the blocks with nn.scan over stacked weights ("layers/..." params)
+  attention_query_block: int = 64  # causal attention skips masked key blocks using query blocks of at least this length (0: off)
   lora_rank: int = 0  # LoRA rank r; 0 disables adapters (see labor_jax.lora)
   lora_alpha: float = 16.0  # LoRA scale numerator: the branch is multiplied by alpha / r
   lora_dropout: float = 0.0  # dropout probability on the LoRA branch input (training only)

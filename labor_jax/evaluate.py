@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from labor_jax import baselines as bl
+from labor_jax import runtime
 
 
 def run_dataset_dir(run_dir: Path) -> Path:
@@ -240,6 +241,7 @@ def report_markdown(metrics: dict, summary: dict) -> str:
 
 
 def main(argv=None) -> int:
+  runtime.tune_malloc()  # before JAX starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--split", default="test", choices=("train", "validation", "test"))

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from labor_jax import runtime
+
 STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
 STAGE1_YEARS = 8  # years per synthetic career
 COMMON = ["progress=false", "data.loss_on=history", "log_every=50"]
@@ -46,6 +48,7 @@ def _train(run_dir: Path, data_dir: Path, overrides: list[str]) -> None:
 
 
 def main(argv=None) -> int:
+  runtime.tune_malloc()  # before JAX starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default="runs/main", help="directory for every stage's run")
   args = ap.parse_args(argv)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from labor_jax import runtime
+
 
 def load_history(path: str | Path, titles, dataset: str) -> tuple[pd.DataFrame, int, str | None]:
   """(panel rows, next year, next education) from a JSON or CSV history file; ``dataset`` names
@@ -91,6 +93,7 @@ def predict(run_dir: str | Path, history: str | Path, top_k: int = 5) -> list[tu
 
 
 def main(argv=None) -> int:
+  runtime.tune_malloc()  # before JAX starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--history", required=True, help="worker history: JSON or panel-format CSV")

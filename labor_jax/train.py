@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from labor_jax import train_config
+from labor_jax import runtime, train_config
 from labor_jax.train_config import ConfigError, TrainConfig
 
 EXIT_CONFIG, EXIT_NAN = 2, 3
@@ -249,6 +249,7 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def main(argv=None) -> int:
+  runtime.tune_malloc()  # before JAX starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", required=True, help="YAML run config (see configs/)")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

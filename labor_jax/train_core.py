@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from labor_jax import model
+from labor_jax import losses, model
 from labor_jax import sharding as shard_lib
 from labor_jax.config import LlamaConfig
 
 TRAIN, FROZEN = "train", "frozen"
+DEFAULT_LOSS_CHUNK = None  # positions per chunk of the fused head + loss; None: by logits size
 
 
 @flax.struct.dataclass
@@ -62,13 +63,35 @@ def make_optimizer(labels: Any, *, lr: float | optax.Schedule, weight_decay: flo
 
 
 def loss_sums(config: LlamaConfig, params: Any, batch: dict[str, jax.Array],
-              dropout_rng: jax.Array | None = None, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
-  """(sum of next-token cross-entropy over ``loss_mask``, number of loss tokens)."""
-  logits_BTV = model.forward(config, params, batch["inputs"], segment_ids_BT=batch["segment_ids"],
-                             positions_BT=batch["positions"], dropout_rng=dropout_rng, mesh=mesh)
-  xent_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+              dropout_rng: jax.Array | None = None, mesh: Mesh | None = None, *,
+              loss_chunk: int | None = DEFAULT_LOSS_CHUNK, head_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+  """(sum of next-token cross-entropy over ``loss_mask``, number of loss tokens).
+
+  The head and the loss run fused (:func:`labor_jax.losses.linear_cross_entropy`,
+  ``loss_chunk`` positions at a time), so the [B, T, V] logits are never materialised;
+  ``head_grad=False`` skips the head's weight gradient (a frozen head). A head with LoRA
+  adapters goes through the plain logits path instead.
+  """
   mask_BT = batch["loss_mask"].astype(jnp.float32)
-  return (xent_BT * mask_BT).sum(), mask_BT.sum()
+  kwargs = dict(segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"], dropout_rng=dropout_rng,
+                mesh=mesh)
+  w_DV = model.head_weight(config, params)
+  if w_DV is None:
+    logits_BTV = model.forward(config, params, batch["inputs"], **kwargs)
+    xent_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    return (xent_BT * mask_BT).sum(), mask_BT.sum()
+  x_BTD = model.forward(config, params, batch["inputs"], return_hidden=True, **kwargs)
+  total = losses.linear_cross_entropy(x_BTD, w_DV, batch["targets"], mask_BT, loss_chunk, head_grad,
+                                      config.jnp_dtype)
+  return total, mask_BT.sum()
+
+
+def head_trainable(config: LlamaConfig, labels: Any) -> bool:
+  """Whether the output projection trains under ``labels`` (None: everything trains)."""
+  if labels is None:
+    return True
+  leaf = labels["embed_tokens"]["embedding"] if config.tie_word_embeddings else labels["lm_head"]["kernel"]
+  return leaf == TRAIN
 
 
 def state_shardings(config: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -113,7 +136,7 @@ def batch_sharding(mesh: Mesh, rules: shard_lib.Rules = shard_lib.DEFAULT_RULES)
 
 def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, shardings: TrainState,
                     batch_sh: NamedSharding, *, labels: Any = None, grad_accum: int = 1,
-                    schedule: optax.Schedule | None = None
+                    schedule: optax.Schedule | None = None, loss_chunk: int | None = DEFAULT_LOSS_CHUNK
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is donated.
 
@@ -123,6 +146,7 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
   optimizer update; the loss is the token-weighted mean over the whole batch either way.
   """
   replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
+  head_grad = head_trainable(config, labels)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -131,7 +155,8 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
     def sums(params, mb, i):
       if labels is not None:
         params = jax.tree.map(lambda p, l: p if l == TRAIN else jax.lax.stop_gradient(p), params, labels)
-      return loss_sums(config, params, mb, jax.random.fold_in(rng, i), mesh=batch_sh.mesh)
+      return loss_sums(config, params, mb, jax.random.fold_in(rng, i), mesh=batch_sh.mesh, loss_chunk=loss_chunk,
+                       head_grad=head_grad)
 
     def body(carry, xs):
       g_acc, loss_acc, tok_acc = carry
@@ -139,8 +164,11 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
       (loss_sum, tokens), g = jax.value_and_grad(lambda p: sums(p, mb, i), has_aux=True)(state.params)
       return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_sum, tok_acc + tokens), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (g_sum, loss_sum, tokens), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
+    if grad_accum == 1:  # no loop: a one-trip while would hide the step from XLA's scheduler
+      (loss_sum, tokens), g_sum = jax.value_and_grad(lambda p: sums(p, batch, 0), has_aux=True)(state.params)
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (g_sum, loss_sum, tokens), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, g_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -154,10 +182,12 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
                  donate_argnames=("state",))
 
 
-def make_eval_step(config: LlamaConfig, shardings: TrainState, batch_sh: NamedSharding):
+def make_eval_step(config: LlamaConfig, shardings: TrainState, batch_sh: NamedSharding,
+                   loss_chunk: int | None = DEFAULT_LOSS_CHUNK):
   """``eval_step(params, batch) -> (loss sum, tokens)``, jitted."""
   replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-  return jax.jit(lambda p, b: loss_sums(config, p, b, mesh=batch_sh.mesh), in_shardings=(shardings.params, batch_sh),
+  return jax.jit(lambda p, b: loss_sums(config, p, b, mesh=batch_sh.mesh, loss_chunk=loss_chunk),
+                 in_shardings=(shardings.params, batch_sh),
                  out_shardings=(replicated, replicated))
 
 

@@ -3,7 +3,7 @@
 Both train the same architecture from the same initial weights (PyTorch's random init,
 loaded into labor_jax through the HF importer) on the same token batches, fp32, with
 AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.01) and global-norm clipping at 1.0.
-Reports tokens/s (best of --repeats timed steps after warm-up) and the ratio, the loss
+Reports tokens/s (best of --steps timed steps after warm-up) and the ratio, the loss
 of both after the same steps, and for the 20M config the optimizer-state bytes of
 full fine-tuning versus LoRA (rank 8 on attention projections).
 
@@ -27,8 +27,14 @@ def main():
   ap.add_argument("--size", choices=sorted(SIZES), default="demo")
   ap.add_argument("--steps", type=int, default=6, help="timed steps per framework")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
+  ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
+                  help="labor_jax.runtime.tune_malloc, as the train CLI applies it (process-wide: "
+                       "PyTorch runs under the same allocator settings)")
   args = ap.parse_args()
 
+  from labor_jax import runtime
+  if args.malloc_tuning == "on":
+    runtime.tune_malloc()  # before JAX and PyTorch start their thread pools
   import jax
   import numpy as np
   import torch
@@ -85,7 +91,8 @@ def main():
   n = b * t
   tj, tt = min(jax_times), min(torch_times)
   print(f"size={args.size} params={config.num_params() / 1e6:.1f}M batch={b} seq={t} fp32 AdamW "
-        f"threads={args.threads} jax={jax.__version__} torch={torch.__version__}")
+        f"threads={args.threads} jax={jax.__version__} torch={torch.__version__} "
+        f"malloc_tuning={'on' if runtime.tune_malloc() and args.malloc_tuning == 'on' else 'off'}")
   print(f"loss after {args.steps + 1} steps: labor_jax {jax_losses[-1]:.4f}, PyTorch {torch_losses[-1]:.4f}")
   print(f"labor_jax   {n / tj:10.0f} tokens/s ({tj * 1e3:.0f} ms/step, best of {args.steps})")
   print(f"PyTorch     {n / tt:10.0f} tokens/s ({tt * 1e3:.0f} ms/step, best of {args.steps})")

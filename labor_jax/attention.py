@@ -1,0 +1,149 @@
+"""Masked multi-head (grouped-query) attention with a FlashAttention-style backward pass.
+
+``attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)`` is
+``softmax(where(mask, q k^T / sqrt(E), -1e30)) v`` per head, with H = K * G query heads
+sharing each key/value head (GQA). It is plain XLA, so it runs and shards like the rest
+of the model, but its gradient is written by hand the way FlashAttention's is:
+
+* the forward pass keeps only the output and the row log-sum-exp ([B, K, G, T]), not
+  the [B, K, G, T, S] probabilities; the backward pass recomputes them with one matmul;
+* the softmax backward uses ``rowsum(dout * out)`` ([T, E] work) in place of
+  ``rowsum(p * dp)`` ([T, S] work);
+* heads are laid out head-major ([B, K, G, T, E]) once, so every matmul is a plain
+  batched matmul without per-op transposes.
+
+``causal_blocks > 1`` (only valid when the mask is causal, i.e. no prefix cache: S == T
+and key s > query t is always masked) cuts the queries into that many blocks and lets
+block i see only keys of blocks <= i, skipping the masked upper triangle: with 4 blocks
+the score matmuls and softmax do 10/16 of the full work.
+
+On XLA:CPU, at the demo size, this takes the training step's attention from about 22 ms
+to about 10 ms (2 layers, 8 x 224 tokens); see scripts/bench_train.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e30  # additive mask value: finite, so that fully masked (padding) rows stay finite
+
+
+def _heads_major(q_BTHE, k_BSKE, v_BSKE):
+  b, t, h, e = q_BTHE.shape
+  k = k_BSKE.shape[2]
+  q_BKGTE = jnp.transpose(q_BTHE.reshape(b, t, k, h // k, e), (0, 2, 3, 1, 4)) * jnp.asarray(e ** -0.5, q_BTHE.dtype)
+  return q_BKGTE, jnp.transpose(k_BSKE, (0, 2, 1, 3)), jnp.transpose(v_BSKE, (0, 2, 1, 3))
+
+
+def _tokens_major(x_BKGTE):
+  b, k, g, t, e = x_BKGTE.shape
+  return jnp.transpose(x_BKGTE, (0, 3, 1, 2, 4)).reshape(b, t, k * g, e)
+
+
+MAX_CAUSAL_BLOCKS = 8
+
+
+def causal_block_count(length: int, min_block: int) -> int:
+  """Query blocks for a causal sequence of ``length``: the most (up to MAX_CAUSAL_BLOCKS) that
+  divide it into blocks of at least ``min_block`` positions; 1 when ``min_block`` is 0."""
+  if min_block <= 0:
+    return 1
+  return max(n for n in range(1, MAX_CAUSAL_BLOCKS + 1) if length % n == 0 and (n == 1 or length // n >= min_block))
+
+
+def _blocks(t: int, s: int, n: int):
+  """(query start, query end, key end) per block; one full block when n <= 1."""
+  if n <= 1:
+    return [(0, t, s)]
+  if s != t or t % n:
+    raise ValueError(f"causal_blocks={n} needs an unprefixed sequence whose length ({t}) it divides")
+  size = t // n
+  return [(i * size, (i + 1) * size, (i + 1) * size) for i in range(n)]
+
+
+def _scores(q_BKGTE, k_BKSE, mask_BTS):
+  s_BKGTS = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=jnp.float32)
+  return jnp.where(mask_BTS[:, None, None], s_BKGTS, NEG)
+
+
+def _forward(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal_blocks):
+  q, k, v = _heads_major(q_BTHE, k_BSKE, v_BSKE)
+  outs, lses = [], []
+  for t0, t1, s1 in _blocks(q.shape[3], k.shape[2], causal_blocks):
+    s_BKGTS = _scores(q[:, :, :, t0:t1], k[:, :, :s1], mask_BTS[:, t0:t1, :s1])
+    m_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+    p_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
+    l_BKGT1 = jnp.sum(p_BKGTS, axis=-1, keepdims=True)
+    o = jnp.einsum("bkgts,bkse->bkgte", p_BKGTS.astype(v.dtype), v[:, :, :s1], preferred_element_type=jnp.float32)
+    outs.append((o / l_BKGT1).astype(v.dtype))
+    lses.append(m_BKGT1 + jnp.log(l_BKGT1))
+  o_BKGTE = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  lse_BKGT1 = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=3)
+  return o_BKGTE, lse_BKGT1, (q, k, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attention(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask_BTS: jax.Array,
+              causal_blocks: int = 1) -> jax.Array:
+  """Attention output [B, T, H, E] (the dtype of ``v``).
+
+  Args:
+    q_BTHE: queries (after RoPE). H must be a multiple of K.
+    k_BSKE, v_BSKE: keys (after RoPE) and values.
+    mask_BTS: bool, True where query t may attend to key s. A row with no True entry
+      averages all values (finite, never NaN); its output is meant to be ignored.
+    causal_blocks: see the module docstring (1: no block skipping).
+  """
+  o_BKGTE, _, _ = _forward(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal_blocks)
+  return _tokens_major(o_BKGTE)
+
+
+def _fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal_blocks):
+  o_BKGTE, lse_BKGT1, (q, k, v) = _forward(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal_blocks)
+  return _tokens_major(o_BKGTE), (q, k, v, mask_BTS, o_BKGTE, lse_BKGT1)
+
+
+def _bwd(causal_blocks, res, do_BTHE):
+  q, k, v, mask_BTS, o_BKGTE, lse_BKGT1 = res
+  b, kh, g, t, e = q.shape
+  do_BKGTE = jnp.transpose(do_BTHE.reshape(b, t, kh, g, e), (0, 2, 3, 1, 4))
+  # rowsum(dout * out) = rowsum(p * dp): the softmax backward's correction term, per query.
+  d_BKGT1 = jnp.sum(do_BKGTE.astype(jnp.float32) * o_BKGTE.astype(jnp.float32), axis=-1, keepdims=True)
+  dqs = []
+  dk_BKSE = jnp.zeros(k.shape, jnp.float32)
+  dv_BKSE = jnp.zeros(v.shape, jnp.float32)
+  for t0, t1, s1 in _blocks(t, k.shape[2], causal_blocks):
+    s_BKGTS = _scores(q[:, :, :, t0:t1], k[:, :, :s1], mask_BTS[:, t0:t1, :s1])
+    p_BKGTS = jnp.exp(s_BKGTS - lse_BKGT1[:, :, :, t0:t1])
+    do = do_BKGTE[:, :, :, t0:t1]
+    dv = jnp.einsum("bkgts,bkgte->bkse", p_BKGTS.astype(v.dtype), do, preferred_element_type=jnp.float32)
+    dp_BKGTS = jnp.einsum("bkgte,bkse->bkgts", do, v[:, :, :s1], preferred_element_type=jnp.float32)
+    ds_BKGTS = (p_BKGTS * (dp_BKGTS - d_BKGT1[:, :, :, t0:t1])).astype(q.dtype)
+    dqs.append(jnp.einsum("bkgts,bkse->bkgte", ds_BKGTS, k[:, :, :s1], preferred_element_type=jnp.float32))
+    dk = jnp.einsum("bkgts,bkgte->bkse", ds_BKGTS, q[:, :, :, t0:t1], preferred_element_type=jnp.float32)
+    if s1 == k.shape[2]:
+      dk_BKSE, dv_BKSE = dk_BKSE + dk, dv_BKSE + dv
+    else:
+      dk_BKSE = dk_BKSE.at[:, :, :s1].add(dk)
+      dv_BKSE = dv_BKSE.at[:, :, :s1].add(dv)
+  dq_BKGTE = (dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)) * (e ** -0.5)
+  dq_BTHE = _tokens_major(dq_BKGTE).astype(do_BTHE.dtype)
+  dk_BSKE = jnp.transpose(dk_BKSE, (0, 2, 1, 3)).astype(k.dtype)
+  dv_BSKE = jnp.transpose(dv_BKSE, (0, 2, 1, 3)).astype(v.dtype)
+  return dq_BTHE, dk_BSKE, dv_BSKE, None
+
+
+attention.defvjp(_fwd, _bwd)
+
+
+def reference_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  """The same function written plainly (autodiff through softmax), for tests."""
+  b, t, h, e = q_BTHE.shape
+  k = k_BSKE.shape[2]
+  q_BTKGE = q_BTHE.reshape(b, t, k, h // k, e)
+  s_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32) * (e ** -0.5)
+  p_BKGTS = jax.nn.softmax(jnp.where(mask_BTS[:, None, None], s_BKGTS, NEG), axis=-1).astype(v_BSKE.dtype)
+  return jnp.einsum("bkgts,bske->btkge", p_BKGTS, v_BSKE).reshape(b, t, h, e)

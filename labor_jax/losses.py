@@ -1,0 +1,147 @@
+"""Next-token cross-entropy fused with the output projection (the LM head).
+
+``linear_cross_entropy(x_BTD, w_DV, targets_BT, mask_BT)`` is
+``sum(mask * softmax_cross_entropy(x @ w, targets))`` without ever holding the
+[B, T, V] logits of the whole batch, and with a hand-written backward pass:
+
+* The sequence is cut into chunks of ``chunk`` positions (``lax.scan``). For each chunk
+  the forward pass computes the logits, their log-sum-exp, the loss, and at once the
+  gradient ``g = softmax - one_hot`` and its two products ``dx = g @ w.T`` and
+  ``dw += x.T @ g``. Only ``dx`` ([B, T, D]) and ``dw`` ([D, V]) are kept for the
+  backward pass, so memory no longer grows with B x T x V (Llama-3's V = 128,256 makes
+  the logits of a 8 x 2048 batch 8.4 GB in float32).
+* Autodiff of ``optax.softmax_cross_entropy_with_integer_labels`` reaches the target
+  logit through ``take_along_axis``, whose transpose is a scatter into the full logits,
+  followed by a transposed copy of them before the weight-gradient matmul. On XLA:CPU that
+  path took 775 ms of a 20M-parameter training step's head (8 x 256 tokens, V = 32,000);
+  this one takes about 400 ms, and it is the same arithmetic (tests compare both).
+
+``weight_grad=False`` (a frozen head, as in LoRA) skips the ``dw`` matmul entirely.
+Matmuls run in ``dtype`` (the model's compute dtype) with float32 accumulation; the
+softmax and the loss are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+CHUNK_ELEMENTS = 2 ** 25  # logits per chunk when ``chunk`` is None: 128 MiB in float32
+
+
+def _chunk_size(batch: int, length: int, vocab: int, chunk: int | None) -> int:
+  """The largest divisor of ``length`` that is at most ``chunk``; by default, at most what
+  keeps a chunk's logits within CHUNK_ELEMENTS."""
+  if chunk is None:
+    chunk = max(1, CHUNK_ELEMENTS // (batch * vocab))
+  if chunk >= length:
+    return length
+  return max(c for c in range(1, chunk + 1) if length % c == 0)
+
+
+def _chunks(a, c):
+  """[B, T, ...] -> [T / c, B, c, ...] (the scan axis first)."""
+  b, t = a.shape[:2]
+  return jnp.moveaxis(a.reshape(b, t // c, c, *a.shape[2:]), 1, 0)
+
+
+def _unchunk(a):
+  n, b, c = a.shape[:3]
+  return jnp.moveaxis(a, 0, 1).reshape(b, n * c, *a.shape[3:])
+
+
+def _chunk_logits(x_BCD, w_DV, dtype):
+  b, c, d = x_BCD.shape  # 2-D matmuls: XLA:CPU runs them faster than with [B, C] leading axes
+  return jnp.dot(x_BCD.reshape(b * c, d).astype(dtype), w_DV.astype(dtype),
+                 preferred_element_type=jnp.float32).reshape(b, c, -1)
+
+
+def _chunk_loss(logits_BCV, targets_BC, mask_BC):
+  """(masked loss sum, log-sum-exp [B, C]) of one chunk's float32 logits."""
+  lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+  target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+  return jnp.sum((lse_BC - target_BC) * mask_BC), lse_BC
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def linear_cross_entropy(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
+                         chunk: int | None = None, weight_grad: bool = True, dtype=None) -> jax.Array:
+  """Sum over positions of ``mask * cross_entropy(x @ w, targets)`` (float32 scalar).
+
+  Args:
+    x_BTD: final hidden states (after the last norm).
+    w_DV: the output projection (``lm_head`` kernel, or the embedding transposed when tied).
+    targets_BT: int next-token ids.
+    mask_BT: loss weights (0/1).
+    chunk: positions per chunk (the largest divisor of T not above it); None: as many as
+      keep a chunk's logits within :data:`CHUNK_ELEMENTS`.
+    weight_grad: compute the gradient of ``w_DV`` (False for a frozen head: its gradient is
+      then reported as zero).
+    dtype: matmul dtype (default: ``x_BTD.dtype``).
+  """
+  del weight_grad
+  total, _, _ = _run(x_BTD, w_DV, targets_BT, mask_BT, chunk, dtype, grad_x=False, grad_w=False)
+  return total
+
+
+def _run(x_BTD, w_DV, targets_BT, mask_BT, chunk, dtype, *, grad_x: bool, grad_w: bool):
+  """(loss sum, dx or None, dw or None), one chunk of positions at a time."""
+  dtype = dtype or x_BTD.dtype
+  c = _chunk_size(x_BTD.shape[0], x_BTD.shape[1], w_DV.shape[1], chunk)
+  w_c = w_DV.astype(dtype)
+
+  def body(dw_DV, xs):
+    x_BCD, y_BC, m_BC = xs
+    logits_BCV = _chunk_logits(x_BCD, w_c, dtype)
+    loss, lse_BC = _chunk_loss(logits_BCV, y_BC, m_BC)
+    if not grad_x:
+      return dw_DV, (loss, None)
+    # d loss / d logits = (softmax - one_hot(target)) * mask, formed without a scatter.
+    hot_BCV = jax.lax.broadcasted_iota(jnp.int32, logits_BCV.shape, 2) == y_BC[..., None]
+    g_BCV = ((jnp.exp(logits_BCV - lse_BC[..., None]) - hot_BCV) * m_BC[..., None]).astype(dtype)
+    b, c, d = x_BCD.shape
+    g_NV = g_BCV.reshape(b * c, -1)
+    dx_BCD = jnp.dot(g_NV, w_c.T, preferred_element_type=jnp.float32).reshape(b, c, d)
+    if grad_w:
+      dw_DV = dw_DV + jnp.dot(x_BCD.reshape(b * c, d).astype(dtype).T, g_NV, preferred_element_type=jnp.float32)
+    return dw_DV, (loss, dx_BCD)
+
+  xs = (_chunks(x_BTD, c), _chunks(targets_BT, c), _chunks(mask_BT.astype(jnp.float32), c))
+  dw0 = jnp.zeros(w_DV.shape, jnp.float32) if grad_w else None
+  if c == x_BTD.shape[1]:  # a single chunk: no loop
+    dw, (loss, dx) = body(dw0, jax.tree.map(lambda a: a[0], xs))
+    losses, dx = loss[None], None if dx is None else dx[None]
+  else:
+    dw, (losses, dx) = jax.lax.scan(body, dw0, xs)
+  dx = None if dx is None else _unchunk(dx)
+  return jnp.sum(losses), dx, dw
+
+
+def _fwd(x_BTD, w_DV, targets_BT, mask_BT, chunk, weight_grad, dtype):
+  total, dx_BTD, dw_DV = _run(x_BTD, w_DV, targets_BT, mask_BT, chunk, dtype, grad_x=True, grad_w=weight_grad)
+  # Residuals are the finished gradients (scaled by the incoming cotangent below), so
+  # nothing of size B x T x V outlives the forward pass. x's dtype rides along as an
+  # empty array.
+  return total, (dx_BTD, dw_DV, jnp.zeros((0,), x_BTD.dtype), jnp.zeros((0,), w_DV.dtype))
+
+
+def _bwd(chunk, weight_grad, dtype, res, ct):
+  dx_BTD, dw_DV, x_proto, w_proto = res
+  dx = (ct * dx_BTD).astype(x_proto.dtype)
+  dw = None if dw_DV is None else (ct * dw_DV).astype(w_proto.dtype)
+  return dx, dw, None, None
+
+
+linear_cross_entropy.defvjp(_fwd, _bwd)
+
+
+def reference_cross_entropy(x_BTD, w_DV, targets_BT, mask_BT, dtype=None):
+  """The same loss through plain logits and optax (for tests and comparisons)."""
+  import optax
+  dtype = dtype or x_BTD.dtype
+  logits_BTV = _chunk_logits(x_BTD, w_DV, dtype)
+  return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+                 * mask_BT.astype(jnp.float32))
