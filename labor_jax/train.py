@@ -79,7 +79,8 @@ def _model(cfg: TrainConfig, tok, mesh, rng):
   from labor_jax import export, hf, lora, model
   from labor_jax.config import LlamaConfig
   m = cfg.model
-  policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+  policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers,
+                attention_query_block=m.attention_query_block)
   if m.hf_path and m.init_from:
     raise ConfigError("model.hf_path and model.init_from are exclusive")
   if m.init_from:
@@ -146,8 +147,8 @@ def run(cfg: TrainConfig) -> dict:
   del params
   batch_sh = train_core.batch_sharding(mesh)
   train_step = train_core.make_train_step(config, optimizer, shardings, batch_sh, labels=labels,
-                                          grad_accum=o.grad_accum, schedule=schedule)
-  eval_step = train_core.make_eval_step(config, shardings, batch_sh)
+                                          grad_accum=o.grad_accum, schedule=schedule, loss_chunk=cfg.model.loss_chunk)
+  eval_step = train_core.make_eval_step(config, shardings, batch_sh, loss_chunk=cfg.model.loss_chunk)
   frac = train_core.trainable_fraction(state.params, labels)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))

@@ -35,6 +35,8 @@ class ModelConfig:
   dtype: str = "float32"  # matmul compute dtype: float32 or bfloat16
   remat: bool = False  # rematerialise decoder blocks in the backward pass (saves activation memory)
   scan_layers: bool = False  # one scanned block over stacked weights (faster compiles, one layer's weights live)
+  attention_query_block: int = 64  # causal attention skips masked key blocks, query blocks >= this long (0: off)
+  loss_chunk: int | None = None  # positions per chunk of the fused head + loss; None: ~2^25 logits per chunk
 
 
 @dataclasses.dataclass
@@ -184,6 +186,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
   for key, v in positive.items():
     if v <= 0:
       raise ConfigError(f"{key}: must be positive, got {v}")
+  if cfg.model.attention_query_block < 0:
+    raise ConfigError(f"model.attention_query_block: must be >= 0, got {cfg.model.attention_query_block}")
+  if cfg.model.loss_chunk is not None and cfg.model.loss_chunk <= 0:
+    raise ConfigError(f"model.loss_chunk: must be positive or null, got {cfg.model.loss_chunk}")
   return cfg
 
 

@@ -1,0 +1,171 @@
+"""The hand-written gradients (fused head + loss, attention) against plain autodiff, and the
+CPU allocator set-up."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from labor_jax import attention, losses, model, sharding, train_core
+from labor_jax.config import llama_tiny
+
+
+def _close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=atol)
+
+
+# ------------------------------------------------------------------ fused head + loss
+def _head_inputs(b=3, t=12, d=16, v=50, seed=0):
+  r = np.random.RandomState(seed)
+  x = jnp.asarray(r.randn(b, t, d), jnp.float32)
+  w = jnp.asarray(r.randn(d, v) * 0.3, jnp.float32)
+  y = jnp.asarray(r.randint(0, v, (b, t)), jnp.int32)
+  m = jnp.asarray(r.rand(b, t) > 0.3, jnp.int32)
+  return x, w, y, m
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4, 5, 12, 100])
+def test_linear_cross_entropy_matches_optax(chunk):
+  x, w, y, m = _head_inputs()
+  ref = jax.value_and_grad(lambda x, w: losses.reference_cross_entropy(x, w, y, m), argnums=(0, 1))(x, w)
+  ours = jax.jit(jax.value_and_grad(lambda x, w: losses.linear_cross_entropy(x, w, y, m, chunk),
+                                    argnums=(0, 1)))(x, w)
+  _close(ours, ref, 1e-5)
+  # the value without differentiation (the eval path) is the same sum
+  np.testing.assert_allclose(losses.linear_cross_entropy(x, w, y, m, chunk), ref[0], rtol=1e-6)
+
+
+def test_linear_cross_entropy_frozen_head_and_cotangent():
+  x, w, y, m = _head_inputs(seed=1)
+  gx_ref, gw_ref = jax.grad(lambda x, w: 2.5 * losses.reference_cross_entropy(x, w, y, m), argnums=(0, 1))(x, w)
+  gx, gw = jax.grad(lambda x, w: 2.5 * losses.linear_cross_entropy(x, w, y, m, 4, False), argnums=(0, 1))(x, w)
+  _close(gx, gx_ref, 1e-5)
+  assert not np.any(np.asarray(gw)), "weight_grad=False reports a zero head gradient"
+  assert np.abs(np.asarray(gw_ref)).max() > 1e-3
+
+
+def test_linear_cross_entropy_bfloat16_is_close():
+  x, w, y, m = _head_inputs(seed=2)
+  ref = losses.reference_cross_entropy(x, w, y, m)
+  ours, gx = jax.value_and_grad(lambda x: losses.linear_cross_entropy(x.astype(jnp.bfloat16), w, y, m, 4,
+                                                                      dtype=jnp.bfloat16))(x)
+  assert gx.dtype == jnp.float32
+  np.testing.assert_allclose(float(ours), float(ref), rtol=2e-2)
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora_head"])
+def test_loss_sums_equals_the_logits_path(variant):
+  config = llama_tiny(vocab_size=96, tie_word_embeddings=variant == "tied")
+  if variant == "lora_head":
+    config = config.replace(lora_rank=4, lora_targets="lm_head")
+  params = model.init_params(config, jax.random.key(0))
+  if variant == "lora_head":
+    params["lm_head"]["lora_b"] = jnp.full_like(params["lm_head"]["lora_b"], 0.01)
+    assert model.head_weight(config, params) is None
+  r = np.random.RandomState(0)
+  tok = r.randint(0, config.vocab_size, (2, 17)).astype(np.int32)
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": (r.rand(2, 16) > 0.2).astype(np.int32),
+           "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))}
+
+  def plain(p):
+    logits = model.forward(config, p, batch["inputs"], segment_ids_BT=batch["segment_ids"],
+                           positions_BT=batch["positions"])
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * batch["loss_mask"])
+
+  ref = jax.value_and_grad(plain)(params)
+  ours = jax.value_and_grad(lambda p: train_core.loss_sums(config, p, batch, loss_chunk=4)[0])(params)
+  _close(ours, ref, 2e-5)
+
+
+# ------------------------------------------------------------------ attention
+def _attn_inputs(b=2, t=16, h=4, k=2, e=8, prefix=0, seed=0):
+  r = np.random.RandomState(seed)
+  q = jnp.asarray(r.randn(b, t, h, e), jnp.float32)
+  kk = jnp.asarray(r.randn(b, prefix + t, k, e), jnp.float32)
+  v = jnp.asarray(r.randn(b, prefix + t, k, e), jnp.float32)
+  # two packed segments in row 0, right padding (segment 0: fully masked query rows) in row 1
+  seg = np.ones((b, t), np.int32)
+  seg[0, t // 2:] = 2
+  seg[1, -3:] = 0
+  mask = model.attention_mask(jnp.asarray(seg > 0), None if not prefix else jnp.ones((b, prefix)),
+                              None if prefix else jnp.asarray(seg))
+  return q, kk, v, mask
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4, 8])
+def test_attention_matches_autodiff_reference(blocks):
+  q, k, v, mask = _attn_inputs()
+  do = jnp.asarray(np.random.RandomState(9).randn(*q.shape), jnp.float32)
+  ref_out = attention.reference_attention(q, k, v, mask)
+  ref = jax.grad(lambda *a: jnp.sum(attention.reference_attention(*a, mask) * do), argnums=(0, 1, 2))(q, k, v)
+  out = jax.jit(lambda *a: attention.attention(*a, mask, blocks))(q, k, v)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(attention.attention(*a, mask, blocks) * do), argnums=(0, 1, 2)))(q, k, v)
+  assert np.all(np.isfinite(np.asarray(out)))
+  _close(out, ref_out, 1e-5)
+  _close(grads, ref, 1e-4)
+
+
+def test_attention_with_prefix_keys_and_bad_blocks():
+  q, k, v, mask = _attn_inputs(prefix=5)
+  assert mask.shape == (2, 16, 21)
+  _close(attention.attention(q, k, v, mask), attention.reference_attention(q, k, v, mask), 1e-5)
+  with pytest.raises(ValueError, match="causal_blocks=2"):
+    attention.attention(q, k, v, mask, 2)  # a prefix makes S != T: block skipping would be wrong
+
+
+def test_causal_block_count():
+  assert attention.causal_block_count(224, 64) == 2
+  assert attention.causal_block_count(256, 64) == 4
+  assert attention.causal_block_count(2048, 64) == 8
+  assert attention.causal_block_count(31, 8) == 1  # a prime length cannot be cut
+  assert attention.causal_block_count(256, 0) == 1
+
+
+def test_sharded_step_with_blocks_and_chunks_matches_one_device():
+  """Block-skipping attention and a chunked head on a (fsdp=4, tensor=2) mesh give the
+  losses of the plain settings on one device."""
+  config = llama_tiny(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2)
+  r = np.random.RandomState(0)
+  tok = r.randint(0, 128, (8, 33)).astype(np.int32)
+  seg = np.ones((8, 32), np.int32)
+  seg[:, 28:] = 0
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": seg.copy(), "segment_ids": seg,
+           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy()}
+
+  def run(cfg, mesh, loss_chunk):
+    labels = train_core.trainable_labels(model.param_shapes(cfg), None)
+    opt = train_core.make_optimizer(labels, lr=3e-3)
+    sh = train_core.state_shardings(cfg, opt, mesh)
+    state = train_core.create_state(cfg, opt, sh, jax.random.key(0))
+    step = train_core.make_train_step(cfg, opt, sh, train_core.batch_sharding(mesh), labels=labels,
+                                      loss_chunk=loss_chunk)
+    out = []
+    for _ in range(3):
+      state, m = step(state, batch)
+      out.append(float(m["loss"]))
+    return out
+
+  one = run(config.replace(attention_query_block=0), sharding.make_mesh(devices=jax.devices()[:1]), None)
+  blocked = config.replace(attention_query_block=8)  # 4 query blocks of 8
+  assert attention.causal_block_count(32, blocked.attention_query_block) == 4
+  many = run(blocked, sharding.make_mesh(fsdp=4, tensor=2), 8)
+  np.testing.assert_allclose(many, one, rtol=1e-5)
+  assert one[-1] < one[0]
+
+
+# ------------------------------------------------------------------ allocator
+@pytest.mark.parametrize("setting, expected", [("1", "True"), ("0", "False")])
+def test_tune_malloc(setting, expected):
+  if not sys.platform.startswith("linux"):
+    pytest.skip("glibc only")
+  env = {**os.environ, "LABOR_JAX_MALLOC_TUNING": setting}
+  code = "from labor_jax import runtime; print(runtime.tune_malloc(), runtime.tune_malloc())"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+  assert out.split() == [expected, expected]
