@@ -56,9 +56,14 @@ def trainable_fraction(params: Any, labels: Any) -> float:
 
 def make_optimizer(labels: Any, *, lr: float | optax.Schedule, weight_decay: float = 0.0,
                    clip_norm: float | None = 1.0, b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
-  """AdamW (with global-norm clipping) on TRAIN parameters; FROZEN ones get zero updates and no state."""
+  """AdamW (with global-norm clipping) on TRAIN parameters; FROZEN ones get zero updates and no state.
+
+  The first moment is kept in float32 whatever the parameter dtype (optax would otherwise
+  store it in the parameter dtype at init and return it promoted to float32 after the
+  first step, which changed the train state's dtypes and recompiled the step once with
+  bfloat16 parameters). The second moment follows the parameter dtype, as in optax."""
   inner = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  inner.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+  inner.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mu_dtype=jnp.float32))
   return optax.multi_transform({TRAIN: optax.chain(*inner), FROZEN: optax.set_to_zero()}, labels)
 
 
@@ -170,7 +175,9 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (g_sum, loss_sum, tokens), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, g_sum)
+    # Gradients stay in their parameter's dtype (a bf16 model's would otherwise be promoted to a
+    # float32 copy of the whole model by the division).
+    grads = jax.tree.map(lambda g: g * (1.0 / denom).astype(g.dtype), g_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}

@@ -169,3 +169,22 @@ def test_tune_malloc(setting, expected):
   code = "from labor_jax import runtime; print(runtime.tune_malloc(), runtime.tune_malloc())"
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
   assert out.split() == [expected, expected]
+
+
+def test_bfloat16_state_keeps_its_dtypes_across_steps():
+  """The step's output state has the input state's dtypes, so it never recompiles (a bf16
+  model once came out of step 1 with a float32 AdamW first moment)."""
+  config = llama_tiny(param_dtype="bfloat16", dtype="bfloat16")
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  labels = train_core.trainable_labels(model.param_shapes(config), None)
+  opt = train_core.make_optimizer(labels, lr=1e-3, weight_decay=0.01)
+  sh = train_core.state_shardings(config, opt, mesh)
+  state = train_core.create_state(config, opt, sh, jax.random.key(0))
+  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=labels)
+  tok = np.random.RandomState(0).randint(0, config.vocab_size, (2, 17)).astype(np.int32)
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((2, 16), np.int32),
+           "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))}
+  before = [x.dtype for x in jax.tree.leaves(state)]
+  state, _ = step(state, batch)
+  assert [x.dtype for x in jax.tree.leaves(state)] == before
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
