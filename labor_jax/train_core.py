@@ -167,17 +167,17 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
       g_acc, loss_acc, tok_acc = carry
       mb, i = xs
       (loss_sum, tokens), g = jax.value_and_grad(lambda p: sums(p, mb, i), has_aux=True)(state.params)
-      return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_sum, tok_acc + tokens), None
+      return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), loss_acc + loss_sum, tok_acc + tokens), None
 
-    if grad_accum == 1:  # no loop: a one-trip while would hide the step from XLA's scheduler
+    if grad_accum == 1:  # a single micro-batch: no loop
       (loss_sum, tokens), g_sum = jax.value_and_grad(lambda p: sums(p, batch, 0), has_aux=True)(state.params)
-    else:
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+    else:  # micro-batch gradients are summed in float32, whatever the parameter dtype
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       (g_sum, loss_sum, tokens), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(grad_accum)))
     denom = jnp.maximum(tokens, 1.0)
-    # Gradients stay in their parameter's dtype (a bf16 model's would otherwise be promoted to a
+    # Gradients end in their parameter's dtype (a bf16 model's would otherwise be promoted to a
     # float32 copy of the whole model by the division).
-    grads = jax.tree.map(lambda g: g * (1.0 / denom).astype(g.dtype), g_sum)
+    grads = jax.tree.map(lambda g, p: (g * (1.0 / denom)).astype(p.dtype), g_sum, state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}

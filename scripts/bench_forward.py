@@ -35,8 +35,12 @@ def main():
   ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
   ap.add_argument("--repeats", type=int, default=50, help="timed batches per framework (the best one counts)")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
+  ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
+                  help="labor_jax.runtime.tune_malloc, as the CLIs apply it (process-wide: both frameworks)")
   args = ap.parse_args()
 
+  from labor_jax import runtime
+  tuned = args.malloc_tuning == "on" and runtime.tune_malloc()  # before either framework starts threads
   import jax
   import numpy as np
   import torch
@@ -66,7 +70,8 @@ def main():
   tt = _time(run_torch, args.repeats)
   n = b * t
   print(f"size={args.size} params={config.num_params() / 1e6:.1f}M batch={b} seq={t} fp32 "
-        f"threads={args.threads} jax={jax.__version__} torch={torch.__version__} device={jax.devices()[0].device_kind}")
+        f"threads={args.threads} jax={jax.__version__} torch={torch.__version__} device={jax.devices()[0].device_kind} "
+        f"malloc_tuning={'on' if tuned else 'off'}")
   print(f"max |logit diff| = {diff:.2e}")
   print(f"labor_jax   {n / tj:12.0f} tokens/s  ({tj * 1e3:.1f} ms/batch, best of {args.repeats})")
   print(f"transformers{n / tt:12.0f} tokens/s  ({tt * 1e3:.1f} ms/batch, best of {args.repeats})")

@@ -26,8 +26,13 @@ def main():
   ap.add_argument("--steps", type=int, default=8)
   ap.add_argument("--titles", type=int, default=330)
   ap.add_argument("--chunk", type=int, default=4, help="workers per tree pass in the fused scorer")
+  ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
+                  help="labor_jax.runtime.tune_malloc, as the CLIs apply it (process-wide: every method)")
   args = ap.parse_args()
 
+  from labor_jax import runtime
+  if args.malloc_tuning == "on":
+    runtime.tune_malloc()  # before either framework starts threads
   import jax
   import numpy as np
   import torch
