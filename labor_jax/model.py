@@ -233,13 +233,22 @@ class Llama(nn.Module):
     return logits_BTV.astype(jnp.float32), tuple(kvs)
 
 
-def head_weight(config: LlamaConfig, params: Params) -> jax.Array | None:
-  """The output projection [D, V] (``lm_head`` kernel, or the embedding transposed when tied),
-  or None when the head carries LoRA adapters (then only the logits path applies them)."""
+def head_weight(config: LlamaConfig, params: Params, merge_lora: bool = False) -> jax.Array | None:
+  """The output projection [D, V] (``lm_head`` kernel, or the embedding transposed when tied).
+
+  A head with LoRA adapters gives None (training: only the logits path applies their
+  dropout), or with ``merge_lora`` the merged ``kernel + alpha / r * lora_a @ lora_b``
+  (inference, where the two are the same function)."""
   if config.tie_word_embeddings:
     return params["embed_tokens"]["embedding"].T
   head = params["lm_head"]
-  return None if set(head) != {"kernel"} else head["kernel"]
+  if set(head) == {"kernel"}:
+    return head["kernel"]
+  if not merge_lora:
+    return None
+  scale = config.lora_alpha / config.lora_rank
+  return head["kernel"] + (scale * head["lora_a"].astype(jnp.float32) @ head["lora_b"].astype(jnp.float32)
+                           ).astype(head["kernel"].dtype)
 
 
 def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None,
@@ -326,8 +335,10 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
 
 
 def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, tree_depth_L: jax.Array,
-                 tree_ancestors_LA: jax.Array, prefix: Sequence[KV], prefix_len_BG: jax.Array) -> jax.Array:
-  """Logits [B, G, L, V] of one token tree continued from G prefixes of each row's cache.
+                 tree_ancestors_LA: jax.Array, prefix: Sequence[KV], prefix_len_BG: jax.Array,
+                 return_hidden: bool = False) -> jax.Array:
+  """Logits [B, G, L, V] of one token tree continued from G prefixes of each row's cache
+  (with ``return_hidden``, the final normed hidden states [B, G, L, D] instead).
 
   ``tree_tokens_L`` are the tree's nodes (shared by every row and group), ``tree_depth_L``
   their depth (0 for roots), ``tree_ancestors_LA[l, a]`` the node at depth a on node l's
@@ -345,8 +356,9 @@ def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, 
   ok_LA = jnp.arange(anc_LA.shape[1])[None, :] <= depth_L[:, None]
   tree = Tree(jnp.where(ok_LA, anc_LA, 0), ok_LA, prefix_len_BG)
   dummy_mask = jnp.ones((1, 1, 1), bool)  # unused in tree mode
-  logits_BTV, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, tuple(prefix), tree)
-  return logits_BTV.reshape(b, g, l, -1)
+  out_BTX, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, tuple(prefix), tree,
+                                   not return_hidden)
+  return out_BTX.reshape(b, g, l, -1)
 
 
 def _init_boxed(config: LlamaConfig, rng: jax.Array):

@@ -39,6 +39,9 @@ class CandidateTree:
   target_JK: np.ndarray  # int32 [J, K]: that token
   valid_JK: np.ndarray  # bool [J, K]: k + 1 < len(candidate)
   lengths_J: np.ndarray  # int32 [J]: tokens per candidate
+  edge_node_E: np.ndarray  # int32 [E]: the distinct (node, next token) pairs of (path_JK, target_JK) ...
+  edge_token_E: np.ndarray  # int32 [E]: ... their next token
+  edge_JK: np.ndarray  # int32 [J, K]: the edge of (path_JK, target_JK)
 
   @classmethod
   def build(cls, candidates: Sequence[Sequence[int]]) -> "CandidateTree":
@@ -73,8 +76,14 @@ class CandidateTree:
       if p >= 0:
         anc[i] = anc[p]
       anc[i, depth[i]] = i
+    edges = {}
+    edge = np.zeros_like(path)
+    for j, kk in zip(*np.nonzero(valid)):
+      edge[j, kk] = edges.setdefault((int(path[j, kk]), int(target[j, kk])), len(edges))
+    pairs = np.asarray(list(edges) or [(0, 0)], np.int32).reshape(-1, 2)
     return cls(np.asarray([c[0] for c in candidates], np.int32), np.asarray(tokens, np.int32), depth, anc,
-               path, target, valid, np.asarray([len(c) for c in candidates], np.int32))
+               path, target, valid, np.asarray([len(c) for c in candidates], np.int32),
+               pairs[:, 0].copy(), pairs[:, 1].copy(), edge)
 
   @classmethod
   def for_titles(cls, tokenizer, titles, variant: str = "titles") -> "CandidateTree":
@@ -87,6 +96,24 @@ class CandidateTree:
     return len(self.first_J)
 
 
+LOGITS_PER_CHUNK = 2 ** 24  # bounds the logits held at once by the log-normaliser (64 MiB in float32)
+
+
+def _logits(x_ND, w_DV):
+  return jnp.dot(x_ND, w_DV.astype(x_ND.dtype), preferred_element_type=jnp.float32)
+
+
+def _log_normalizer(x_RD, w_DV):
+  """logsumexp over the vocabulary of ``x @ w``, [R], holding at most LOGITS_PER_CHUNK logits at a time."""
+  r, d = x_RD.shape
+  rows = max(1, min(r, LOGITS_PER_CHUNK // w_DV.shape[1]))
+  if rows >= r:
+    return jax.nn.logsumexp(_logits(x_RD, w_DV), axis=-1)
+  n = -(-r // rows)
+  x_CRD = jnp.pad(x_RD, ((0, n * rows - r), (0, 0))).reshape(n, rows, d)
+  return jax.lax.map(lambda x: jax.nn.logsumexp(_logits(x, w_DV), axis=-1), x_CRD).reshape(-1)[:r]
+
+
 def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.Array, mask_BN: jax.Array,
           prefix_ends_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None) -> jax.Array:
   """log P(candidate j | the first ``prefix_ends_BT[b, t]`` tokens of resume b): [B, T, J] float32.
@@ -97,21 +124,34 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
       ``title_spans[:, 0]`` of data_pipeline.tokenizer.TokenizedResume); pad unused steps
       with any value in [1, N] and ignore their scores.
     normalize: log-probabilities renormalised over the J candidates (``log_softmax`` over j).
-    chunk: workers per tree pass (bounds memory: the tree pass holds [chunk, T, L, V] logits).
+    chunk: workers per tree pass (bounds memory: a tree pass holds [chunk, T, L, D] hidden
+      states and the keys/values of its L nodes).
+
+  Full [.., V] logits are only formed at the T title positions of each resume and, for the
+  log-normaliser of each tree node, LOGITS_PER_CHUNK at a time; the candidates' own tokens
+  are scored as E distinct (node, token) dot products. Measured on a 20M-parameter model
+  (V = 32,000; 8 workers x 8 steps x 330 random titles, 848 tree nodes, chunk 2): XLA's
+  temporary memory 0.38 GiB against 1.83 GiB when every node's logits were formed, and
+  4.71 against 5.43 s on 2 CPU cores. At the benchmark's tiny vocabulary it is about 9% slower.
   """
   tokens_BN = jnp.asarray(tokens_BN)
   b, n = tokens_BN.shape
-  logits_BNV, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True)
-  logz_BN = jax.nn.logsumexp(logits_BNV, axis=-1)
+  w_DV = model.head_weight(config, params, merge_lora=True)
+  x_BND, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True)
   last_BT = jnp.clip(prefix_ends_BT - 1, 0, n - 1)
-  rows_B1 = jnp.arange(b)[:, None]
-  first_BTJ = logits_BNV[rows_B1, last_BT][:, :, tree.first_J] - logz_BN[rows_B1, last_BT][:, :, None]
+  logits_BTV = _logits(x_BND[jnp.arange(b)[:, None], last_BT], w_DV)
+  first_BTJ = logits_BTV[:, :, tree.first_J] - jax.nn.logsumexp(logits_BTV, axis=-1)[:, :, None]
+  w_edges_DE = w_DV[:, tree.edge_token_E]
 
   def rest(args):
     kv_c, ends_c = args
-    logits_CTLV = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c)
-    logz_CTL = jax.nn.logsumexp(logits_CTLV, axis=-1)
-    picked_CTJK = logits_CTLV[:, :, tree.path_JK, tree.target_JK] - logz_CTL[:, :, tree.path_JK]
+    x_CTLD = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c,
+                                return_hidden=True)
+    c, t, l, d = x_CTLD.shape
+    logz_CTL = _log_normalizer(x_CTLD.reshape(c * t * l, d), w_DV).reshape(c, t, l)
+    edge_CTE = jnp.einsum("cted,de->cte", x_CTLD[:, :, tree.edge_node_E], w_edges_DE.astype(x_CTLD.dtype),
+                          preferred_element_type=jnp.float32)
+    picked_CTJK = edge_CTE[:, :, tree.edge_JK] - logz_CTL[:, :, tree.path_JK]
     return jnp.sum(jnp.where(tree.valid_JK, picked_CTJK, 0.0), axis=-1)
 
   c = b if chunk is None else max(1, min(chunk, b))

@@ -26,6 +26,7 @@ def main():
   ap.add_argument("--steps", type=int, default=8)
   ap.add_argument("--titles", type=int, default=330)
   ap.add_argument("--chunk", type=int, default=4, help="workers per tree pass in the fused scorer")
+  ap.add_argument("--fused-only", action="store_true", help="time the fused scorer only (quick A/B runs)")
   ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
                   help="labor_jax.runtime.tune_malloc, as the CLIs apply it (process-wide: every method)")
   args = ap.parse_args()
@@ -78,6 +79,9 @@ def main():
     fused = np.asarray(fused_fn(params))
     times.append(time.perf_counter() - t0)
   t_fused = min(times)
+  if args.fused_only:
+    print(f"fused scorer {t_fused:.3f} s (best of 3; first call incl. compile {compile_s:.1f} s)")
+    return
 
   width = max(len(p) for p in prompts) + max(len(c) for c in cands)
   scorer.naive_score(config, params, cands, prompts[:1], width=width)  # compile outside the timing

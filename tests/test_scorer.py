@@ -74,3 +74,22 @@ def test_vmap_over_batches_and_grad(setup):
   grads = jax.grad(lambda p: f(p, tokens, mask, ends)[:, :, 1].sum())(params)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(grads))
   assert np.abs(grads["layers_0"]["self_attn"]["q_proj"]["kernel"]).max() > 0
+
+
+def test_chunked_normaliser_and_lora_head(setup, monkeypatch):
+  """The node log-normaliser in small chunks (ragged last chunk) and a LoRA head (merged for
+  scoring) give naive scoring's numbers."""
+  params, tree, tokens, mask, ends = setup
+  prompts = [tokens[b, :ends[b, t]] for b in range(3) for t in range(3)]
+  monkeypatch.setattr(scorer, "LOGITS_PER_CHUNK", 7 * CONFIG.vocab_size)  # 7 rows per chunk
+  cfg = CONFIG.replace(lora_rank=2, lora_targets="lm_head")
+  p = jax.tree.map(lambda x: x, params)
+  r = np.random.RandomState(1)
+  p["lm_head"] = {"kernel": params["lm_head"]["kernel"],
+                  "lora_a": r.randn(CONFIG.hidden_size, 2).astype(np.float32) * 0.1,
+                  "lora_b": r.randn(2, CONFIG.vocab_size).astype(np.float32) * 0.1}
+  fused = np.asarray(scorer.score(cfg, p, tree, tokens, mask, ends, chunk=1))
+  naive = scorer.naive_score(cfg, p, CANDS, prompts).reshape(3, 3, len(CANDS))
+  assert np.abs(fused - naive).max() <= 1e-4
+  base = scorer.naive_score(CONFIG, params, CANDS, prompts).reshape(3, 3, len(CANDS))
+  assert np.abs(naive - base).max() > 1e-3  # the adapters do change the scores
