@@ -1,6 +1,20 @@
-"""Shared set-up of the benchmarks: one random Llama, in PyTorch transformers and in labor_jax."""
+"""Shared set-up of the benchmarks: the allocator flag, and one random Llama in PyTorch
+transformers and in labor_jax."""
 
+import argparse
 import tempfile
+
+
+def add_malloc_flag(ap: argparse.ArgumentParser) -> None:
+  ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
+                  help="labor_jax.runtime.tune_malloc, as the CLIs apply it (process-wide: every framework "
+                       "in the benchmark runs under the same allocator settings)")
+
+
+def apply_malloc_flag(args: argparse.Namespace) -> bool:
+  """Applies ``--malloc-tuning``; call it before JAX or PyTorch starts threads. True when in effect."""
+  from labor_jax import runtime
+  return args.malloc_tuning == "on" and runtime.tune_malloc()
 
 
 def random_llama_pair(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,

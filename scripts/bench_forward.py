@@ -13,6 +13,8 @@ import argparse
 import os
 import time
 
+from _reference import add_malloc_flag, apply_malloc_flag, random_llama_pair
+
 SIZES = {
     # name: (layers, hidden, intermediate, heads, kv_heads, vocab, batch, seq)
     "tiny": (2, 64, 128, 4, 2, 256, 8, 128),
@@ -35,18 +37,14 @@ def main():
   ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
   ap.add_argument("--repeats", type=int, default=50, help="timed batches per framework (the best one counts)")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
-  ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
-                  help="labor_jax.runtime.tune_malloc, as the CLIs apply it (process-wide: both frameworks)")
+  add_malloc_flag(ap)
   args = ap.parse_args()
-
-  from labor_jax import runtime
-  tuned = args.malloc_tuning == "on" and runtime.tune_malloc()  # before either framework starts threads
+  tuned = apply_malloc_flag(args)  # before either framework starts threads
   import jax
   import numpy as np
   import torch
 
   from labor_jax import model
-  from _reference import random_llama_pair
 
   torch.set_num_threads(args.threads)
   layers, d, f, h, k, v, b, t = SIZES[args.size]

@@ -19,6 +19,8 @@ import os
 import tempfile
 import time
 
+from _reference import add_malloc_flag, apply_malloc_flag
+
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,13 +29,9 @@ def main():
   ap.add_argument("--titles", type=int, default=330)
   ap.add_argument("--chunk", type=int, default=4, help="workers per tree pass in the fused scorer")
   ap.add_argument("--fused-only", action="store_true", help="time the fused scorer only (quick A/B runs)")
-  ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
-                  help="labor_jax.runtime.tune_malloc, as the CLIs apply it (process-wide: every method)")
+  add_malloc_flag(ap)
   args = ap.parse_args()
-
-  from labor_jax import runtime
-  if args.malloc_tuning == "on":
-    runtime.tune_malloc()  # before either framework starts threads
+  apply_malloc_flag(args)  # before either framework starts threads
   import jax
   import numpy as np
   import torch

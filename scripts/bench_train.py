@@ -15,6 +15,8 @@ import argparse
 import os
 import time
 
+from _reference import add_malloc_flag, apply_malloc_flag, random_llama_pair
+
 SIZES = {
     # name: (layers, hidden, intermediate, heads, kv_heads, vocab, batch, seq)
     "demo": (2, 128, 344, 4, 2, 1024, 8, 224),
@@ -27,20 +29,15 @@ def main():
   ap.add_argument("--size", choices=sorted(SIZES), default="demo")
   ap.add_argument("--steps", type=int, default=6, help="timed steps per framework")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
-  ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
-                  help="labor_jax.runtime.tune_malloc, as the train CLI applies it (process-wide: "
-                       "PyTorch runs under the same allocator settings)")
+  add_malloc_flag(ap)
   args = ap.parse_args()
+  tuned = apply_malloc_flag(args)  # before JAX and PyTorch start their thread pools
 
-  from labor_jax import runtime
-  if args.malloc_tuning == "on":
-    runtime.tune_malloc()  # before JAX and PyTorch start their thread pools
   import jax
   import numpy as np
   import torch
 
   from labor_jax import lora, sharding, train_core
-  from _reference import random_llama_pair
 
   torch.set_num_threads(args.threads)
   layers, d, f, h, k, v, b, t = SIZES[args.size]
@@ -92,7 +89,7 @@ def main():
   tj, tt = min(jax_times), min(torch_times)
   print(f"size={args.size} params={config.num_params() / 1e6:.1f}M batch={b} seq={t} fp32 AdamW "
         f"threads={args.threads} jax={jax.__version__} torch={torch.__version__} "
-        f"malloc_tuning={'on' if runtime.tune_malloc() and args.malloc_tuning == 'on' else 'off'}")
+        f"malloc_tuning={'on' if tuned else 'off'}")
   print(f"loss after {args.steps + 1} steps: labor_jax {jax_losses[-1]:.4f}, PyTorch {torch_losses[-1]:.4f}")
   print(f"labor_jax   {n / tj:10.0f} tokens/s ({tj * 1e3:.0f} ms/step, best of {args.steps})")
   print(f"PyTorch     {n / tt:10.0f} tokens/s ({tt * 1e3:.0f} ms/step, best of {args.steps})")
