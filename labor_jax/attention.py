@@ -32,10 +32,15 @@ import jax.numpy as jnp
 NEG = -1e30  # additive mask value: finite, so that fully masked (padding) rows stay finite
 
 
+def _group_heads(x_BTHE, k: int):
+  """[B, T, H, E] -> [B, K, G, T, E]: the H = K * G query heads grouped by key/value head."""
+  b, t, h, e = x_BTHE.shape
+  return jnp.transpose(x_BTHE.reshape(b, t, k, h // k, e), (0, 2, 3, 1, 4))
+
+
 def _heads_major(q_BTHE, k_BSKE, v_BSKE):
-  b, t, h, e = q_BTHE.shape
-  k = k_BSKE.shape[2]
-  q_BKGTE = jnp.transpose(q_BTHE.reshape(b, t, k, h // k, e), (0, 2, 3, 1, 4)) * jnp.asarray(e ** -0.5, q_BTHE.dtype)
+  e = q_BTHE.shape[-1]
+  q_BKGTE = _group_heads(q_BTHE, k_BSKE.shape[2]) * jnp.asarray(e ** -0.5, q_BTHE.dtype)
   return q_BKGTE, jnp.transpose(k_BSKE, (0, 2, 1, 3)), jnp.transpose(v_BSKE, (0, 2, 1, 3))
 
 
@@ -112,8 +117,8 @@ def _fwd(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal_blocks):
 
 def _bwd(causal_blocks, res, do_BTHE):
   q, k, v, mask_BTS, o_BKGTE, lse_BKGT1 = res
-  b, kh, g, t, e = q.shape
-  do_BKGTE = jnp.transpose(do_BTHE.reshape(b, t, kh, g, e), (0, 2, 3, 1, 4))
+  t, e = q.shape[3], q.shape[4]
+  do_BKGTE = _group_heads(do_BTHE, k.shape[1])
   # rowsum(dout * out) = rowsum(p * dp): the softmax backward's correction term, per query.
   d_BKGT1 = jnp.sum(do_BKGTE.astype(jnp.float32) * o_BKGTE.astype(jnp.float32), axis=-1, keepdims=True)
   dqs = []

@@ -23,7 +23,6 @@ from labor_jax import attention as attention_lib
 from labor_jax.config import LlamaConfig, rope_inv_freq
 
 Params = Any
-_NEG = -1e30  # additive mask value: finite so that fully masked (padding) rows stay finite
 
 
 class KV(NamedTuple):
@@ -157,8 +156,8 @@ def _tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix: KV, tree: Tree):
   s_pre = jnp.einsum("bglkqe,bnke->bkqgln", q, pk, preferred_element_type=jnp.float32) * scale
   s_self = jnp.einsum("bglkqe,bglake->bkqgla", q, ks_anc, preferred_element_type=jnp.float32) * scale
   pre_ok_BGN = jnp.arange(n)[None, None, :] < tree.prefix_len_BG[:, :, None]
-  s_pre = jnp.where(pre_ok_BGN[:, None, None, :, None, :], s_pre, _NEG)
-  s_self = jnp.where(tree.ancestor_ok_LA, s_self, _NEG)
+  s_pre = jnp.where(pre_ok_BGN[:, None, None, :, None, :], s_pre, attention_lib.NEG)
+  s_self = jnp.where(tree.ancestor_ok_LA, s_self, attention_lib.NEG)
   probs = jax.nn.softmax(jnp.concatenate([s_pre, s_self], axis=-1), axis=-1).astype(vs.dtype)
   out = (jnp.einsum("bkqgln,bnke->bglkqe", probs[..., :n], pv)
          + jnp.einsum("bkqgla,bglake->bglkqe", probs[..., n:], vs_anc))
@@ -233,22 +232,14 @@ class Llama(nn.Module):
     return logits_BTV.astype(jnp.float32), tuple(kvs)
 
 
-def head_weight(config: LlamaConfig, params: Params, merge_lora: bool = False) -> jax.Array | None:
-  """The output projection [D, V] (``lm_head`` kernel, or the embedding transposed when tied).
-
-  A head with LoRA adapters gives None (training: only the logits path applies their
-  dropout), or with ``merge_lora`` the merged ``kernel + alpha / r * lora_a @ lora_b``
-  (inference, where the two are the same function)."""
+def head_weight(config: LlamaConfig, params: Params) -> jax.Array | None:
+  """The output projection [D, V] (``lm_head`` kernel, or the embedding transposed when tied),
+  or None when the head carries LoRA adapters (training: only the logits path applies their
+  dropout; inference can fold them in with ``labor_jax.lora.merge``)."""
   if config.tie_word_embeddings:
     return params["embed_tokens"]["embedding"].T
   head = params["lm_head"]
-  if set(head) == {"kernel"}:
-    return head["kernel"]
-  if not merge_lora:
-    return None
-  scale = config.lora_alpha / config.lora_rank
-  return head["kernel"] + (scale * head["lora_a"].astype(jnp.float32) @ head["lora_b"].astype(jnp.float32)
-                           ).astype(head["kernel"].dtype)
+  return head["kernel"] if set(head) == {"kernel"} else None
 
 
 def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None,

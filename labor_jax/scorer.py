@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from labor_jax import model
+from labor_jax import lora, model
 from labor_jax.config import LlamaConfig
 
 
@@ -136,7 +136,9 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
   """
   tokens_BN = jnp.asarray(tokens_BN)
   b, n = tokens_BN.shape
-  w_DV = model.head_weight(config, params, merge_lora=True)
+  w_DV = model.head_weight(config, params)
+  if w_DV is None:  # a LoRA head: scored with its adapters folded in (no dropout at inference)
+    w_DV = lora.merge(config, {"lm_head": params["lm_head"]})[1]["lm_head"]["kernel"]
   x_BND, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True)
   last_BT = jnp.clip(prefix_ends_BT - 1, 0, n - 1)
   logits_BTV = _logits(x_BND[jnp.arange(b)[:, None], last_BT], w_DV)
