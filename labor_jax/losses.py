@@ -124,17 +124,14 @@ def _run(x_BTD, w_DV, targets_BT, mask_BT, chunk, dtype, *, grad_x: bool, grad_w
 
 def _fwd(x_BTD, w_DV, targets_BT, mask_BT, chunk, weight_grad, dtype):
   total, dx_BTD, dw_DV = _run(x_BTD, w_DV, targets_BT, mask_BT, chunk, dtype, grad_x=True, grad_w=weight_grad)
-  # Residuals are the finished gradients (scaled by the incoming cotangent below), so
-  # nothing of size B x T x V outlives the forward pass. x's dtype rides along as an
-  # empty array.
-  return total, (dx_BTD, dw_DV, jnp.zeros((0,), x_BTD.dtype), jnp.zeros((0,), w_DV.dtype))
+  # Residuals are the finished gradients, in their inputs' dtypes (scaled by the incoming
+  # cotangent below), so nothing of size B x T x V outlives the forward pass.
+  return total, (dx_BTD.astype(x_BTD.dtype), None if dw_DV is None else dw_DV.astype(w_DV.dtype))
 
 
 def _bwd(chunk, weight_grad, dtype, res, ct):
-  dx_BTD, dw_DV, x_proto, w_proto = res
-  dx = (ct * dx_BTD).astype(x_proto.dtype)
-  dw = None if dw_DV is None else (ct * dw_DV).astype(w_proto.dtype)
-  return dx, dw, None, None
+  dx_BTD, dw_DV = res
+  return (ct.astype(dx_BTD.dtype) * dx_BTD, None if dw_DV is None else ct.astype(dw_DV.dtype) * dw_DV, None, None)
 
 
 linear_cross_entropy.defvjp(_fwd, _bwd)
