@@ -21,7 +21,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data_pipeline.tfds_builder import data_source
+from data_pipeline.dataset_dir import DatasetDir
 
 LOSS_ON = ("all", "history")
 _FIELDS = ("inputs", "targets", "loss_mask")
@@ -59,11 +59,12 @@ def _rename_packed(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           "positions": ex["inputs_positions"].astype(np.int32)}
 
 
-def make_dataset(dataset_dir: str | Path, split: str, *, seq_len: int, batch_size: int, seed: int = 0,
+def make_dataset(dataset_dir: str | Path | DatasetDir, split: str, *, seq_len: int, batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, pack: bool = False,
                  loss_on: str = "all", pad_id: int = 0, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
-  """The batch pipeline of one process. ``batch_size`` is this process's share of the batch.
+  """The batch pipeline of one process over a ``build_dataset`` output. ``batch_size`` is this
+  process's share of the batch.
 
   ``num_epochs=None`` repeats forever (training); evaluation passes 1.
   """
@@ -71,7 +72,9 @@ def make_dataset(dataset_dir: str | Path, split: str, *, seq_len: int, batch_siz
     raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
-  ds = grain.MapDataset.source(data_source(dataset_dir, split))
+  if not isinstance(dataset_dir, DatasetDir):
+    dataset_dir = DatasetDir(dataset_dir)
+  ds = grain.MapDataset.source(dataset_dir.source(split))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)

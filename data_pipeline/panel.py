@@ -154,18 +154,32 @@ def read_panel(path: str | Path, titles: TitleTable | None = None,
   return validate(read_table(path), path, titles, dataset)
 
 
+def entry_table(panel: pd.DataFrame) -> pd.DataFrame:
+  """One row per entry (person-year) of a validated panel: the one table every consumer builds on.
+
+  Rows are sorted by dataset, person and year. Columns: the panel's own, plus ``t`` (entries
+  of the person before this one), ``prev_occupation`` and ``prev2_occupation`` (the codes of
+  the previous two entries; None where there are none) and ``gap`` (years skipped since the
+  previous entry; 0 for the first). The dataset summary, the baselines' transition table and
+  the CAREER-style model's sequences are all read off this table.
+  """
+  p = panel.sort_values(["dataset", "person_id", "year"], kind="stable").reset_index(drop=True)
+  key = (p["dataset"].astype(str) + "\x00" + p["person_id"].astype(str)).to_numpy()
+  t = p.groupby(key, sort=False).cumcount().to_numpy()
+  occ = p["occupation"].to_numpy(dtype=object)
+  year = p["year"].to_numpy()
+  out = p.copy()
+  out["t"] = t
+  out["prev_occupation"] = np.where(t >= 1, np.r_[[None], occ[:-1]], None)
+  out["prev2_occupation"] = np.where(t >= 2, np.r_[[None, None], occ[:-2]], None)
+  out["gap"] = np.where(t >= 1, year - np.r_[year[:1], year[:-1]] - 1, 0)
+  return out
+
+
 def transitions(panel: pd.DataFrame) -> pd.DataFrame:
-  """One row per consecutive pair of observed entries of a person (with the gap in years)."""
-  same = (panel["person_id"].to_numpy()[1:] == panel["person_id"].to_numpy()[:-1]) & (
-      panel["dataset"].to_numpy()[1:] == panel["dataset"].to_numpy()[:-1])
-  prev = panel.iloc[:-1][same]
-  nxt = panel.iloc[1:][same]
-  return pd.DataFrame({
-      "dataset": nxt["dataset"].to_numpy(), "person_id": nxt["person_id"].to_numpy(),
-      "year": nxt["year"].to_numpy(), "prev_occupation": prev["occupation"].to_numpy(),
-      "occupation": nxt["occupation"].to_numpy(),
-      "gap": nxt["year"].to_numpy() - prev["year"].to_numpy() - 1,
-  })
+  """The entries that have a previous one (t >= 1): one row per observed transition."""
+  e = entry_table(panel)
+  return e[e["t"] >= 1].reset_index(drop=True)
 
 
 def summary(panel: pd.DataFrame) -> dict:

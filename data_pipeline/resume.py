@@ -18,6 +18,11 @@ Segments: the header, then per entry ``"\\n"``, ``"1980 (some college):"`` (the 
 prefix) and ``" Service workers"`` (the title, with its leading space), then ``"\\n"``
 and ``"<END OF DATA>"``. A title is always followed by a newline: that newline is the
 entry terminator the scorer appends to every candidate.
+
+One renderer: :func:`render_panel` makes every resume (training data and the history a
+prediction starts from), and :meth:`Resume.prompt` opens the next entry (``"\\n1982
+(some college):"``) in place of the end marker: the text a prediction continues. Its
+tokens are exactly the training tokens before that entry's title (tested).
 """
 
 from __future__ import annotations
@@ -43,18 +48,32 @@ class Entry:
   code: str  # occupation code
 
 
+def entry_prefix(year: int, education=None) -> str:
+  """``"1980 (some college):"``, or ``"1980:"`` without an education level."""
+  return f"{int(year)} ({education}):" if _present(education) else f"{int(year)}:"
+
+
 @dataclasses.dataclass(frozen=True)
 class Resume:
   dataset: str
   person_id: str
   header: str
   entries: tuple[Entry, ...]
+  next_prefix: str | None = None  # a prompt: the opened next entry ("1982 (some college):") ends the text
 
   def segments(self) -> list[str]:
     segs = [self.header]
     for e in self.entries:
       segs += [NEWLINE, e.prefix, e.title]
-    return segs + [NEWLINE, END_OF_DATA]
+    return segs + [NEWLINE, END_OF_DATA if self.next_prefix is None else self.next_prefix]
+
+  def prompt(self, year: int, education=None) -> "Resume":
+    """This history followed by the opened entry of ``year`` (the text a prediction continues)."""
+    return dataclasses.replace(self, next_prefix=entry_prefix(year, education))
+
+  def history(self, entries: int) -> "Resume":
+    """The resume of the first ``entries`` entries."""
+    return dataclasses.replace(self, entries=self.entries[:entries], next_prefix=None)
 
   @property
   def text(self) -> str:
@@ -90,28 +109,11 @@ def _first(values):
   return None
 
 
-def render_person(rows: pd.DataFrame, titles: TitleTable, variant: str = "titles") -> Resume:
-  """One person's rows (sorted by year) -> Resume."""
-  if variant not in VARIANTS:
-    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-  col = lambda c: _first(rows[c]) if c in rows.columns else None  # noqa: E731
-  head = header(rows["dataset"].iloc[0], col("sex"), col("race"), col("ethnicity"), col("region"),
-                col("birth_year"))
-  index = titles.index
-  edu = rows["education"] if "education" in rows.columns else [None] * len(rows)
-  entries = []
-  for year, code, ed in zip(rows["year"], rows["occupation"], edu):
-    prefix = f"{int(year)} ({ed}):" if _present(ed) else f"{int(year)}:"
-    label = titles.titles[index[code]] if variant == "titles" else code
-    entries.append(Entry(int(year), prefix, " " + label, code))
-  return Resume(rows["dataset"].iloc[0], str(rows["person_id"].iloc[0]), head, tuple(entries))
-
-
 def render_panel(panel: pd.DataFrame, titles: TitleTable, variant: str = "titles") -> list[Resume]:
   """All resumes of a validated panel (sorted by dataset, person, year), in panel order.
 
-  Equivalent to ``render_person`` on each person's rows, without a pandas groupby
-  (100,000 workers render in seconds).
+  Header fields are each person's first non-missing value. No pandas groupby: 100,000
+  workers render in seconds.
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -131,13 +133,18 @@ def render_panel(panel: pd.DataFrame, titles: TitleTable, variant: str = "titles
     head = headers.get(hk)
     if head is None:
       head = headers[hk] = header(*hk)
-    entries = []
-    for i in range(s, e):
-      ed = cols["education"][i]
-      prefix = f"{int(years[i])} ({ed}):" if _present(ed) else f"{int(years[i])}:"
-      entries.append(Entry(int(years[i]), prefix, " " + labels[codes[i]], codes[i]))
-    out.append(Resume(cols["dataset"][s], str(cols["person_id"][s]), head, tuple(entries)))
+    entries = tuple(Entry(int(years[i]), entry_prefix(years[i], cols["education"][i]), " " + labels[codes[i]], codes[i])
+                    for i in range(s, e))
+    out.append(Resume(cols["dataset"][s], str(cols["person_id"][s]), head, entries))
   return out
+
+
+def render_person(rows: pd.DataFrame, titles: TitleTable, variant: str = "titles") -> Resume:
+  """The resume of one person's rows (a validated panel holding one person)."""
+  out = render_panel(rows, titles, variant)
+  if len(out) != 1:
+    raise ValueError(f"render_person needs the rows of one person, got {len(out)}")
+  return out[0]
 
 
 def candidate_texts(titles: TitleTable, variant: str = "titles") -> list[str]:

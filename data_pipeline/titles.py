@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from data_pipeline.errors import PanelError
@@ -97,7 +98,6 @@ _FIELD = ("textiles", "metal products", "food processing", "retail trade", "publ
 
 def synthetic_titles(n: int, seed: int = 0) -> TitleTable:
   """``n`` made-up occupation titles ("Senior clerks, textiles"), for the simulator only."""
-  import numpy as np
   rng = np.random.default_rng(seed)
   combos = [(r, w, f) for r in _ROLES for w in _WORK for f in _FIELD]
   if n > len(combos):

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import sentencepiece as spm
+import tokenizers
 
 from data_pipeline.resume import END_OF_DATA, NEWLINE, Resume
 
@@ -48,7 +50,6 @@ class ResumeTokenizer:
     if (path / "tokenizer_config.json").exists():
       cfg = json.loads((path / "tokenizer_config.json").read_text())
     if (path / "tokenizer.json").exists():
-      import tokenizers
       tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
 
       def tid(name):
@@ -64,7 +65,6 @@ class ResumeTokenizer:
 
   @classmethod
   def from_sentencepiece(cls, model_file: str | Path) -> "ResumeTokenizer":
-    import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     opt = lambda i: i if i >= 0 else None  # noqa: E731
     pad = sp.pad_id() if sp.pad_id() >= 0 else max(sp.eos_id(), 0)
@@ -103,20 +103,24 @@ class ResumeTokenizer:
     return out
 
   def encode_resume(self, resume: Resume) -> "TokenizedResume":
+    """A resume's tokens, segment by segment. A prompt (``resume.next_prefix`` set) ends after the
+    opened entry's prefix, where the next title would start: no end marker and no EOS."""
     ids: list[int] = [] if self.bos_id is None else [self.bos_id]
     ids += self.encode_piece(resume.header)
-    title_spans, prefix_ends, entry_starts = [], [], []
+    title_spans, entry_starts = [], []
     for e in resume.entries:
       entry_starts.append(len(ids))
-      ids += self.encode_piece(NEWLINE)
-      ids += self.encode_piece(e.prefix)
-      prefix_ends.append(len(ids))
+      ids += self.encode_piece(NEWLINE) + self.encode_piece(e.prefix)
+      title_start = len(ids)
       ids += self.encode_piece(e.title)
-      title_spans.append((prefix_ends[-1], len(ids)))
+      title_spans.append((title_start, len(ids)))
     entry_starts.append(len(ids))
-    ids += self.encode_piece(NEWLINE) + self.encode_piece(END_OF_DATA)
-    if self.eos_id is not None:
-      ids.append(self.eos_id)
+    if resume.next_prefix is not None:
+      ids += self.encode_piece(NEWLINE) + self.encode_piece(resume.next_prefix)
+    else:
+      ids += self.encode_piece(NEWLINE) + self.encode_piece(END_OF_DATA)
+      if self.eos_id is not None:
+        ids.append(self.eos_id)
     return TokenizedResume(np.asarray(ids, np.int32), np.asarray(title_spans, np.int32).reshape(-1, 2),
                            np.asarray(entry_starts, np.int32))
 
@@ -128,15 +132,9 @@ class ResumeTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedResume:
-  ids: np.ndarray  # [N] int32 token ids (BOS ... EOS)
+  ids: np.ndarray  # [N] int32 token ids (BOS ... EOS; a prompt ends after the opened entry's prefix)
   title_spans: np.ndarray  # [E, 2] (start, end) of each entry's title tokens
-  entry_starts: np.ndarray  # [E + 1] index of each entry's leading newline, then of the end marker
-
-  def work_history_mask(self) -> np.ndarray:
-    """1 on the tokens of the work-history entries and end marker (the loss mask option)."""
-    m = np.zeros(len(self.ids), np.int32)
-    m[self.entry_starts[0]:] = 1
-    return m
+  entry_starts: np.ndarray  # [E + 1] index of each entry's leading newline, then of the end marker / opened entry
 
 
 def train_sentencepiece(texts: Iterable[str], out_prefix: str | Path, vocab_size: int = 1024,
@@ -147,7 +145,6 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | Path, vocab_size
   segment boundary rule above needs that); identity normalisation keeps text as is.
   Writes ``{out_prefix}.model``.
   """
-  import sentencepiece as spm
   out_prefix = Path(out_prefix)
   out_prefix.parent.mkdir(parents=True, exist_ok=True)
   spm.SentencePieceTrainer.train(

@@ -6,46 +6,69 @@ a [n, J] probability matrix for a transition table (:func:`transition_table`):
 * ``EmpiricalFrequency``: the share of each occupation among training destinations.
 * ``Markov``: first-order transition counts plus additive smoothing (alpha tuned).
 * ``MultinomialLogit``: the paper's econometric benchmark: multinomial logit on the
-  previous and second-previous occupation (second-order Markov terms), education,
-  race/ethnicity, region, birth cohort, years of history and year fixed effects,
-  with an L2 penalty tuned on validation (scikit-learn's lbfgs solver).
+  previous and second-previous occupation (second-order Markov terms) and the covariates
+  of :func:`covariate_features` (year fixed effects, years of history, education, sex,
+  race/ethnicity, region, birth cohort), with an L2 penalty tuned on validation
+  (scikit-learn's lbfgs solver).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
+from sklearn.linear_model import LogisticRegression
 
-COVARIATES = ("education", "race", "ethnicity", "region", "sex")
+from data_pipeline.panel import entry_table
+
+COVARIATES = ("education", "race", "ethnicity", "region", "sex")  # demographic columns a panel may carry
 
 
 def transition_table(panel: pd.DataFrame, titles_index: dict[str, int]) -> pd.DataFrame:
-  """One row per (worker, entry t >= 1): the target, its history and covariates.
+  """The transitions of :func:`data_pipeline.panel.entry_table` (entries t >= 1) as model inputs.
 
-  Columns: dataset, person_id, split, year, t (entries before this one), occ (target index),
-  prev, prev2 (-1 when t < 2), gap, and the covariates present in the panel.
+  Columns: dataset, person_id, year, t, occ (target index), prev, prev2 (indices; -1 when
+  t < 2), gap, split (when the panel has one), and the covariates and birth year present.
   """
-  p = panel.sort_values(["dataset", "person_id", "year"], kind="stable").reset_index(drop=True)
-  key = p["dataset"].astype(str) + "\x00" + p["person_id"].astype(str)
-  t = p.groupby(key, sort=False).cumcount().to_numpy()
-  occ = p["occupation"].map(titles_index).to_numpy()
-  prev = np.r_[-1, occ[:-1]]
-  prev2 = np.r_[-1, -1, occ[:-2]]
-  year = p["year"].to_numpy()
-  gap = year - np.r_[year[0], year[:-1]] - 1
-  out = pd.DataFrame({"dataset": p["dataset"], "person_id": p["person_id"], "year": year, "t": t, "occ": occ,
-                      "prev": prev, "prev2": np.where(t >= 2, prev2, -1), "gap": gap})
-  if "split" in p.columns:
-    out["split"] = p["split"]
-  for c in COVARIATES + ("birth_year",):
-    if c in p.columns:
-      out[c] = p[c]
-  return out[t >= 1].reset_index(drop=True)
+  e = entry_table(panel)
+  index = lambda col: e[col].map(titles_index).fillna(-1).astype(int).to_numpy()  # noqa: E731
+  out = pd.DataFrame({"dataset": e["dataset"], "person_id": e["person_id"], "year": e["year"].to_numpy(),
+                      "t": e["t"].to_numpy(), "occ": index("occupation"), "prev": index("prev_occupation"),
+                      "prev2": index("prev2_occupation"), "gap": e["gap"].to_numpy()})
+  for c in ("split",) + COVARIATES + ("birth_year",):
+    if c in e.columns:
+      out[c] = e[c]
+  return out[out["t"] >= 1].reset_index(drop=True)
 
 
 def categorical(values: pd.Series) -> pd.Series:
   """Values as category labels (strings), missing ones as "NA"."""
   return values.map(lambda v: "NA" if pd.isna(v) else str(v))
+
+
+def covariate_features(table: pd.DataFrame) -> dict[str, pd.Series]:
+  """The covariates every model conditions on, as category labels, in a fixed order: calendar
+  year, education, years of history (``t``, capped at 10), the demographic columns present,
+  and birth cohort (3-year bins) when the panel has birth years. Used by the multinomial logit
+  (one-hot of every level seen in training) and by the CAREER-style transformer (one embedding
+  each, for the covariates that vary in its training data: :func:`informative`)."""
+  cols = {"year": categorical(table["year"])}
+  if "education" in table.columns:
+    cols["education"] = categorical(table["education"])
+  cols["t"] = categorical(table["t"].clip(upper=10))
+  for c in COVARIATES[1:]:
+    if c in table.columns:
+      cols[c] = categorical(table[c])
+  if "birth_year" in table.columns:
+    cols["cohort"] = categorical(pd.to_numeric(table["birth_year"], errors="coerce") // 3 * 3)
+  return cols
+
+
+def informative(features: dict[str, pd.Series]) -> dict[str, list[str]]:
+  """The sorted levels of each feature that takes more than one value. A constant covariate (sex
+  in an all-male panel) carries nothing; the logit's unpenalised intercept absorbs its one-hot
+  column, but a transformer would learn it as one more bias vector."""
+  return {k: sorted(v.unique()) for k, v in features.items() if v.nunique() > 1}
 
 
 def log_likelihood(probs: np.ndarray, y: np.ndarray) -> float:
@@ -88,28 +111,18 @@ class MultinomialLogit:
   name = "multinomial logit"
 
   def _design(self, df: pd.DataFrame, fit: bool = False):
-    from scipy import sparse
-    cat = categorical
-    cols = {"prev": cat(df["prev"]), "prev2": cat(df["prev2"]), "year": cat(df["year"]),
-            "t": cat(df["t"].clip(upper=10))}
-    for c in COVARIATES:
-      if c in df.columns:
-        cols[c] = cat(df[c])
-    if "birth_year" in df.columns:
-      by = pd.to_numeric(df["birth_year"], errors="coerce")
-      cols["cohort"] = cat(by // 3 * 3)
+    cols = {"prev": categorical(df["prev"]), "prev2": categorical(df["prev2"]), **covariate_features(df)}
     if fit:
       self.levels = {k: sorted(v.unique()) for k, v in cols.items()}
     blocks = []
-    for k, v in cols.items():
-      idx = pd.Categorical(v, categories=self.levels[k]).codes
+    for k, levels in self.levels.items():
+      idx = pd.Categorical(cols[k], categories=levels).codes
       m = sparse.csr_matrix((np.ones((idx >= 0).sum()), (np.flatnonzero(idx >= 0), idx[idx >= 0])),
-                            shape=(len(df), len(self.levels[k])))
+                            shape=(len(df), len(levels)))
       blocks.append(m)
     return sparse.hstack(blocks).tocsr()
 
   def fit(self, train: pd.DataFrame, valid: pd.DataFrame, j: int):
-    from sklearn.linear_model import LogisticRegression
     self.j = j
     x = self._design(train, fit=True)
     xv = self._design(valid) if len(valid) else None

@@ -1,8 +1,9 @@
 """A CAREER-style baseline (Vafa et al. 2024) in JAX: a transformer over occupation tokens.
 
 Each year of a career is one position whose input is the sum of embeddings of the
-previous occupation (or a start token), the year, education level, years of history and
-the worker's demographics (race, ethnicity, region, birth cohort). A causal transformer
+previous occupation (or a start token) and of each covariate the multinomial logit uses
+(:func:`labor_jax.baselines.covariate_features`: year, years of history, education,
+demographics, birth cohort). A causal transformer
 (Flax ``MultiHeadDotProductAttention`` blocks) reads the sequence; the two-stage head
 predicts P(move | history) with a sigmoid and, given a move, the destination with a
 softmax that excludes the current occupation (CAREER's stay/move factorisation):
@@ -10,6 +11,7 @@ softmax that excludes the current occupation (CAREER's stay/move factorisation):
   P(occ_t = j) = (1 - m)  if j == occ_{t-1},   m * softmax_{j != occ_{t-1}}(z)_j  otherwise.
 
 Trained from scratch on the train split with AdamW, early-stopped on validation loss.
+Shape suffixes: B careers, T entries, F covariates, D model width, J occupations.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ import numpy as np
 import optax
 import pandas as pd
 
-from labor_jax.baselines import categorical
-
-FEATURES = ("year", "education", "t", "race", "ethnicity", "region", "cohort")
+from data_pipeline.panel import entry_table
+from labor_jax.baselines import covariate_features, informative
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +59,15 @@ class Block(nn.Module):
 class CareerModel(nn.Module):
   cfg: CareerConfig
   num_occ: int
-  vocab_sizes: tuple[int, ...]  # one per FEATURES entry
+  features: tuple[str, ...]  # covariate names, in feats_BTF order
+  vocab_sizes: tuple[int, ...]  # levels of each covariate
 
   @nn.compact
   def __call__(self, prev_BT, feats_BTF, valid_BT, train: bool = False):
     d = self.cfg.d_model
     x = nn.Embed(self.num_occ + 1, d, name="occ_embed")(prev_BT)  # index num_occ = start token
-    for i, n in enumerate(self.vocab_sizes):
-      x = x + nn.Embed(n, d, name=f"{FEATURES[i]}_embed")(feats_BTF[..., i])
+    for i, (name, n) in enumerate(zip(self.features, self.vocab_sizes)):
+      x = x + nn.Embed(n, d, name=f"{name}_embed")(feats_BTF[..., i])
     x = nn.Dropout(self.cfg.dropout, deterministic=not train)(x)
     t = prev_BT.shape[1]
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid_BT[:, None, :].astype(bool)
@@ -97,40 +99,34 @@ class CareerBaseline:
     self.cfg = cfg
 
   def _encode(self, panel: pd.DataFrame, fit: bool = False):
-    p = panel.sort_values(["dataset", "person_id", "year"], kind="stable").reset_index(drop=True)
-    cat = categorical
-    by = pd.to_numeric(p["birth_year"], errors="coerce") if "birth_year" in p.columns else pd.Series(np.nan, p.index)
-    key = p["dataset"].astype(str) + "\x00" + p["person_id"].astype(str)
-    t = p.groupby(key, sort=False).cumcount()
-    cols = {"year": cat(p["year"]), "education": cat(p.get("education", pd.Series(None, p.index))),
-            "t": cat(t.clip(upper=10)), "race": cat(p.get("race", pd.Series(None, p.index))),
-            "ethnicity": cat(p.get("ethnicity", pd.Series(None, p.index))),
-            "region": cat(p.get("region", pd.Series(None, p.index))), "cohort": cat(by // 3 * 3)}
+    e = entry_table(panel)
+    cols = covariate_features(e)
     if fit:
-      self.levels = {k: ["<unk>"] + sorted(v.unique()) for k, v in cols.items()}
-    feats = np.stack([np.maximum(pd.Categorical(cols[k], categories=self.levels[k]).codes, 0) for k in FEATURES], -1)
-    occ = p["occupation"].map(self.index).to_numpy()
-    starts = np.flatnonzero(np.r_[True, key.to_numpy()[1:] != key.to_numpy()[:-1]])
-    ends = np.r_[starts[1:], len(p)]
+      self.levels = {k: ["<unk>"] + v for k, v in informative(cols).items()}
+    names = tuple(self.levels)
+    feats = np.stack([np.maximum(pd.Categorical(cols[k], categories=self.levels[k]).codes, 0) for k in names], -1)
+    occ = e["occupation"].map(self.index).to_numpy()
+    starts = np.flatnonzero(e["t"].to_numpy() == 0)
+    ends = np.r_[starts[1:], len(e)]
     tmax = int((ends - starts).max())
     n = len(starts)
     occ_BT = np.zeros((n, tmax), np.int32)
     prev_BT = np.full((n, tmax), self.j, np.int32)
-    feats_BTF = np.zeros((n, tmax, len(FEATURES)), np.int32)
+    feats_BTF = np.zeros((n, tmax, len(names)), np.int32)
     valid_BT = np.zeros((n, tmax), bool)
-    for i, (s, e) in enumerate(zip(starts, ends)):
-      occ_BT[i, :e - s] = occ[s:e]
-      prev_BT[i, 1:e - s] = occ[s:e - 1]
-      feats_BTF[i, :e - s] = feats[s:e]
-      valid_BT[i, :e - s] = True
-    people = list(zip(p["dataset"].to_numpy()[starts], p["person_id"].to_numpy()[starts]))
+    for i, (s, f) in enumerate(zip(starts, ends)):
+      occ_BT[i, :f - s] = occ[s:f]
+      prev_BT[i, 1:f - s] = occ[s:f - 1]
+      feats_BTF[i, :f - s] = feats[s:f]
+      valid_BT[i, :f - s] = True
+    people = list(zip(e["dataset"].to_numpy()[starts], e["person_id"].to_numpy()[starts]))
     return occ_BT, prev_BT, feats_BTF, valid_BT, people
 
   def fit(self, panel: pd.DataFrame, titles_index: dict[str, int], log=lambda *a: None):
     self.index, self.j = titles_index, len(titles_index)
     train = self._encode(panel[panel["split"] == "train"], fit=True)
     valid = self._encode(panel[panel["split"] == "validation"])
-    self.model = CareerModel(self.cfg, self.j, tuple(len(self.levels[k]) for k in FEATURES))
+    self.model = CareerModel(self.cfg, self.j, tuple(self.levels), tuple(len(v) for v in self.levels.values()))
     rng = jax.random.key(self.cfg.seed)
     params = self.model.init(rng, train[1][:1], train[2][:1], train[3][:1])["params"]
     steps_per_epoch = max(1, len(train[0]) // self.cfg.batch)

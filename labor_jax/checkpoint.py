@@ -8,13 +8,13 @@ shardings) and ``data`` (every process's grain iterator state).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 
@@ -59,7 +59,6 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter, l
       if jax.process_index() == 0:
         src = Path(mgr.directory) / str(step)
         src.rename(src.with_name(f"{step}.unreadable"))
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"labor_jax: set aside checkpoint {step}")
       mgr.reload()
   return None, None
@@ -67,10 +66,6 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter, l
 
 def abstract(state: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def eprint(*args):
-  print(*args, file=sys.stderr, flush=True)
 
 
 def restore_params(directory: str | Path, step: int | str | None = None, shardings: Any = None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 class ConfigError(ValueError):
-  """A model configuration that labor_jax cannot represent exactly."""
+  """A configuration problem (model or run), reported in one line before anything compiles.
+
+  The one configuration error of the package: a model labor_jax cannot represent exactly,
+  an unknown or mistyped run-config key, a mesh that does not fit the devices."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,7 @@ class LlamaConfig:
   remat: bool = False  # rematerialise each decoder block in the backward pass
   scan_layers: bool = False  # run the blocks with nn.scan over stacked weights ("layers/..." params)
   attention_query_block: int = 64  # causal attention skips masked key blocks using query blocks of at least this length (0: off)
+  loss_chunk: int | None = None  # positions per chunk of the fused head + loss; None: about 2^25 logits per chunk
   lora_rank: int = 0  # LoRA rank r; 0 disables adapters (see labor_jax.lora)
   lora_alpha: float = 16.0  # LoRA scale numerator: the branch is multiplied by alpha / r
   lora_dropout: float = 0.0  # dropout probability on the LoRA branch input (training only)
@@ -65,6 +68,10 @@ class LlamaConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+    if self.attention_query_block < 0:
+      raise ConfigError(f"attention_query_block: must be >= 0, got {self.attention_query_block}")
+    if self.loss_chunk is not None and self.loss_chunk <= 0:
+      raise ConfigError(f"loss_chunk: must be positive or null, got {self.loss_chunk}")
 
   @property
   def jnp_dtype(self):
@@ -206,24 +213,3 @@ def llama_tiny(**overrides) -> LlamaConfig:
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
   base.update(overrides)
   return LlamaConfig(**base)
-
-
-def rope_inv_freq(config: LlamaConfig):
-  """Per-pair inverse frequencies [head_dim // 2] in float32, as in HF's rope init functions."""
-  import numpy as np
-  dim = config.head_dim
-  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-  if config.rope_type == "linear":
-    inv = inv / config.rope_factor
-  elif config.rope_type == "llama3":
-    old_ctx = config.rope_original_max_position
-    low_wl = old_ctx / config.rope_low_freq_factor
-    high_wl = old_ctx / config.rope_high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wl, inv / config.rope_factor, inv)
-    smooth = (old_ctx / wavelen - config.rope_low_freq_factor) / (
-        config.rope_high_freq_factor - config.rope_low_freq_factor)
-    smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
-    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
-    inv = np.where(medium, smoothed, scaled)
-  return inv.astype(np.float32)

@@ -1,36 +1,19 @@
 """``python -m labor_jax.export --run RUN --out DIR``: a trained run -> Hugging Face checkpoint.
 
-Restores the newest (or ``--step``) checkpoint's parameters, folds LoRA adapters into
-the base weights, and writes config.json, generation_config.json, safetensors and the
-run's tokenizer, loadable by ``transformers.AutoModelForCausalLM.from_pretrained``.
+Restores the best (or ``--step``) checkpoint's parameters, folds LoRA adapters into the
+base weights, and writes config.json, generation_config.json, safetensors and the run's
+tokenizer, loadable by ``transformers.AutoModelForCausalLM.from_pretrained``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from labor_jax.config import LlamaConfig
+import jax
 
-
-def load_run(run_dir: str | Path, step: int | str | None = "best"):
-  """(config, params, step) of a training run (per-layer layout), LoRA adapters still separate.
-
-  ``step`` defaults to the checkpoint with the lowest validation loss ("best"); None is
-  the newest."""
-  from labor_jax.checkpoint import restore_params
-  run_dir = Path(run_dir)
-  cfg_file = run_dir / "model_config.json"
-  if not cfg_file.exists():
-    raise FileNotFoundError(f"{run_dir}: no model_config.json (not a labor_jax.train run directory)")
-  config = LlamaConfig(**json.loads(cfg_file.read_text()))
-  step, params = restore_params(run_dir / "checkpoints", step)
-  if config.scan_layers:  # scoring and export work on per-layer params
-    from labor_jax import model
-    config, params = config.replace(scan_layers=False), model.unstack_layers(params)
-  return config, params, step
+from labor_jax import hf, lora
+from labor_jax.rundir import RunDir
 
 
 def main(argv=None) -> int:
@@ -43,11 +26,10 @@ def main(argv=None) -> int:
   ap.add_argument("--max-shard-size", default="5GB")
   args = ap.parse_args(argv)
 
-  import jax
-  from labor_jax import hf, lora
+  run = RunDir(args.run)
   try:
     step_arg = None if args.step == "latest" else args.step if args.step == "best" else int(args.step)
-    config, params, step = load_run(args.run, step_arg)
+    config, params, step = run.load_model(step_arg)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -56,7 +38,7 @@ def main(argv=None) -> int:
   if args.dtype:
     config = config.replace(param_dtype=args.dtype)
     params = jax.tree.map(lambda x: x.astype(config.jnp_param_dtype), params)
-  tok = Path(args.run) / "tokenizer"
+  tok = run.tokenizer_dir
   out = hf.save(config, params, args.out, tokenizer_dir=tok if tok.exists() else None,
                 max_shard_size=args.max_shard_size)
   print(f"exported step {step} of {args.run}{' (LoRA merged)' if had_lora else ''} to {out}")

@@ -25,6 +25,11 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from huggingface_hub import split_state_dict_into_shards_factory
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from data_pipeline.tokenizer import TOKENIZER_FILES
 from labor_jax import model
@@ -68,31 +73,13 @@ def hf_name(path: str) -> tuple[str, bool]:
   raise CheckpointError(f"parameter {path} has no Hugging Face name in labor_jax.hf.KEY_MAP")
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    flat["/".join(str(k.key) for k in path)] = leaf
-  return flat
-
-
-def _unflat(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return tree
-
-
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...], bool]]:
   """HF tensor name -> (labor_jax path, HF shape, transposed) for every parameter of ``config``.
 
   Paths are per layer (``layers_3/...``) even for ``scan_layers`` configs, whose stacked
   ``layers/...`` leaves are filled slice by slice."""
   out = {}
-  for path, sds in _flat(model.param_shapes(config.replace(scan_layers=False))).items():
+  for path, sds in traverse_util.flatten_dict(model.param_shapes(config.replace(scan_layers=False)), sep="/").items():
     name, transposed = hf_name(path)
     shape = tuple(sds.shape[::-1]) if transposed else tuple(sds.shape)
     out[name] = (path, shape, transposed)
@@ -126,7 +113,6 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, Any]]:
   the file is closed: reopening per tensor keeps at most one tensor's pages mapped
   instead of a whole multi-GB shard.
   """
-  from safetensors import safe_open
   for f in files:
     with safe_open(str(f), framework="numpy") as fh:
       names = list(fh.keys())
@@ -147,10 +133,19 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
     **policy: LlamaConfig fields that are not in config.json (``param_dtype``, ``dtype``,
       ``remat``); ``param_dtype`` defaults to float32.
   """
+  config = LlamaConfig.from_hf_file(Path(path) / "config.json", **policy)
+  return config, load_params(path, config, mesh, rules=rules)
+
+
+def load_params(path: str | os.PathLike, config: LlamaConfig, mesh: jax.sharding.Mesh | None = None, *,
+                rules: shard_lib.Rules = shard_lib.DEFAULT_RULES) -> Any:
+  """The tensors of a HF checkpoint directory as the params of ``config`` (its architecture must be
+  the checkpoint's; its policy sets dtype and layout), streamed one tensor at a time."""
   path = Path(path)
-  config = LlamaConfig.from_hf_file(path / "config.json", **policy)
+  if config.lora_rank:
+    raise CheckpointError(f"{path}: a Hugging Face checkpoint holds base weights only; load it with lora_rank=0")
   expected = expected_tensors(config)
-  shardings = _flat(shard_lib.param_shardings(config, mesh, rules)) if mesh is not None else {}
+  shardings = traverse_util.flatten_dict(model.param_shardings(config, mesh, rules), sep="/") if mesh is not None else {}
   stacked = _StackedLoader(config, shardings) if config.scan_layers else None
   target = np.dtype(config.jnp_param_dtype)
   tied_head = "lm_head.weight" if config.tie_word_embeddings else None
@@ -185,7 +180,7 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
   if stacked is not None:
     params = {k: v for k, v in params.items() if v is not None}
     params.update(stacked.buffers)
-  return config, _unflat(params)
+  return traverse_util.unflatten_dict(params, sep="/")
 
 
 class _StackedLoader:
@@ -193,7 +188,7 @@ class _StackedLoader:
   on the device (a donated in-place update), so host memory holds one tensor at a time."""
 
   def __init__(self, config: LlamaConfig, shardings: dict):
-    self.shapes = _flat(model.param_shapes(config))
+    self.shapes = traverse_util.flatten_dict(model.param_shapes(config), sep="/")
     self.shardings = shardings
     self.buffers: dict[str, jax.Array] = {}
     self._update = {}
@@ -215,7 +210,6 @@ class _StackedLoader:
 
 def _host(x: jax.Array) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
 
@@ -247,14 +241,12 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
   Tokenizer files in ``tokenizer_dir`` are copied. In a multi-process run every process
   must call this (sharded arrays are gathered); only process 0 writes.
   """
-  from huggingface_hub import split_state_dict_into_shards_factory
-  from safetensors.numpy import save_file
-  import transformers
+  import transformers  # heavy (seconds): only the export needs it
 
   path = Path(path)
   if config.lora_rank:
     raise CheckpointError("params carry LoRA adapters: fold them in first with labor_jax.lora.merge")
-  flat = _flat(params)
+  flat = traverse_util.flatten_dict(params, sep="/")
   if config.scan_layers:  # per-layer views of the stacked leaves, sliced when written
     cache: dict = {}
     for key in [k for k in flat if k.startswith("layers/")]:

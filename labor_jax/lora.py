@@ -1,9 +1,12 @@
 """LoRA adapters: add them to a loaded model, merge them back for export.
 
 Adapters live next to the kernel they adapt (``.../q_proj/{kernel, lora_a, lora_b}``);
-``lora_b`` starts at zero so a fresh adapter leaves the model unchanged. Training them
-alone is a label tree (``train_core.trainable_labels(params, LORA_PATTERN)``): the base
-weights go through ``optax.set_to_zero`` and keep no optimizer state.
+``lora_b`` starts at zero so a fresh adapter leaves the model unchanged. Which modules get
+adapters, which leaves are adapters and what trains is decided in :mod:`labor_jax.labels`
+(``labels.run_labels(params, lora=True)``: the base weights go through ``optax.set_to_zero``
+and keep no optimizer state).
+
+Shape suffixes: I / O the adapted kernel's input / output width, R the rank.
 """
 
 from __future__ import annotations
@@ -14,10 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from labor_jax import model
+from labor_jax import labels, model
 from labor_jax.config import LlamaConfig
-
-LORA_PATTERN = r"/lora_(a|b)$"
 
 
 def add_adapters(config: LlamaConfig, params: Any, rng: jax.Array, *, rank: int, alpha: float = 16.0,
@@ -35,7 +36,7 @@ def add_adapters(config: LlamaConfig, params: Any, rng: jax.Array, *, rank: int,
   def pick(path, new):
     nonlocal added
     keys = [str(k.key) for k in path]
-    if keys[-1] in ("lora_a", "lora_b"):
+    if labels.is_adapter(labels.path_str(path)):
       added += 1
       return new.astype(cfg.jnp_param_dtype)
     node = params
@@ -57,23 +58,13 @@ def merge(config: LlamaConfig, params: Any) -> tuple[LlamaConfig, Any]:
   scale = config.lora_alpha / config.lora_rank
 
   def fold(node):
-    if isinstance(node, dict) and "lora_a" in node:
-      a = node["lora_a"].astype(jnp.float32)
-      b = node["lora_b"].astype(jnp.float32)
-      w = node["kernel"].astype(jnp.float32) + scale * (a @ b)
-      return {"kernel": w.astype(node["kernel"].dtype)}
+    if isinstance(node, dict) and labels.has_adapters(node):
+      a_IR = node["lora_a"].astype(jnp.float32)
+      b_RO = node["lora_b"].astype(jnp.float32)
+      w_IO = node["kernel"].astype(jnp.float32) + scale * (a_IR @ b_RO)
+      return {"kernel": w_IO.astype(node["kernel"].dtype)}
     if isinstance(node, dict):
       return {k: fold(v) for k, v in node.items()}
     return node
   defaults = {f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.name.startswith("lora_")}
   return config.replace(**defaults), fold(params)
-
-
-def adapter_params(params: Any) -> Any:
-  """Only the adapter leaves (for small adapter-only exports)."""
-  def keep(node):
-    if isinstance(node, dict):
-      out = {k: keep(v) for k, v in node.items() if k in ("lora_a", "lora_b") or isinstance(v, dict)}
-      return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
-    return node
-  return keep(params)

@@ -21,6 +21,9 @@
 ``weight_grad=False`` (a frozen head, as in LoRA) skips the ``dw`` matmul entirely.
 Matmuls run in ``dtype`` (the model's compute dtype) with float32 accumulation; the
 softmax and the loss are float32.
+
+Shape suffixes: B batch, T positions, C positions per chunk, N = B * C rows, D hidden size,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 CHUNK_ELEMENTS = 2 ** 25  # logits per chunk when ``chunk`` is None: 128 MiB in float32
@@ -139,7 +143,6 @@ linear_cross_entropy.defvjp(_fwd, _bwd)
 
 def reference_cross_entropy(x_BTD, w_DV, targets_BT, mask_BT, dtype=None):
   """The same loss through plain logits and optax (for tests and comparisons)."""
-  import optax
   dtype = dtype or x_BTD.dtype
   logits_BTV = _chunk_logits(x_BTD, w_DV, dtype)
   return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)

@@ -17,8 +17,8 @@ Stages 3 and 4 run ``--seeds`` times (data order, and for stage 4 the initial we
 change with the seed), and the job reports each seed and the mean and standard deviation:
 at this size one run's perplexity moves by up to 0.2 with rounding alone.
 
-Every stage is an ordinary ``labor_jax.train`` run (configs/demo.yaml plus the overrides
-printed below), so each can be inspected, resumed or rerun on its own.
+Every stage is an ordinary ``labor_jax.train`` run of a recipe in ``configs/main/`` (the
+equivalent command is printed), so each can be inspected, resumed or rerun on its own.
 """
 
 from __future__ import annotations
@@ -31,49 +31,52 @@ from pathlib import Path
 
 import numpy as np
 
-from labor_jax import runtime
+from data_pipeline import simulator
+from data_pipeline.dataset_dir import DatasetDir, build_dataset, build_default, format_summary
+from data_pipeline.panel import validate
+from labor_jax import evaluation, report, runtime, train_config, trainer
+from labor_jax.config import ConfigError
 
+RECIPES = Path(__file__).resolve().parent.parent / "configs" / "main"
 STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
 STAGE1_YEARS = 8  # years per synthetic career
-COMMON = ["progress=false", "data.loss_on=history", "log_every=50"]
-STAGE1 = ["steps=800", "eval_every=200", "ckpt_every=200"]
-STAGE2 = ["steps=800", "eval_every=50", "ckpt_every=50", "optim.lr=5.0e-4", "optim.warmup_steps=20"]
-SCRATCH = ["steps=600", "eval_every=50", "ckpt_every=50"]
 
 
-def _train(run_dir: Path, data_dir: Path, overrides: list[str]) -> None:
-  from labor_jax import train
-  args = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")]
-  for s in COMMON + overrides + [f"run_dir={run_dir}", f"data.dataset_dir={data_dir}"]:
-    args += ["--set", s]
-  print("  python -m labor_jax.train " + " ".join(a if a.startswith("--") else repr(a) if " " in a else a for a in args),
-        flush=True)
-  code = train.main(args)
-  if code:
-    raise SystemExit(f"training {run_dir} failed with exit code {code}")
+def _train(recipe: str, run_dir: Path, data_dir: Path, **changes) -> None:
+  """Trains ``configs/main/<recipe>.yaml`` into ``run_dir`` on ``data_dir``, with ``changes``."""
+  changes = {"run_dir": str(run_dir), "data.dataset_dir": str(data_dir), **changes}
+  path = RECIPES / f"{recipe}.yaml"
+  print("  python -m labor_jax.train --config " + str(path.relative_to(RECIPES.parent.parent)) + "".join(
+      f" --set {k}={v}" for k, v in changes.items()), flush=True)
+  trainer.run(train_config.updated(train_config.load(path), changes))
 
 
 def main(argv=None) -> int:
-  runtime.tune_malloc()  # before JAX starts its CPU thread pools
+  runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default="runs/main", help="directory for every stage's run")
   ap.add_argument("--seeds", type=int, default=3, help="seeds of stages 3 and 4 (each seed adds about 75 s on 2 cores)")
   args = ap.parse_args(argv)
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")
-  out = Path(args.out)
+  try:
+    return run(Path(args.out), args.seeds)
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  except trainer.NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+
+
+def run(out: Path, n_seeds: int) -> int:
+  """The five steps of the module docstring; every run directory under ``out``."""
   t0 = time.perf_counter()
 
-  from data_pipeline import build, simulator
-  from data_pipeline.panel import validate
-  from data_pipeline.titles import load_titles
-  from labor_jax import evaluate
-
   print("== 1/5 data: embedded NLSY panel -> resumes -> tokens", flush=True)
-  nlsy_dir = out / "data"
-  if build.main(["--out", str(nlsy_dir)]) != 0:
-    return 1
-  titles = load_titles(nlsy_dir / "titles.csv")
+  nlsy = DatasetDir(out / "data")
+  print(format_summary(build_default(nlsy.path)), flush=True)
+  titles = nlsy.titles()
 
   print(f"\n== 2/5 stage 1: {STAGE1_WORKERS:,} synthetic careers (non-representative), trained from scratch",
         flush=True)
@@ -81,31 +84,30 @@ def main(argv=None) -> int:
   raw = simulator.simulate(STAGE1_WORKERS, STAGE1_YEARS, titles, seed=1, start_year=1975, stay=0.6, neighbours=4,
                            dataset="SYNTHETIC")
   panel, titles = validate(raw, "simulated panel", titles)
-  info = build.build_dataset(panel, titles, synth_dir, tokenizer_dir=nlsy_dir / "tokenizer",
-                             source="synthetic careers (data_pipeline.simulator), not survey data")
-  print(build.format_summary(info), flush=True)
-  _train(out / "stage1", synth_dir, STAGE1)
+  info = build_dataset(panel, titles, synth_dir, tokenizer_dir=nlsy.tokenizer_dir,
+                       source="synthetic careers (data_pipeline.simulator), not survey data")
+  print(format_summary(info), flush=True)
+  _train("stage1", out / "stage1", synth_dir)
 
-  seeds = range(args.seeds)
+  seeds = range(n_seeds)
   llm_dir = lambda k: out / ("llm" if k == 0 else f"llm_seed{k}")  # noqa: E731
   alone_dir = lambda k: out / ("llm_nlsy_only" if k == 0 else f"llm_nlsy_only_seed{k}")  # noqa: E731
-  print(f"\n== 3/5 stage 2: fine-tune on NLSY from the stage-1 weights ({args.seeds} seed(s))", flush=True)
+  print(f"\n== 3/5 stage 2: fine-tune on NLSY from the stage-1 weights ({n_seeds} seed(s))", flush=True)
   for k in seeds:
-    _train(llm_dir(k), nlsy_dir, STAGE2 + [f"model.init_from={out / 'stage1'}", f"seed={k}"])
+    _train("stage2", llm_dir(k), nlsy.path, **{"model.init_from": str(out / "stage1"), "seed": k})
 
-  print(f"\n== 4/5 ablation: the same model trained on NLSY alone ({args.seeds} seed(s))", flush=True)
+  print(f"\n== 4/5 ablation: the same model trained on NLSY alone ({n_seeds} seed(s))", flush=True)
   for k in seeds:
-    _train(alone_dir(k), nlsy_dir, SCRATCH + [f"seed={k}"])
+    _train("scratch", alone_dir(k), nlsy.path, seed=k)
 
   print("\n== 5/5 evaluation on the NLSY test split", flush=True)
-  ours_name, alone_name = "LABOR-LLM (this run)", "LLM without stage 1 (NLSY only)"
+  ours_name, alone_name = evaluation.MAIN_LLM, "LLM without stage 1 (NLSY only)"
   name = lambda base, k: base if k == 0 else f"{base}, seed {k}"  # noqa: E731
   extra = {name(alone_name, k): alone_dir(k) for k in seeds}
   extra.update({name("LABOR-LLM", k): llm_dir(k) for k in seeds if k})
-  metrics = evaluate.evaluate(llm_dir(0), "test", extra_llms=extra)
-  report = out / "llm" / "eval_test" / "report.md"
+  metrics = evaluation.evaluate(llm_dir(0), "test", extra_llms=extra)
   print()
-  print(report.read_text().split("## Perplexity by years")[0].strip())
+  print("\n".join(report.headline(metrics, nlsy.summary)))
   ppl = {k: v["perplexity"] for k, v in metrics["models"].items()}
   ours = np.asarray([ppl[ours_name if k == 0 else name("LABOR-LLM", k)] for k in seeds])
   alone = np.asarray([ppl[name(alone_name, k)] for k in seeds])
@@ -113,14 +115,14 @@ def main(argv=None) -> int:
 
   def ms(x):
     return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if len(x) > 1 else f"{x[0]:.3f}"
-  print(f"\nover {args.seeds} seed(s) (mean ± standard deviation): LABOR-LLM {ms(ours)}; NLSY only {ms(alone)}; "
+  print(f"\nover {n_seeds} seed(s) (mean ± standard deviation): LABOR-LLM {ms(ours)}; NLSY only {ms(alone)}; "
         f"stage-1 gain {ms(alone - ours)}; LABOR-LLM minus multinomial logit ({mnl:.3f}) {ms(ours - mnl)}.")
-  print(f"report: {report}   total time {time.perf_counter() - t0:.0f}s")
-  summary = {"perplexity": ppl, "seeds": args.seeds,
+  print(f"report: {out / 'llm' / 'eval_test' / 'report.md'}   total time {time.perf_counter() - t0:.0f}s")
+  summary = {"perplexity": ppl, "seeds": n_seeds,
              "by_seed": {"labor_llm": ours.tolist(), "nlsy_only": alone.tolist()},
              "mean": {"labor_llm": float(ours.mean()), "nlsy_only": float(alone.mean())},
-             "std": {"labor_llm": float(ours.std(ddof=1)) if args.seeds > 1 else None,
-                     "nlsy_only": float(alone.std(ddof=1)) if args.seeds > 1 else None},
+             "std": {"labor_llm": float(ours.std(ddof=1)) if n_seeds > 1 else None,
+                     "nlsy_only": float(alone.std(ddof=1)) if n_seeds > 1 else None},
              "seconds": time.perf_counter() - t0}
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return 0

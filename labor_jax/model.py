@@ -1,8 +1,10 @@
 """Llama-family decoder in Flax Linen, used through pure functions.
 
-Shapes use suffix letters: B batch, T query length, S key length (prefix + T),
-D hidden_size, H query heads, K key/value heads, G = H // K, E head_dim,
-F intermediate_size, V vocab_size, L layers.
+Shape suffixes: B batch, T query length, S key length (prefix + T), D hidden_size,
+H query heads, K key/value heads (N either), E head_dim, F intermediate_size, V vocab_size,
+I / O a linear layer's input / output width (N its flattened rows), R LoRA rank, X hidden
+size or vocabulary (whichever is returned). In the token tree of :func:`forward_tree`:
+G prefix groups per row, L tree nodes, A ancestors per node.
 
 Parameter names follow Hugging Face (``q_proj``, ``gate_proj``, ``input_layernorm``)
 so that :mod:`labor_jax.hf` maps them almost one to one. Every parameter carries
@@ -12,15 +14,18 @@ device mesh); so do the main activations.
 
 from __future__ import annotations
 
-import re
+import math
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from labor_jax import attention as attention_lib
-from labor_jax.config import LlamaConfig, rope_inv_freq
+from labor_jax import labels
+from labor_jax import sharding as shard_lib
+from labor_jax.config import LlamaConfig
 
 Params = Any
 
@@ -56,7 +61,7 @@ class Linear(nn.Module):
                            (d_in, self.features), cfg.jnp_param_dtype)
     x_BTI = x_BTI.astype(cfg.jnp_dtype)
     y_BTO = _matmul(x_BTI, kernel_IO.astype(cfg.jnp_dtype))
-    if cfg.lora_rank and re.search(cfg.lora_targets, "/".join(self.scope.path)):
+    if cfg.lora_rank and labels.adapted("/".join(self.scope.path), cfg.lora_targets):
       r = cfg.lora_rank
       a_IR = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.normal(d_in ** -0.5),
                                                                (self.axes[0], "lora_rank")),
@@ -83,6 +88,27 @@ class RMSNorm(nn.Module):
     x32 = x_BTD.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
     return weight_D.astype(self.cfg.jnp_dtype) * x32.astype(self.cfg.jnp_dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Per-pair inverse RoPE frequencies [E // 2] in float32, as in HF's rope init functions
+  ("default", "linear" and "llama3" scaling)."""
+  dim = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  if config.rope_type == "linear":
+    inv = inv / config.rope_factor
+  elif config.rope_type == "llama3":
+    old_ctx = config.rope_original_max_position
+    low_wl = old_ctx / config.rope_low_freq_factor
+    high_wl = old_ctx / config.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / config.rope_factor, inv)
+    smooth = (old_ctx / wavelen - config.rope_low_freq_factor) / (
+        config.rope_high_freq_factor - config.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
 
 
 def _rotate_half(x):
@@ -126,7 +152,8 @@ class Attention(nn.Module):
     k_BTKE = _apply_rope(k_BTKE, cos_BTE, sin_BTE)
     new_kv = KV(k_BTKE, v_BTKE)
     if tree is not None:
-      out_BTHE = _tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix, tree)
+      out_BTHE = attention_lib.tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix.k, prefix.v, tree.ancestors_LA,
+                                              tree.ancestor_ok_LA, tree.prefix_len_BG)
       out_BTD = _dense(cfg.hidden_size, "o_proj", ("q_heads", "embed"), cfg)(out_BTHE.reshape(b, t, h * e))
       return out_BTD, new_kv
     if prefix is not None:
@@ -139,29 +166,6 @@ class Attention(nn.Module):
     out_BTKGE = attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, blocks)
     out_BTD = _dense(cfg.hidden_size, "o_proj", ("q_heads", "embed"), cfg)(out_BTKGE.reshape(b, t, h * e))
     return out_BTD, new_kv
-
-
-def _tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix: KV, tree: Tree):
-  """Attention of G groups x L tree nodes to a per-row prefix and to their own root paths."""
-  b, t, h, e = q_BTHE.shape
-  k = k_BTKE.shape[2]
-  l = tree.ancestors_LA.shape[0]
-  g = t // l
-  q = q_BTHE.reshape(b, g, l, k, h // k, e)
-  ks, vs = k_BTKE.reshape(b, g, l, k, e), v_BTKE.reshape(b, g, l, k, e)
-  ks_anc, vs_anc = ks[:, :, tree.ancestors_LA], vs[:, :, tree.ancestors_LA]  # [b, g, L, A, K, E]
-  pk, pv = prefix.k.astype(ks.dtype), prefix.v.astype(vs.dtype)
-  n = pk.shape[1]
-  scale = e ** -0.5
-  s_pre = jnp.einsum("bglkqe,bnke->bkqgln", q, pk, preferred_element_type=jnp.float32) * scale
-  s_self = jnp.einsum("bglkqe,bglake->bkqgla", q, ks_anc, preferred_element_type=jnp.float32) * scale
-  pre_ok_BGN = jnp.arange(n)[None, None, :] < tree.prefix_len_BG[:, :, None]
-  s_pre = jnp.where(pre_ok_BGN[:, None, None, :, None, :], s_pre, attention_lib.NEG)
-  s_self = jnp.where(tree.ancestor_ok_LA, s_self, attention_lib.NEG)
-  probs = jax.nn.softmax(jnp.concatenate([s_pre, s_self], axis=-1), axis=-1).astype(vs.dtype)
-  out = (jnp.einsum("bkqgln,bnke->bglkqe", probs[..., :n], pv)
-         + jnp.einsum("bkqgla,bglake->bglkqe", probs[..., n:], vs_anc))
-  return out.reshape(b, t, h, e)
 
 
 class MLP(nn.Module):
@@ -239,7 +243,7 @@ def head_weight(config: LlamaConfig, params: Params) -> jax.Array | None:
   if config.tie_word_embeddings:
     return params["embed_tokens"]["embedding"].T
   head = params["lm_head"]
-  return head["kernel"] if set(head) == {"kernel"} else None
+  return None if labels.has_adapters(head) else head["kernel"]
 
 
 def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None,
@@ -319,8 +323,7 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
   if mesh is None:
     logits_BTV, kvs = apply()
   else:
-    from labor_jax.sharding import DEFAULT_RULES
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules or DEFAULT_RULES):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules or shard_lib.DEFAULT_RULES):
       logits_BTV, kvs = apply()
   return (logits_BTV, kvs) if return_kv else logits_BTV
 
@@ -389,3 +392,9 @@ def param_logical_axes(config: LlamaConfig) -> Params:
   """Logical axis names (a PartitionSpec of names) for every parameter."""
   boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
   return nn.get_partition_spec(boxed)
+
+
+def param_shardings(config: LlamaConfig, mesh: jax.sharding.Mesh,
+                    rules: shard_lib.Rules = shard_lib.DEFAULT_RULES) -> Params:
+  """NamedSharding of every parameter of ``config`` on ``mesh`` (through the logical-axis table)."""
+  return shard_lib.tree_shardings(param_shapes(config), param_logical_axes(config), mesh, rules)

@@ -9,7 +9,9 @@ The history is JSON (or a CSV in the panel format, one row per year, for one per
 
 ``occupation`` is a code or a title of the run's titles table. Everything but ``history``
 is optional; the next entry defaults to the year after the last one, with the last
-education. Probabilities are normalised over the run's occupation titles.
+education. The prompt is the worker's resume rendered as in training, with the next entry
+opened (data_pipeline.resume.Resume.prompt). Probabilities are normalised over the run's
+occupation titles.
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from labor_jax import runtime
+from data_pipeline import resume
+from data_pipeline.errors import PanelError
+from data_pipeline.panel import read_table, validate
+from data_pipeline.titles import TitleTable
+from data_pipeline.tokenizer import ResumeTokenizer
+from labor_jax import runtime, scorer
+from labor_jax.rundir import RunDir
 
 
-def load_history(path: str | Path, titles, dataset: str) -> tuple[pd.DataFrame, int, str | None]:
+def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd.DataFrame, int, str | None]:
   """(panel rows, next year, next education) from a JSON or CSV history file; ``dataset`` names
   the survey when the file does not."""
-  from data_pipeline.errors import PanelError
-  from data_pipeline.panel import validate, read_table
   path = Path(path)
   by_title = dict(zip(titles.titles, titles.codes))
   if path.suffix.lower() == ".json":
@@ -63,29 +69,25 @@ def load_history(path: str | Path, titles, dataset: str) -> tuple[pd.DataFrame, 
   return panel, next_year, next_edu
 
 
+def prompt_tokens(history: pd.DataFrame, titles: TitleTable, variant: str, tokenizer: ResumeTokenizer,
+                  next_year: int, next_education: str | None) -> np.ndarray:
+  """The tokens a prediction continues: the worker's resume (as rendered for training) with the
+  entry of ``next_year`` opened. They equal the training tokens before that entry's title."""
+  prompt = resume.render_person(history, titles, variant).prompt(next_year, next_education)
+  return tokenizer.encode_resume(prompt).ids
+
+
 def predict(run_dir: str | Path, history: str | Path, top_k: int = 5) -> list[tuple[str, float]]:
-  from data_pipeline import resume
-  from data_pipeline.titles import load_titles
-  from data_pipeline.tokenizer import ResumeTokenizer
-  from labor_jax import export, scorer
-  from labor_jax.evaluate import run_dataset_dir
-  run_dir = Path(run_dir)
-  data_dir = run_dataset_dir(run_dir)
-  titles = load_titles(data_dir / "titles.csv")
-  summary = json.loads((data_dir / "summary.json").read_text())
-  variant = summary.get("variant", "titles")
-  panel, next_year, next_edu = load_history(history, titles, (summary.get("datasets") or ["worker"])[0])
-  r = resume.render_person(panel, titles, variant)
-  prefix = f"{next_year} ({next_edu}):" if next_edu else f"{next_year}:"
-  r = resume.Resume(r.dataset, r.person_id, r.header,
-                    r.entries + (resume.Entry(next_year, prefix, " ?", titles.codes[0]),))
-  tok = ResumeTokenizer.from_dir(run_dir / "tokenizer")
-  ids = tok.encode_resume(r)
-  end = int(ids.title_spans[-1][0])
-  config, params, _ = export.load_run(run_dir)
-  tree = scorer.CandidateTree.for_titles(tok, titles, variant)
-  tokens = np.asarray(ids.ids[:end], np.int32)[None]
-  logp = scorer.score(config, params, tree, tokens, np.ones_like(tokens), np.asarray([[end]], np.int32),
+  """The ``top_k`` most likely next occupations (title, probability) of the worker in ``history``."""
+  run = RunDir(run_dir).check()
+  data = run.dataset()
+  titles = data.titles()
+  panel, next_year, next_edu = load_history(history, titles, (data.datasets or ["worker"])[0])
+  tok = run.tokenizer()
+  tokens = prompt_tokens(panel, titles, data.variant, tok, next_year, next_edu)[None]
+  config, params, _ = run.load_model()
+  tree = scorer.CandidateTree.for_titles(tok, titles, data.variant)
+  logp = scorer.score(config, params, tree, tokens, np.ones_like(tokens), np.asarray([[tokens.shape[1]]], np.int32),
                       normalize=True)[0, 0]
   p = np.exp(np.asarray(logp))
   order = np.argsort(-p)[:top_k]
@@ -93,13 +95,12 @@ def predict(run_dir: str | Path, history: str | Path, top_k: int = 5) -> list[tu
 
 
 def main(argv=None) -> int:
-  runtime.tune_malloc()  # before JAX starts its CPU thread pools
+  runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--history", required=True, help="worker history: JSON or panel-format CSV")
   ap.add_argument("--top-k", type=int, default=5)
   args = ap.parse_args(argv)
-  from data_pipeline.errors import PanelError
   try:
     top = predict(args.run, args.history, args.top_k)
   except (PanelError, FileNotFoundError) as e:

@@ -12,6 +12,10 @@ One fused pass (:func:`score`):
 ``score(config, params, tree, batch)`` is a pure JAX function: it jits, vmaps and
 differentiates (see tests/test_scorer.py), so economists can embed it in estimation code.
 :func:`naive_score` is the reference: every prompt + candidate run on its own, no cache.
+
+Shape suffixes: B workers, N resume tokens, T steps (entries), J candidate titles, K a
+candidate's tokens after its first, L tree nodes, A ancestors per node, E distinct
+(node, next token) edges, C workers per tree pass, R rows, D hidden size, V vocabulary.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline import resume
 from labor_jax import lora, model
 from labor_jax.config import LlamaConfig
 
@@ -88,7 +93,6 @@ class CandidateTree:
   @classmethod
   def for_titles(cls, tokenizer, titles, variant: str = "titles") -> "CandidateTree":
     """The tree of a titles table's candidates (title segment + entry terminator) under ``tokenizer``."""
-    from data_pipeline import resume
     return cls.build(tokenizer.candidate_tokens(resume.candidate_texts(titles, variant)))
 
   @property

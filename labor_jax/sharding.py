@@ -100,12 +100,6 @@ def tree_shardings(shapes: Any, logical: Any, mesh: Mesh, rules: Rules = DEFAULT
                                           is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def param_shardings(config, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-  """NamedSharding of every parameter of a Llama ``config`` on ``mesh``."""
-  from labor_jax import model
-  return tree_shardings(model.param_shapes(config), model.param_logical_axes(config), mesh, rules)
-
-
 def unsharded_params(params: Any, min_size: int = 2 ** 12) -> list[str]:
   """Paths of parameters with at least ``min_size`` elements that are fully replicated."""
   bad = []

@@ -2,7 +2,12 @@
 
 Every field has one comment saying what it does and its unit. Unknown keys, wrong
 types, a mesh that does not match the devices, or a batch the mesh cannot split fail
-with one line naming the key.
+with one line naming the key (:class:`labor_jax.config.ConfigError`, the package's one
+configuration error).
+
+:func:`model_config` is the one translation from a run config to the
+:class:`~labor_jax.config.LlamaConfig` it trains; the trainer, the memory planner and the
+benchmarks all call it.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from typing import Any
 
 import yaml
 
+from labor_jax.config import ConfigError, LlamaConfig
 
-class ConfigError(ValueError):
-  """A run configuration problem, reported before any compilation."""
+__all__ = ["ConfigError", "TrainConfig", "load", "model_config", "updated", "check_devices", "to_dict"]
 
 
 @dataclasses.dataclass
@@ -37,6 +42,13 @@ class ModelConfig:
   scan_layers: bool = False  # one scanned block over stacked weights (faster compiles, one layer's weights live)
   attention_query_block: int = 64  # causal attention skips masked key blocks, query blocks >= this long (0: off)
   loss_chunk: int | None = None  # positions per chunk of the fused head + loss; None: ~2^25 logits per chunk
+
+
+# ModelConfig fields that describe the architecture of a model trained from scratch; the rest
+# is numeric policy, applied to every model (from scratch, model.hf_path or model.init_from).
+_ARCHITECTURE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "rope_theta")
+_POLICY = ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_block", "loss_chunk")
 
 
 @dataclasses.dataclass
@@ -178,7 +190,19 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
       raise ConfigError(f"--set {item!r}: expected key=value")
     key, value = item.split("=", 1)
     _set(raw, key.strip(), yaml.safe_load(value))
-  cfg = _build(TrainConfig, raw)
+  return _validated(_build(TrainConfig, raw))
+
+
+def updated(cfg: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
+  """A copy of ``cfg`` with dotted-key changes (``{"model.init_from": path, "seed": 1}``), checked
+  like a YAML file's values."""
+  raw = to_dict(cfg)
+  for key, value in changes.items():
+    _set(raw, key, value)
+  return _validated(_build(TrainConfig, raw))
+
+
+def _validated(cfg: TrainConfig) -> TrainConfig:
   positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "data.seq_len": cfg.data.seq_len,
               "optim.grad_accum": cfg.optim.grad_accum, "mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
               "mesh.tensor": cfg.mesh.tensor, "log_every": cfg.log_every, "eval_every": cfg.eval_every,
@@ -190,7 +214,34 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     raise ConfigError(f"model.attention_query_block: must be >= 0, got {cfg.model.attention_query_block}")
   if cfg.model.loss_chunk is not None and cfg.model.loss_chunk <= 0:
     raise ConfigError(f"model.loss_chunk: must be positive or null, got {cfg.model.loss_chunk}")
+  if cfg.model.hf_path and cfg.model.init_from:
+    raise ConfigError("model.hf_path and model.init_from are exclusive")
+  if cfg.lora.enabled and cfg.lora.rank <= 0:
+    raise ConfigError(f"lora.rank: must be positive, got {cfg.lora.rank}")
   return cfg
+
+
+def model_config(cfg: TrainConfig, base: LlamaConfig | None = None, *, vocab_size: int | None = None,
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None) -> LlamaConfig:
+  """The :class:`LlamaConfig` a run trains.
+
+  Architecture: ``base`` (a Hugging Face ``config.json``, an earlier run's model, a preset),
+  or from scratch the ``model.*`` sizes with ``vocab_size`` (default ``data.vocab_size``) and
+  the tokenizer's special ids. Numeric policy (dtypes, remat, scanned layers, attention block,
+  loss chunk): always ``model.*``. Adapters: ``lora.*`` when enabled (a base's own adapters are
+  replaced; merge them first).
+  """
+  m = cfg.model
+  policy = {k: getattr(m, k) for k in _POLICY}
+  if base is None:
+    config = LlamaConfig(vocab_size=vocab_size or cfg.data.vocab_size, bos_token_id=bos_id, eos_token_id=eos_id,
+                         pad_token_id=pad_id, **{k: getattr(m, k) for k in _ARCHITECTURE}, **policy)
+  else:
+    config = base.replace(**policy)
+  if cfg.lora.enabled:
+    config = config.replace(lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                            lora_targets=cfg.lora.targets)
+  return config
 
 
 def check_devices(cfg: TrainConfig, n_devices: int, n_processes: int):

@@ -1,17 +1,17 @@
-"""The pure pieces of fine-tuning: loss, trainable-parameter labels, optimizer, sharded state, step.
+"""The pure pieces of fine-tuning: loss, optimizer, sharded state, train and eval steps.
 
-Freezing is one label tree: a regex over parameter paths ("layers_.*/self_attn/.*") marks
-what trains; everything else is "frozen" and goes through ``optax.set_to_zero`` inside
-``optax.multi_transform``, so it keeps no optimizer state. The train state is created
-already sharded (``jax.jit`` of the initialiser with ``out_shardings``), and the step is
-jitted once with explicit in/out shardings and the state donated.
+Freezing is one label tree (:mod:`labor_jax.labels`): leaves labelled FROZEN go through
+``optax.set_to_zero`` inside ``optax.multi_transform``, so they keep no optimizer state, and
+get no weight gradient. The train state is created already sharded (``jax.jit`` of the
+initialiser with ``out_shardings``), and the step is jitted once with explicit in/out
+shardings and the state donated.
 
-The trainer around these pieces (config, data, checkpoints, logging) is labor_jax.train.
+The trainer around these pieces (config, data, checkpoints, logging) is labor_jax.trainer.
+Shape suffixes: B batch, T positions, V vocabulary, D hidden size.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import flax
@@ -23,9 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from labor_jax import losses, model
 from labor_jax import sharding as shard_lib
 from labor_jax.config import LlamaConfig
-
-TRAIN, FROZEN = "train", "frozen"
-DEFAULT_LOSS_CHUNK = None  # positions per chunk of the fused head + loss; None: by logits size
+from labor_jax.labels import FROZEN, TRAIN, path_str
 
 
 @flax.struct.dataclass
@@ -34,24 +32,6 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key data (jax.random.key_data), folded with the step for dropout
-
-
-def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
-def trainable_labels(params: Any, pattern: str | None) -> Any:
-  """TRAIN where the parameter path matches ``pattern`` (all when None), else FROZEN."""
-  rx = None if pattern is None else re.compile(pattern)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: TRAIN if rx is None or rx.search(path_str(p)) else FROZEN, params)
-
-
-def trainable_fraction(params: Any, labels: Any) -> float:
-  sizes = jax.tree.leaves(jax.tree.map(lambda x, l: (x.size, l == TRAIN), params, labels),
-                          is_leaf=lambda x: isinstance(x, tuple))
-  total = sum(s for s, _ in sizes)
-  return sum(s for s, t in sizes if t) / total
 
 
 def make_optimizer(labels: Any, *, lr: float | optax.Schedule, weight_decay: float = 0.0,
@@ -69,11 +49,11 @@ def make_optimizer(labels: Any, *, lr: float | optax.Schedule, weight_decay: flo
 
 def loss_sums(config: LlamaConfig, params: Any, batch: dict[str, jax.Array],
               dropout_rng: jax.Array | None = None, mesh: Mesh | None = None, *,
-              loss_chunk: int | None = DEFAULT_LOSS_CHUNK, head_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+              head_grad: bool = True) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropy over ``loss_mask``, number of loss tokens).
 
   The head and the loss run fused (:func:`labor_jax.losses.linear_cross_entropy`,
-  ``loss_chunk`` positions at a time), so the [B, T, V] logits are never materialised;
+  ``config.loss_chunk`` positions at a time), so the [B, T, V] logits are never materialised;
   ``head_grad=False`` skips the head's weight gradient (a frozen head). A head with LoRA
   adapters goes through the plain logits path instead.
   """
@@ -86,7 +66,7 @@ def loss_sums(config: LlamaConfig, params: Any, batch: dict[str, jax.Array],
     xent_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     return (xent_BT * mask_BT).sum(), mask_BT.sum()
   x_BTD = model.forward(config, params, batch["inputs"], return_hidden=True, **kwargs)
-  total = losses.linear_cross_entropy(x_BTD, w_DV, batch["targets"], mask_BT, loss_chunk, head_grad,
+  total = losses.linear_cross_entropy(x_BTD, w_DV, batch["targets"], mask_BT, config.loss_chunk, head_grad,
                                       config.jnp_dtype)
   return total, mask_BT.sum()
 
@@ -102,7 +82,7 @@ def head_trainable(config: LlamaConfig, labels: Any) -> bool:
 def state_shardings(config: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules: shard_lib.Rules = shard_lib.DEFAULT_RULES) -> TrainState:
   """NamedShardings of the whole train state: optimizer moments follow their parameters."""
-  param_sh = shard_lib.param_shardings(config, mesh, rules)
+  param_sh = model.param_shardings(config, mesh, rules)
   shapes = model.param_shapes(config)
   opt_shapes = jax.eval_shape(optimizer.init, shapes)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -141,11 +121,10 @@ def batch_sharding(mesh: Mesh, rules: shard_lib.Rules = shard_lib.DEFAULT_RULES)
 
 def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, shardings: TrainState,
                     batch_sh: NamedSharding, *, labels: Any = None, grad_accum: int = 1,
-                    schedule: optax.Schedule | None = None, loss_chunk: int | None = DEFAULT_LOSS_CHUNK
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is donated.
 
-  ``labels`` (from :func:`trainable_labels`) stops gradients at frozen parameters, so their
+  ``labels`` (from :func:`labor_jax.labels.label_tree`) stops gradients at frozen parameters, so their
   weight gradients are never computed. ``grad_accum`` splits the batch into that many
   micro-batches, run one after another (``lax.scan``) with gradients summed before one
   optimizer update; the loss is the token-weighted mean over the whole batch either way.
@@ -160,8 +139,7 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
     def sums(params, mb, i):
       if labels is not None:
         params = jax.tree.map(lambda p, l: p if l == TRAIN else jax.lax.stop_gradient(p), params, labels)
-      return loss_sums(config, params, mb, jax.random.fold_in(rng, i), mesh=batch_sh.mesh, loss_chunk=loss_chunk,
-                       head_grad=head_grad)
+      return loss_sums(config, params, mb, jax.random.fold_in(rng, i), mesh=batch_sh.mesh, head_grad=head_grad)
 
     def body(carry, xs):
       g_acc, loss_acc, tok_acc = carry
@@ -189,11 +167,10 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
                  donate_argnames=("state",))
 
 
-def make_eval_step(config: LlamaConfig, shardings: TrainState, batch_sh: NamedSharding,
-                   loss_chunk: int | None = DEFAULT_LOSS_CHUNK):
+def make_eval_step(config: LlamaConfig, shardings: TrainState, batch_sh: NamedSharding):
   """``eval_step(params, batch) -> (loss sum, tokens)``, jitted."""
   replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-  return jax.jit(lambda p, b: loss_sums(config, p, b, mesh=batch_sh.mesh, loss_chunk=loss_chunk),
+  return jax.jit(lambda p, b: loss_sums(config, p, b, mesh=batch_sh.mesh),
                  in_shardings=(shardings.params, batch_sh),
                  out_shardings=(replicated, replicated))
 

@@ -19,7 +19,7 @@ def main():
   ap.add_argument("--occupations", type=int, default=330)
   args = ap.parse_args()
 
-  from data_pipeline import build, simulator
+  from data_pipeline import dataset_dir, simulator
   from data_pipeline.panel import validate
   from data_pipeline.titles import synthetic_titles
 
@@ -30,7 +30,7 @@ def main():
   panel, titles = validate(raw, "simulated", titles)
   t2 = time.perf_counter()
   with tempfile.TemporaryDirectory() as d:
-    info = build.build_dataset(panel, titles, os.path.join(d, "out"), source="simulated")
+    info = dataset_dir.build_dataset(panel, titles, os.path.join(d, "out"), source="simulated")
   t3 = time.perf_counter()
   sec = info["seconds"]
   n = len(panel)

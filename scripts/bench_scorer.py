@@ -12,6 +12,8 @@ token-count bound (tokens the naive method runs / tokens the fused pass runs):
   all titles per prompt (how lm-eval-harness scores multiple choice).
 
   python scripts/bench_scorer.py --workers 32 --steps 8 --titles 330
+
+Shape suffix: L tree nodes.
 """
 
 import argparse

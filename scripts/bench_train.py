@@ -37,7 +37,7 @@ def main():
   import numpy as np
   import torch
 
-  from labor_jax import lora, sharding, train_core
+  from labor_jax import labels, lora, sharding, train_core
 
   torch.set_num_threads(args.threads)
   layers, d, f, h, k, v, b, t = SIZES[args.size]
@@ -52,11 +52,11 @@ def main():
 
   # labor_jax
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  labels = train_core.trainable_labels(params, None)
-  opt = train_core.make_optimizer(labels, lr=1e-3, weight_decay=0.01, clip_norm=1.0)
+  label_tree = labels.label_tree(params, None)
+  opt = train_core.make_optimizer(label_tree, lr=1e-3, weight_decay=0.01, clip_norm=1.0)
   sh = train_core.state_shardings(config, opt, mesh)
   state = train_core.create_state(config, opt, sh, jax.random.key(0), params=params)
-  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=labels)
+  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=label_tree)
   state, m = step(state, batches[0])
   m["loss"].block_until_ready()
   jax_times, jax_losses = [], []
@@ -96,12 +96,12 @@ def main():
   print(f"ratio labor_jax / PyTorch = {tt / tj:.2f}x")
   full_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
   lcfg, lparams = lora.add_adapters(config, jax.tree.map(np.asarray, state.params), jax.random.key(1), rank=8)
-  llabels = train_core.trainable_labels(lparams, lora.LORA_PATTERN)
+  llabels = labels.label_tree(lparams, labels.ADAPTERS)
   lopt = train_core.make_optimizer(llabels, lr=1e-3)
   lora_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(lopt.init, lparams)))
   print(f"optimizer state: full fine-tuning {full_bytes / 2 ** 20:.1f} MiB, LoRA r=8 on attention "
         f"{lora_bytes / 2 ** 20:.2f} MiB ({full_bytes / lora_bytes:.0f}x less; trainable "
-        f"{100 * train_core.trainable_fraction(lparams, llabels):.2f}%)")
+        f"{100 * labels.trainable_fraction(lparams, llabels):.2f}%)")
 
 
 if __name__ == "__main__":

@@ -30,30 +30,23 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from labor_jax import config as config_lib, lora, sharding, train_config, train_core
+  from labor_jax import config as config_lib, labels, sharding, train_config, train_core
 
   cfg = train_config.load(args.config, args.set)
   train_config.check_devices(cfg, jax.device_count(), 1)
-  m = cfg.model
-  policy = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
   if args.preset:
-    config = config_lib.preset(args.preset, **policy)
-  elif m.hf_path:
-    config = config_lib.LlamaConfig.from_hf_file(os.path.join(m.hf_path, "config.json"), **policy)
+    base = config_lib.preset(args.preset)
+  elif cfg.model.hf_path:
+    base = config_lib.LlamaConfig.from_hf_file(os.path.join(cfg.model.hf_path, "config.json"))
   else:  # from scratch: the config's sizes, the dataset's vocabulary size
-    config = config_lib.LlamaConfig(
-        vocab_size=cfg.data.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings, **policy)
+    base = None
+  config = train_config.model_config(cfg, base)
   if args.layers:
     config = config.replace(num_hidden_layers=args.layers)
-  if cfg.lora.enabled:
-    config = config.replace(lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                            lora_targets=cfg.lora.targets)
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   shapes = train_core.model.param_shapes(config)
-  labels = train_core.trainable_labels(shapes, lora.LORA_PATTERN if cfg.lora.enabled else None)
-  optimizer = train_core.make_optimizer(labels, lr=1e-4, clip_norm=cfg.optim.clip_norm or None)
+  label_tree = labels.run_labels(shapes, cfg.lora.enabled)
+  optimizer = train_core.make_optimizer(label_tree, lr=1e-4, clip_norm=cfg.optim.clip_norm or None)
   sh = train_core.state_shardings(config, optimizer, mesh)
   abstract_state = jax.eval_shape(lambda: train_core.TrainState(
       step=jnp.zeros((), jnp.int32), params=shapes, opt_state=optimizer.init(shapes),
@@ -63,14 +56,14 @@ def main():
   b, t = cfg.batch_size, cfg.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_sh)
            for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-  step = train_core.make_train_step(config, optimizer, sh, batch_sh, labels=labels, grad_accum=cfg.optim.grad_accum)
+  step = train_core.make_train_step(config, optimizer, sh, batch_sh, labels=label_tree, grad_accum=cfg.optim.grad_accum)
   t0 = time.perf_counter()
   compiled = step.lower(abstract_state, batch).compile()
   secs = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   gib = 2 ** 30
   n = config.num_params()
-  print(f"{args.config}: {args.preset or m.hf_path or 'from scratch'} ({n / 1e6:,.1f}M params, {config.param_dtype}), "
+  print(f"{args.config}: {args.preset or cfg.model.hf_path or 'from scratch'} ({n / 1e6:,.1f}M params, {config.param_dtype}), "
         f"{'LoRA r=%d' % cfg.lora.rank if cfg.lora.enabled else 'full'}, mesh {dict(mesh.shape)}, "
         f"batch {b} x {t}, remat={config.remat}; compiled in {secs:.0f}s on {args.devices} fake CPU devices")
   print(f"per device: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, outputs {mem.output_size_in_bytes / gib:.2f} GiB "

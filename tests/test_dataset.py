@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from data_pipeline import loader, nlsy, tfds_builder
+from data_pipeline import loader, nlsy
+from data_pipeline.dataset_dir import DatasetDir
 
 
 def test_embedded_panel_is_the_published_one():
@@ -23,7 +24,7 @@ def test_default_build_summary(nlsy_dataset, capsys):
 
 
 def test_tfds_examples_carry_tokens_and_spans(nlsy_dataset):
-  src = tfds_builder.data_source(nlsy_dataset / "labor_resumes" / "1.0.0", "test")
+  src = DatasetDir(nlsy_dataset).source("test")
   ex = src[0]
   assert len(ex["years"]) == len(ex["occupations"]) == len(ex["title_spans"]) == 8
   assert ex["title_spans"][0][0] > ex["entry_starts"][0]
@@ -33,7 +34,7 @@ def test_tfds_examples_carry_tokens_and_spans(nlsy_dataset):
 def _ds(nlsy_dataset, **kw):
   args = dict(seq_len=224, batch_size=4, seed=3)
   args.update(kw)
-  return loader.make_dataset(nlsy_dataset / "labor_resumes" / "1.0.0", "train", **args)
+  return loader.make_dataset(nlsy_dataset, "train", **args)
 
 
 def test_batches_and_history_loss_mask(nlsy_dataset):
@@ -83,3 +84,41 @@ def test_packing_puts_several_resumes_in_a_row(nlsy_dataset):
   assert b["segment_ids"].max() >= 2
   row = b["positions"][0][b["segment_ids"][0] == 2]
   np.testing.assert_array_equal(row, np.arange(len(row)))
+
+
+def test_prediction_prompt_is_the_training_prefix(nlsy_dataset, tmp_path):
+  """The tokens predict builds for a worker's history (a JSON file, as a user writes it) equal the
+  training tokens up to the title of the entry being predicted, for every entry of every
+  validation worker (entry 0, which has no history to give predict, through Resume.prompt)."""
+  import pandas as pd
+
+  from data_pipeline import resume
+  from labor_jax.predict import load_history, prompt_tokens
+  data = DatasetDir(nlsy_dataset)
+  panel, titles, tok = data.panel(), data.titles(), data.tokenizer()
+  people = {k: g.reset_index(drop=True) for k, g in panel.groupby(["dataset", "person_id"], sort=False)}
+  src = data.source("validation")
+  plain = lambda v: None if pd.isna(v) else v.item() if hasattr(v, "item") else v  # noqa: E731
+  # The header states each field once: the worker's first recorded value, as training renders it.
+  first = lambda col: plain(col.dropna().iloc[0]) if col.notna().any() else None  # noqa: E731
+  checked = 0
+  for i in range(len(src)):
+    ex = src[i]
+    rows = people[(ex["dataset"].decode(), ex["person_id"].decode())]
+    for t in range(len(ex["years"])):
+      want = ex["tokens"][:ex["title_spans"][t][0]]
+      year, edu = int(rows["year"][t]), rows["education"][t]
+      if t == 0:
+        got = tok.encode_resume(resume.render_person(rows, titles, data.variant).history(0).prompt(year, edu)).ids
+      else:
+        doc = {k: first(rows[k]) for k in ("dataset", "person_id", "sex", "race", "ethnicity", "region", "birth_year")}
+        doc.update(next_year=year, next_education=edu,
+                   history=[{"year": int(y), "education": e, "occupation": o}
+                            for y, e, o in zip(rows["year"][:t], rows["education"][:t], rows["occupation"][:t])])
+        f = tmp_path / "worker.json"
+        f.write_text(json.dumps(doc))
+        history, next_year, next_edu = load_history(f, titles, "unused")
+        got = prompt_tokens(history, titles, data.variant, tok, next_year, next_edu)
+      np.testing.assert_array_equal(got, want)
+      checked += 1
+  assert checked == len(src) * 8 > 0

@@ -18,8 +18,8 @@ def trained_run(tmp_path_factory, nlsy_dataset):
 
 
 def test_evaluate_writes_report_with_every_baseline(trained_run):
-  from labor_jax import evaluate
-  metrics = evaluate.evaluate(trained_run, "test")
+  from labor_jax import evaluation
+  metrics = evaluation.evaluate(trained_run, "test")
   out = trained_run / "eval_test"
   on_disk = json.loads((out / "metrics.json").read_text())
   assert on_disk["transitions"] == metrics["transitions"] > 0

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from labor_jax import attention, losses, model, sharding, train_core
+from labor_jax import attention, labels, losses, model, sharding, train_core
 from labor_jax.config import llama_tiny
 
 
@@ -79,7 +79,7 @@ def test_loss_sums_equals_the_logits_path(variant):
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * batch["loss_mask"])
 
   ref = jax.value_and_grad(plain)(params)
-  ours = jax.value_and_grad(lambda p: train_core.loss_sums(config, p, batch, loss_chunk=4)[0])(params)
+  ours = jax.value_and_grad(lambda p: train_core.loss_sums(config.replace(loss_chunk=4), p, batch)[0])(params)
   _close(ours, ref, 2e-5)
 
 
@@ -140,12 +140,12 @@ def test_sharded_step_with_blocks_and_chunks_matches_one_device():
            "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy()}
 
   def run(cfg, mesh, loss_chunk):
-    labels = train_core.trainable_labels(model.param_shapes(cfg), None)
-    opt = train_core.make_optimizer(labels, lr=3e-3)
+    cfg = cfg.replace(loss_chunk=loss_chunk)
+    label_tree = labels.label_tree(model.param_shapes(cfg), None)
+    opt = train_core.make_optimizer(label_tree, lr=3e-3)
     sh = train_core.state_shardings(cfg, opt, mesh)
     state = train_core.create_state(cfg, opt, sh, jax.random.key(0))
-    step = train_core.make_train_step(cfg, opt, sh, train_core.batch_sharding(mesh), labels=labels,
-                                      loss_chunk=loss_chunk)
+    step = train_core.make_train_step(cfg, opt, sh, train_core.batch_sharding(mesh), labels=label_tree)
     out = []
     for _ in range(3):
       state, m = step(state, batch)
@@ -176,11 +176,11 @@ def test_bfloat16_state_keeps_its_dtypes_across_steps():
   model once came out of step 1 with a float32 AdamW first moment)."""
   config = llama_tiny(param_dtype="bfloat16", dtype="bfloat16")
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  labels = train_core.trainable_labels(model.param_shapes(config), None)
-  opt = train_core.make_optimizer(labels, lr=1e-3, weight_decay=0.01)
+  label_tree = labels.label_tree(model.param_shapes(config), None)
+  opt = train_core.make_optimizer(label_tree, lr=1e-3, weight_decay=0.01)
   sh = train_core.state_shardings(config, opt, mesh)
   state = train_core.create_state(config, opt, sh, jax.random.key(0))
-  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=labels)
+  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=label_tree)
   tok = np.random.RandomState(0).randint(0, config.vocab_size, (2, 17)).astype(np.int32)
   batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((2, 16), np.int32),
            "segment_ids": np.ones((2, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))}

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labor_jax import hf, lora, model, sharding, train_core
+from labor_jax import hf, labels, lora, model, sharding, train_core
 from labor_jax.config import llama_tiny
 
 CONFIG = llama_tiny(vocab_size=128)
@@ -28,18 +28,18 @@ def test_fresh_adapters_leave_the_model_unchanged(base):
 def test_lora_trains_only_adapters_and_merges_exactly(base, tmp_path):
   cfg, params = lora.add_adapters(CONFIG, base, jax.random.key(1), rank=4, alpha=8.0,
                                   targets=r"(self_attn/(q|v)_proj|mlp/down_proj)")
-  labels = train_core.trainable_labels(params, lora.LORA_PATTERN)
-  frac = train_core.trainable_fraction(params, labels)
+  label_tree = labels.label_tree(params, labels.ADAPTERS)
+  frac = labels.trainable_fraction(params, label_tree)
   assert 0 < frac < 0.1
-  opt = train_core.make_optimizer(labels, lr=1e-2)
+  opt = train_core.make_optimizer(label_tree, lr=1e-2)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   sh = train_core.state_shardings(cfg, opt, mesh)
   state = train_core.create_state(cfg, opt, sh, jax.random.key(2), params=params)
-  full_opt = train_core.make_optimizer(train_core.trainable_labels(params, None), lr=1e-2)
+  full_opt = train_core.make_optimizer(labels.label_tree(params, None), lr=1e-2)
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
   full_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(full_opt.init, params)))
   assert opt_bytes < 0.1 * full_bytes
-  step = train_core.make_train_step(cfg, opt, sh, train_core.batch_sharding(mesh), labels=labels)
+  step = train_core.make_train_step(cfg, opt, sh, train_core.batch_sharding(mesh), labels=label_tree)
   rng = np.random.RandomState(0)
   tokens = rng.randint(0, 128, size=(4, 17)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((4, 16), np.int32),
@@ -58,9 +58,13 @@ def test_lora_trains_only_adapters_and_merges_exactly(base, tmp_path):
     hf.save(cfg, trained, tmp_path / "unmerged")
   out = hf.save(merged_cfg, merged, tmp_path / "merged")
   np.testing.assert_allclose(model.forward(*hf.load(out), x), model.forward(cfg, trained, x), atol=1e-5)
-  adapters = jax.tree_util.tree_leaves_with_path(lora.adapter_params(trained))
+  adapter_tree, frozen_tree = labels.split(trained, label_tree)
+  adapters = jax.tree_util.tree_leaves_with_path(adapter_tree)
   assert len(adapters) == 2 * 3 * 2  # 2 layers x (q, v, down) x (a, b)
   assert all(str(p[-1].key) in ("lora_a", "lora_b") for p, _ in adapters)
+  assert not any(labels.is_adapter(labels.path_str(p)) for p, _ in jax.tree_util.tree_leaves_with_path(frozen_tree))
+  rebuilt = labels.merge(adapter_tree, frozen_tree)
+  assert jax.tree.structure(rebuilt) == jax.tree.structure(trained)
 
 
 def test_dropout_only_with_an_rng(base):

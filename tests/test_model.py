@@ -115,7 +115,7 @@ def test_mesh_must_divide_dimensions(tiny, tmp_path):
   mesh = sharding.make_mesh(tensor=8)  # 2 kv heads * 16 = 32 columns split 8 ways is fine, vocab 256 too
   hf.load(tmp_path / "ck", mesh=mesh)
   with pytest.raises(sharding.ShardingError, match="not divisible"):
-    sharding.param_shardings(config.replace(intermediate_size=100), mesh)
+    model.param_shardings(config.replace(intermediate_size=100), mesh)
 
 
 def test_packed_segments_equal_separate_sequences(tiny):

@@ -11,11 +11,11 @@ from safetensors.numpy import load_file
 SCRIPT = r"""
 import sys
 import jax
-from labor_jax import hf, sharding, train
+from labor_jax import distributed, hf, sharding
 from labor_jax.train_config import DistributedConfig
 
 src, out, port, pid, scan = sys.argv[1:6]
-train.maybe_initialize_distributed(DistributedConfig(
+distributed.initialize(DistributedConfig(
     initialize=True, coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(pid)))
 mesh = sharding.make_mesh(fsdp=2, tensor=2)
 config, params = hf.load(src, mesh=mesh, scan_layers=scan == "1")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,10 +26,14 @@ def _args(run_dir, data_dir, *extra):
   return out
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def _spawn(run_dir, data_dir, *extra, devices=1, sleep=0.0):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             LABOR_JAX_DEBUG_STEP_SLEEP=str(sleep))
-  return subprocess.Popen([sys.executable, "-m", "labor_jax.train", *_args(run_dir, data_dir, *extra)],
+  """``python -m labor_jax.train`` in a subprocess; ``sleep`` > 0 paces every step (tests.paced_train)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  cmd = ["-m", "labor_jax.train"] if not sleep else ["-m", "tests.paced_train", str(sleep)]
+  return subprocess.Popen([sys.executable, *cmd, *_args(run_dir, data_dir, *extra)], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -59,6 +64,16 @@ def test_config_errors_fail_before_compiling(tmp_path, nlsy_dataset, capsys, ove
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and needle in err
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_hugging_face_config_is_a_config_error(tmp_path, nlsy_dataset, capsys):
+  """A config.json labor_jax cannot represent stops the trainer like any config error: one line, exit 2."""
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 100}')
+  args = _args(tmp_path / "run", nlsy_dataset, "batch_size=8", "mesh.data=8", f"model.hf_path={tmp_path / 'hf'}")
+  assert train.main(args) == train.EXIT_CONFIG
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "model_type='gpt2' is not supported" in err and "config.json" in err
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +185,14 @@ def test_lora_scanned_run_exports_merged_checkpoint_that_pytorch_loads(tmp_path,
   import transformers
 
   from labor_jax import export, lora, model
+  from labor_jax.rundir import RunDir
   run_dir = tmp_path / "run"
   code, out, err = _run(run_dir, nlsy_dataset, "steps=3", "ckpt_every=3", "eval_every=3", "lora.enabled=true",
                         "lora.rank=4", "model.scan_layers=true", "model.remat=true")
   assert code == 0, err
   assert "LoRA r=4" in out and "trainable" in out
   assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
-  config, params, _ = export.load_run(run_dir)
+  config, params, _ = RunDir(run_dir).load_model()
   merged_cfg, merged = lora.merge(config, params)
   tokens = np.arange(1, 21, dtype=np.int64)[None]
   ours = np.asarray(model.forward(config, params, tokens))

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from labor_jax import sharding, train_core
+from labor_jax import labels, sharding, train_core
 from labor_jax.config import llama_tiny
 
 CONFIG = llama_tiny(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -21,16 +21,16 @@ def _batch(step):
 
 
 def _train(mesh, pattern=None, steps=3, grad_accum=1, config=CONFIG):
-  labels = train_core.trainable_labels(jax.eval_shape(lambda: train_core.model.init_params(config, jax.random.key(0))),
-                                       pattern)
-  opt = train_core.make_optimizer(labels, lr=3e-3, weight_decay=0.01)
+  label_tree = labels.label_tree(jax.eval_shape(lambda: train_core.model.init_params(config, jax.random.key(0))),
+                                 pattern)
+  opt = train_core.make_optimizer(label_tree, lr=3e-3, weight_decay=0.01)
   sh = train_core.state_shardings(config, opt, mesh)
   params = None
   if config.scan_layers:  # the same initial weights as the unrolled reference
     params = train_core.model.stack_layers(
         train_core.model.init_params(CONFIG, jax.random.split(jax.random.key(0))[0]), config.num_hidden_layers)
   state = train_core.create_state(config, opt, sh, jax.random.key(0), params=params)
-  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=labels,
+  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=label_tree,
                                     grad_accum=grad_accum)
   losses = []
   for _ in range(steps):
@@ -66,8 +66,8 @@ def test_frozen_parameters_keep_no_optimizer_state_and_do_not_move(reference):
                                 start.params["layers_0"]["mlp"]["up_proj"]["kernel"])
   assert not np.array_equal(state.params["layers_0"]["self_attn"]["q_proj"]["kernel"],
                             start.params["layers_0"]["self_attn"]["q_proj"]["kernel"])
-  labels = train_core.trainable_labels(state.params, r"layers_\d+/self_attn/")
-  frac = train_core.trainable_fraction(state.params, labels)
+  label_tree = labels.label_tree(state.params, r"layers_\d+/self_attn/")
+  frac = labels.trainable_fraction(state.params, label_tree)
   attn = sum(x.size for k, l in state.params.items() if k.startswith("layers_")
              for x in jax.tree.leaves(l["self_attn"]))
   assert frac == pytest.approx(attn / sum(x.size for x in jax.tree.leaves(state.params)))
@@ -75,8 +75,8 @@ def test_frozen_parameters_keep_no_optimizer_state_and_do_not_move(reference):
 
 def test_optimizer_moments_follow_parameter_shardings():
   mesh = sharding.make_mesh(fsdp=4, tensor=2)
-  labels = train_core.trainable_labels(train_core.model.param_shapes(CONFIG), None)
-  sh = train_core.state_shardings(CONFIG, train_core.make_optimizer(labels, lr=1e-3), mesh)
+  label_tree = labels.label_tree(train_core.model.param_shapes(CONFIG), None)
+  sh = train_core.state_shardings(CONFIG, train_core.make_optimizer(label_tree, lr=1e-3), mesh)
   specs = {s.spec for s in jax.tree.leaves(sh.opt_state)}
   assert jax.sharding.PartitionSpec("fsdp", "tensor") in specs  # q_proj's moments
   n_params = len(jax.tree.leaves(sh.params))

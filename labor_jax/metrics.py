@@ -1,0 +1,42 @@
+"""What evaluation reports for one model: perplexities and the move/stay task.
+
+``model_metrics(probs_NJ, table)`` scores a [N, J] matrix of next-occupation probabilities
+against a transition table (:func:`labor_jax.baselines.transition_table`: N rows of
+``occ``, ``prev``, ``t``, ``dataset``). N transitions, J occupations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+
+def perplexity(logp: np.ndarray) -> float:
+  """exp(-mean log P); NaN for no rows."""
+  return float(math.exp(-np.mean(logp))) if len(logp) else float("nan")
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+  return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def model_metrics(probs_NJ: np.ndarray, table: pd.DataFrame) -> dict:
+  """Perplexity overall, for stays and moves, by dataset and by years of history; the move task
+  (P(move) = 1 - P(same occupation)): log-loss and AUC."""
+  y = table["occ"].to_numpy()
+  rows = np.arange(len(y))
+  lp = np.log(np.clip(probs_NJ[rows, y], 1e-12, None))
+  stay = (table["prev"].to_numpy() == y)
+  p_move = np.clip(1 - probs_NJ[rows, table["prev"].to_numpy()], 1e-6, 1 - 1e-6)
+  moved = (~stay).astype(float)
+  return {
+      "perplexity": perplexity(lp), "n": int(len(y)),
+      "perplexity_stays": perplexity(lp[stay]), "perplexity_moves": perplexity(lp[~stay]),
+      "by_dataset": {d: perplexity(lp[table["dataset"].to_numpy() == d]) for d in sorted(table["dataset"].unique())},
+      "by_history_years": {int(t): perplexity(lp[table["t"].to_numpy() == t]) for t in sorted(table["t"].unique())},
+      "move_logloss": float(-np.mean(moved * np.log(p_move) + (1 - moved) * np.log(1 - p_move))),
+      "move_auc": auc(moved, p_move),
+  }

@@ -1,0 +1,130 @@
+"""The run directory: its layout, its writers and its readers, in one place.
+
+A ``labor_jax.train`` run directory holds::
+
+  RUN/
+    config.yaml         the resolved run config (labor_jax.train_config.TrainConfig)
+    model_config.json   the LlamaConfig that was trained (adapters included)
+    tokenizer/          the dataset's tokenizer files
+    data/               the embedded NLSY dataset, when the config names no data.dataset_dir
+    checkpoints/        orbax checkpoints (labor_jax.checkpoint)
+    metrics.jsonl       one JSON line per step (loss, lr, grad norm, tokens/s, validation loss, batch CRC)
+    tb/                 TensorBoard events
+    summary.json        final step, losses, parameter counts
+    eval_<split>/       written by labor_jax.evaluate
+
+The trainer writes it through :class:`RunDir`; evaluation, prediction, export and the main
+job read it through :class:`RunDir` (the model at a step, the tokenizer, the dataset the run
+used). The dataset side of the contract is :class:`data_pipeline.dataset_dir.DatasetDir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.dataset_dir import DatasetDir
+from data_pipeline.tokenizer import ResumeTokenizer
+from labor_jax import checkpoint, model, train_config
+from labor_jax.config import LlamaConfig
+
+CONFIG = "config.yaml"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer"
+DATA = "data"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+EVENTS = "tb"
+SUMMARY = "summary.json"
+
+
+class RunDir:
+  """One training run's directory (see the module docstring for its layout)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+
+  def __repr__(self):
+    return f"RunDir({str(self.path)!r})"
+
+  @property
+  def checkpoints(self) -> Path:
+    return self.path / CHECKPOINTS
+
+  @property
+  def metrics_file(self) -> Path:
+    return self.path / METRICS
+
+  @property
+  def events_dir(self) -> Path:
+    return self.path / EVENTS
+
+  @property
+  def tokenizer_dir(self) -> Path:
+    return self.path / TOKENIZER
+
+  def eval_dir(self, split: str) -> Path:
+    return self.path / f"eval_{split}"
+
+  # ------------------------------------------------------------------ readers
+  def check(self) -> "RunDir":
+    if not (self.path / MODEL_CONFIG).exists():
+      raise FileNotFoundError(f"{self.path}: no {MODEL_CONFIG} (not a labor_jax.train run directory)")
+    return self
+
+  def train_config(self) -> train_config.TrainConfig:
+    return train_config.load(self.path / CONFIG)
+
+  def model_config(self) -> LlamaConfig:
+    self.check()
+    return LlamaConfig(**json.loads((self.path / MODEL_CONFIG).read_text()))
+
+  def tokenizer(self) -> ResumeTokenizer:
+    return ResumeTokenizer.from_dir(self.tokenizer_dir)
+
+  def dataset(self) -> DatasetDir:
+    """The dataset the run trained on: ``data.dataset_dir``, or the one built into ``RUN/data``."""
+    return dataset_of(self.train_config(), self.path)
+
+  def load_model(self, step: int | str | None = "best") -> tuple[LlamaConfig, Any, int]:
+    """(config, params, step) of a checkpoint, in the per-layer layout, LoRA adapters still separate.
+
+    ``step``: an int, "best" (lowest validation loss; the newest when none has one) or None
+    for the newest."""
+    config = self.model_config()
+    step, params = checkpoint.restore_params(self.checkpoints, step)
+    if config.scan_layers:  # scoring and export work on per-layer params
+      config, params = config.replace(scan_layers=False), model.unstack_layers(params)
+    return config, params, step
+
+  def metrics(self) -> list[dict]:
+    return [json.loads(line) for line in self.metrics_file.read_text().splitlines()]
+
+  # ------------------------------------------------------------------ writers
+  def write_config(self, cfg: train_config.TrainConfig) -> None:
+    self.path.mkdir(parents=True, exist_ok=True)
+    (self.path / CONFIG).write_text(yaml.safe_dump(train_config.to_dict(cfg), sort_keys=False))
+
+  def write_model_config(self, config: LlamaConfig) -> None:
+    (self.path / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+  def copy_tokenizer(self, dataset: DatasetDir) -> None:
+    shutil.copytree(dataset.tokenizer_dir, self.tokenizer_dir, dirs_exist_ok=True)
+
+  def append_metrics(self, record: dict) -> None:
+    with self.metrics_file.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def write_summary(self, summary: dict) -> None:
+    (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def dataset_of(cfg: train_config.TrainConfig, run_dir: str | os.PathLike) -> DatasetDir:
+  """The dataset a run config trains on (``data.dataset_dir``, else ``RUN/data``)."""
+  return DatasetDir(cfg.data.dataset_dir) if cfg.data.dataset_dir else DatasetDir(Path(run_dir) / DATA)
