@@ -5,6 +5,7 @@ then renamed; nothing is left if any step fails)::
 
   DIR/
     summary.json          workers, person-years, transitions, stay rate, splits, template, tokens per resume
+    lengths.npz           per split: tokens per resume and where each entry ends (truncation checks)
     panel.parquet         the validated panel with a `split` column (for the baselines)
     titles.csv            code,title in candidate order
     tokenizer/            tokenizer.model (trained here) or the model's tokenizer files
@@ -12,7 +13,8 @@ then renamed; nothing is left if any step fails)::
 
 Everything that reads a dataset (the trainer, evaluation, prediction, the loader) goes
 through :class:`DatasetDir`; ``data_pipeline.build`` is the command line around
-:func:`build_dataset`.
+:func:`build_dataset`. A dataset may be read from a URL (``gs://...``, through
+``etils.epath``, which needs ``gcsfs`` for Cloud Storage); it is built locally.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from etils import epath
 
 from data_pipeline import nlsy, resume, splits as split_lib, tfds_builder
 from data_pipeline.panel import summary, validate
@@ -37,6 +40,7 @@ SUMMARY = "summary.json"
 PANEL = "panel.parquet"
 TITLES = "titles.csv"
 TOKENIZER = "tokenizer"
+LENGTHS = "lengths.npz"
 
 
 class DatasetDir:
@@ -44,17 +48,17 @@ class DatasetDir:
   (one line) when ``path`` is not one."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = Path(path)
+    self.path = epath.Path(path)
 
   def __repr__(self):
     return f"DatasetDir({str(self.path)!r})"
 
   @property
-  def tfds_dir(self) -> Path:
+  def tfds_dir(self) -> epath.Path:
     return self.path / tfds_builder.NAME / tfds_builder.VERSION
 
   @property
-  def tokenizer_dir(self) -> Path:
+  def tokenizer_dir(self) -> epath.Path:
     return self.path / TOKENIZER
 
   def check(self) -> "DatasetDir":
@@ -76,17 +80,45 @@ class DatasetDir:
     return list(self.summary.get("datasets") or [])
 
   def titles(self) -> TitleTable:
-    return load_titles(self.path / TITLES)
+    return load_titles(self._local(self.path / TITLES))
 
   def panel(self) -> pd.DataFrame:
-    return pd.read_parquet(self.path / PANEL)
+    with (self.path / PANEL).open("rb") as f:
+      return pd.read_parquet(f)
 
   def tokenizer(self) -> ResumeTokenizer:
-    return ResumeTokenizer.from_dir(self.tokenizer_dir)
+    return ResumeTokenizer.from_dir(self._local(self.tokenizer_dir))
+
+  def _local(self, path: epath.Path):
+    """``path`` itself when local; a copy in a temporary directory when it is a URL (the
+    tokenizer libraries and pandas' CSV reader take local files)."""
+    if "://" not in str(path):
+      return Path(path)
+    local = Path(tempfile.mkdtemp(prefix="labor_jax_")) / path.name
+    if path.is_dir():
+      local.mkdir()
+      for f in path.iterdir():
+        f.copy(epath.Path(local / f.name))
+    else:
+      path.copy(epath.Path(local))
+    return local
 
   def source(self, split: str):
     """Random-access examples of ``split`` (grain-compatible ``__len__`` / ``__getitem__``)."""
     return tfds_builder.data_source(self.tfds_dir, split)
+
+  def lengths(self, split: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(tokens per resume [W], per resume the token offset where each entry ends) of ``split``,
+    from ``lengths.npz`` (read from the examples for datasets built before it existed)."""
+    f = self.path / LENGTHS
+    if f.exists():
+      with f.open("rb") as fh, np.load(fh) as z:
+        if f"{split}_tokens" in z:
+          tokens, ends, counts = z[f"{split}_tokens"], z[f"{split}_entry_ends"], z[f"{split}_entries"]
+          return tokens, np.split(ends, np.cumsum(counts)[:-1]) if len(counts) else []
+    src = self.source(split)
+    rows = [src[i] for i in range(len(src))]
+    return np.asarray([len(r["tokens"]) for r in rows], np.int64), [np.asarray(r["entry_starts"][1:]) for r in rows]
 
 
 def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
@@ -133,6 +165,10 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
     titles.to_csv(tmp.path / TITLES)
     panel.to_parquet(tmp.path / PANEL, index=False)
     lengths = [len(x["tokens"]) for rows in examples.values() for x in rows]
+    np.savez(tmp.path / LENGTHS, **{k: v for s, rows in examples.items() for k, v in (
+        (f"{s}_tokens", np.asarray([len(x["tokens"]) for x in rows], np.int32)),
+        (f"{s}_entry_ends", np.concatenate([x["entry_starts"][1:] for x in rows] or [np.zeros(0, np.int32)])),
+        (f"{s}_entries", np.asarray([len(x["entry_starts"]) - 1 for x in rows], np.int32)))})
     info = summary(panel)
     info.update({
         "source": source, "template": resume.TEMPLATE_VERSION, "variant": variant, "seed": seed,
@@ -140,7 +176,8 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
         "split_workers": {s: len(v) for s, v in examples.items()},
         "titles": len(titles), "titles_source": titles.source,
         "tokenizer": tok_source, "vocab_size": tok.vocab_size, "tokens": n_tokens,
-        "tokens_per_resume": {"mean": float(np.mean(lengths)), "max": int(np.max(lengths))},
+        "tokens_per_resume": {"mean": float(np.mean(lengths)), "p50": float(np.percentile(lengths, 50)),
+                              "p95": float(np.percentile(lengths, 95)), "max": int(np.max(lengths))},
         "seconds": {"render": t_render - t0, "tokenizer_training": t_tok_train - t_render,
                     "tokenize": t_tokenize - t_tok_train, "write_tfds": t_write - t_tokenize,
                     "total": time.perf_counter() - t0},
@@ -169,14 +206,15 @@ def build_default(out: str | Path, vocab_size: int = 1024) -> dict:
 
 
 def format_summary(info: dict) -> str:
+  t = info["tokens_per_resume"]
   return "\n".join([
       f"source:        {info['source']}",
       f"workers:       {info['workers']:,} ({', '.join(f'{k} {v:,}' for k, v in info['split_workers'].items())})",
       f"person-years:  {info['person_years']:,}  years {info['years'][0]}-{info['years'][1]}",
       f"transitions:   {info['transitions']:,}  stay rate {info['stay_rate']:.3f}  gaps {info['gaps']:,}",
       f"occupations:   {info['occupations_used']} used of {info['titles']} titles",
-      f"tokens:        {info['tokens']:,} (mean {info['tokens_per_resume']['mean']:.0f}/resume, "
-      f"max {info['tokens_per_resume']['max']}), vocab {info['vocab_size']}, {info['tokenizer']}",
+      f"tokens:        {info['tokens']:,}, per resume mean {t['mean']:.0f}, p50 {t.get('p50', float('nan')):.0f}, "
+      f"p95 {t.get('p95', float('nan')):.0f}, max {t['max']}; vocab {info['vocab_size']}, {info['tokenizer']}",
       f"template:      {info['template']} ({info['variant']})",
       f"time:          {info['seconds']['total']:.1f}s",
   ])

@@ -27,8 +27,19 @@ LOSS_ON = ("all", "history")
 _FIELDS = ("inputs", "targets", "loss_mask")
 
 
+def truncation(dataset: DatasetDir, split: str, seq_len: int) -> dict[str, int]:
+  """How much of ``split`` rows of ``seq_len`` tokens cut: a resume of N tokens needs
+  N - 1 <= seq_len (inputs are tokens[:-1], targets tokens[1:]); an entry is cut when its last
+  token falls past that. Returns counts of resumes and entries, total and cut."""
+  tokens, entry_ends = dataset.lengths(split)
+  limit = seq_len + 1  # tokens a row holds, inputs and targets together
+  cut_entries = sum(int((e > limit).sum()) for e in entry_ends)
+  return {"resumes": int(len(tokens)), "cut_resumes": int((tokens > limit).sum()),
+          "entries": int(sum(len(e) for e in entry_ends)), "cut_entries": cut_entries}
+
+
 def _example(record: dict, seq_len: int, loss_on: str) -> dict[str, np.ndarray]:
-  tokens = np.asarray(record["tokens"], np.int32)[: seq_len + 1]
+  tokens = np.asarray(record["tokens"], np.int32)[: seq_len + 1]  # cut, counted by truncation()
   if loss_on == "history":
     hist = np.zeros(len(record["tokens"]), np.int32)
     hist[int(record["entry_starts"][0]):] = 1

@@ -1,24 +1,59 @@
-"""Orbax checkpoints of the train state and the grain iterator, with a fallback for bad ones.
+"""Orbax checkpoints of the train state and the grain iterator, restored only when they fit the run.
 
 One CheckpointManager under ``RUN/checkpoints``: the last ``keep`` steps are kept, and so is
 the best step by validation loss (``AnyPreservationPolicy`` of ``LatestN`` and ``BestN``).
-Each step holds ``state`` (params, optimizer state, step, RNG; restored straight into its
-shardings) and ``data`` (every process's grain iterator state).
+Each step holds ``state`` (the trainable parameters, optimizer state, step, RNG; restored
+straight into their shardings) and ``data`` (every process's grain iterator state). Frozen
+parameters (the base model under LoRA) are not in the steps: they are written once, to
+``RUN/frozen`` (:func:`save_frozen`), and every restore rebuilds the model from both.
+
+Restoring is strict (:func:`restore_latest`):
+
+* the step's saved tree, shapes and dtypes are compared with the run's before anything is
+  read; a difference (a changed hidden size, LoRA rank, dtype...) raises
+  :class:`CheckpointMismatch` naming the first differing leaf, and every checkpoint stays;
+* only a step that is really incomplete or damaged (no commit marker, a missing, truncated
+  or unparsable file) is set aside as ``<step>.unreadable``, with the bad file named, and
+  the previous step is tried;
+* any other error (permissions, I/O, memory) propagates: nothing is moved.
+
+Paths may be local or any URL orbax / etils accept (``gs://bucket/run``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import json
+import re
+from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from labor_jax.config import ConfigError
+from labor_jax.labels import path_str
 
-def manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+COMMIT_MARKER = "_CHECKPOINT_METADATA"  # written by orbax when a step is complete
+ITEMS = ("state", "data")
+# tensorstore status codes that mean the step's own files are missing, truncated or corrupt.
+_DAMAGE_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
+_FILE_IN_MESSAGE = re.compile(r'(?:local file|file) "([^"]+)"')
+
+
+class CheckpointMismatch(ConfigError):
+  """A checkpoint that holds another model or state than the run builds (exit code 2)."""
+
+
+def as_path(path) -> epath.Path:
+  """A local path made absolute, or a URL (``gs://...``) kept as it is."""
+  p = epath.Path(path)
+  return p if "://" in str(path) else epath.Path(p.absolute())
+
+
+def manager(directory, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   policy = cm.AnyPreservationPolicy([
       cm.LatestN(n=keep),
       # reverse=True: BestN keeps the end of the sorted order, so sort descending to keep the lowest loss.
@@ -28,7 +63,11 @@ def manager(directory: str | Path, keep: int, async_save: bool = True) -> ocp.Ch
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
                                          cleanup_tmp_directories=True, best_fn=lambda m: m["val_loss"],
                                          best_mode="min")
-  return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+  return ocp.CheckpointManager(as_path(directory), options=options, item_handlers=_handlers())
+
+
+def _handlers() -> dict:
+  return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iter, metrics: dict | None = None,
@@ -40,51 +79,167 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iter, metrics: 
     mgr.wait_until_finished()
 
 
-def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter, log=print):
-  """Restores the newest readable step into ``abstract_state``'s shardings and ``data_iter``.
+def abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
-  Returns (step, state), or (None, None) when there is no checkpoint. A step that fails to
-  restore (partial or corrupt files) is reported, moved aside to ``<step>.unreadable`` (kept
-  for inspection, invisible to orbax) and the previous one is tried.
+
+# ------------------------------------------------------------------------- comparison
+def _saved_leaves(tree: Any, prefix: str = "") -> dict[str, tuple]:
+  """{path: (shape, dtype)} of an orbax metadata tree (dicts and lists of ArrayMetadata; None for
+  empty nodes such as the optimizer's masked-out leaves)."""
+  out = {}
+  items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else None
+  if items is None:
+    if tree is not None:
+      out[prefix] = (tuple(tree.shape), str(tree.dtype))
+    return out
+  for k, v in items:
+    out.update(_saved_leaves(v, f"{prefix}/{k}" if prefix else str(k)))
+  return out
+
+
+def _run_leaves(tree: Any) -> dict[str, tuple]:
+  return {path_str(p): (tuple(x.shape), str(x.dtype)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _fmt(leaf: tuple | None) -> str:
+  return "absent" if leaf is None else f"{leaf[1]}{list(leaf[0])}"
+
+
+def difference(saved: Any, target: Any) -> str | None:
+  """The first leaf (in the run's order) whose presence, shape or dtype differs between an orbax
+  metadata tree and the run's abstract tree, as 'PATH is X there and Y here'; None if they match."""
+  have, want = _saved_leaves(saved), _run_leaves(target)
+  for path in list(want) + [p for p in have if p not in want]:
+    if have.get(path) != want.get(path):
+      return f"{path} is {_fmt(have.get(path))} there and {_fmt(want.get(path))} here"
+  return None
+
+
+# ---------------------------------------------------------------------------- damage
+def _damage(e: BaseException, step_dir) -> str | None:
+  """What is wrong with the step's files when ``e`` says they are missing, truncated or unparsable;
+  None for any other error (permissions, I/O, memory), which must not be mistaken for damage."""
+  if isinstance(e, json.JSONDecodeError):
+    return f"unparsable metadata ({e})"
+  if isinstance(e, FileNotFoundError):
+    return f"missing file {e.filename or e}"
+  msg = str(e)
+  if isinstance(e, ValueError) and msg.split(":", 1)[0] in _DAMAGE_CODES:
+    files = _FILE_IN_MESSAGE.findall(msg)  # the last one named is the most specific
+    return f"{msg.split(':', 1)[0].lower().replace('_', ' ')}: {files[-1] if files else msg.splitlines()[0][:200]}"
+  cause = e.__cause__ or e.__context__
+  return _damage(cause, step_dir) if cause is not None else None
+
+
+def _incomplete(step_dir) -> str | None:
+  if not (step_dir / COMMIT_MARKER).exists():
+    return f"no {COMMIT_MARKER} in {step_dir} (the save did not finish)"
+  for item in ITEMS:
+    if not (step_dir / item).exists():
+      return f"missing {step_dir / item}"
+  return None
+
+
+def _set_aside(mgr: ocp.CheckpointManager, step: int, why: str, log: Callable) -> None:
+  log(f"warning: checkpoint step {step} in {mgr.directory} cannot be restored ({why}); "
+      f"moved to {step}.unreadable, trying the previous one")
+  if jax.process_index() == 0:
+    src = epath.Path(mgr.directory) / str(step)
+    src.rename(src.parent / f"{step}.unreadable")
+  multihost_utils.sync_global_devices(f"labor_jax: set aside checkpoint {step}")
+  mgr.reload()
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter, log=print):
+  """Restores the newest complete step into ``abstract_state``'s shardings and ``data_iter``.
+
+  Returns (step, state), or (None, None) when there is no checkpoint. Raises
+  :class:`CheckpointMismatch` when a step holds another tree, shape or dtype than
+  ``abstract_state`` (nothing moved); sets aside only damaged steps (see the module docstring).
   """
   for step in sorted(mgr.all_steps(), reverse=True):
-    try:
-      out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                      data=grain.checkpoint.CheckpointRestore(data_iter)))
-      return step, out["state"]
-    except Exception as e:  # orbax raises many types for a damaged directory
-      msg = str(e).splitlines()[0][:200] if str(e) else e.__class__.__name__
-      log(f"warning: checkpoint step {step} in {mgr.directory} cannot be restored ({msg}); "
-          f"moved to {step}.unreadable, trying the previous one")
-      if jax.process_index() == 0:
-        src = Path(mgr.directory) / str(step)
-        src.rename(src.with_name(f"{step}.unreadable"))
-      multihost_utils.sync_global_devices(f"labor_jax: set aside checkpoint {step}")
-      mgr.reload()
+    step_dir = epath.Path(mgr.directory) / str(step)
+    why = _incomplete(step_dir)
+    if why is None:
+      try:
+        saved = mgr.item_metadata(step)["state"]
+      except Exception as e:  # noqa: BLE001 - classified below; anything not damage is re-raised
+        why = _damage(e, step_dir)
+        if why is None:
+          raise
+      else:
+        diff = difference(getattr(saved, "tree", saved), abstract_state)
+        if diff is not None:
+          raise CheckpointMismatch(
+              f"checkpoint step {step} in {mgr.directory} does not match this run: {diff}; start a new run "
+              "(--set run_dir=...) or undo the change (every checkpoint is kept)")
+        try:
+          out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                          data=grain.checkpoint.CheckpointRestore(data_iter)))
+          return step, out["state"]
+        except Exception as e:  # noqa: BLE001
+          why = _damage(e, step_dir)
+          if why is None:
+            raise
+    _set_aside(mgr, step, why, log)
   return None, None
 
 
-def abstract(state: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+# ------------------------------------------------------------------- frozen weights
+def save_frozen(directory, frozen: Any) -> None:
+  """Writes the frozen parameters once (orbax; the directory appears when complete)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(as_path(directory), frozen)
 
 
-def restore_params(directory: str | Path, step: int | str | None = None, shardings: Any = None):
-  """(step, params) of a run's checkpoint, on any topology (default: the first local device).
+def restore_frozen(directory, target: Any) -> Any:
+  """The frozen parameters saved by :func:`save_frozen`, into ``target``'s shapes and shardings
+  (ShapeDtypeStructs); a tree, shape or dtype difference raises :class:`CheckpointMismatch`."""
+  path = as_path(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    diff = difference(ckptr.metadata(path).item_metadata.tree, target)
+    if diff is not None:
+      raise CheckpointMismatch(f"frozen weights in {path} do not match this run: {diff}; start a new run "
+                               "(--set run_dir=...) or undo the change")
+    return ckptr.restore(path, target)
 
-  ``step``: an int, None for the newest, or "best" for the lowest validation loss (the
-  newest when no step has one). Reads the saved state's metadata for shapes and dtypes, so
-  it needs no config. Pass ``shardings`` (a tree matching the params) to place them on a
-  mesh instead.
-  """
+
+# ------------------------------------------------------------------------- readers
+def _reader(directory) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["val_loss"], best_mode="min")
-  mgr = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                              item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                             "data": grain.checkpoint.CheckpointHandler()})
+  return ocp.CheckpointManager(as_path(directory), options=options, item_handlers=_handlers())
+
+
+def resolve_step(directory, step: int | str | None = None) -> int:
+  """``step`` as a saved step number: an int, None for the newest, "best" for the lowest validation
+  loss (the newest when no step has one)."""
+  mgr = _reader(directory)
   if step == "best":
     step = mgr.best_step()
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")
+  return int(step)
+
+
+def saved_params(directory, step: int) -> Any:
+  """The metadata tree (ArrayMetadata leaves) of a step's saved parameters."""
+  meta = _reader(directory).item_metadata(step)["state"]
+  return getattr(meta, "tree", meta)["params"]
+
+
+def restore_params(directory, step: int | str | None = None, shardings: Any = None):
+  """(step, params) of a run's checkpoint, on any topology (default: the first local device).
+
+  ``step`` as in :func:`resolve_step`. Reads the saved state's metadata for shapes and
+  dtypes, so it needs no config. Pass ``shardings`` (a tree matching the saved params) to
+  place them on a mesh instead. Under LoRA a step holds the trainable leaves only: merge
+  the frozen ones (:func:`restore_frozen`), as ``labor_jax.rundir.RunDir.load_model`` does.
+  """
+  step = resolve_step(directory, step)
+  mgr = _reader(directory)
   meta = mgr.item_metadata(step)["state"]
   meta = getattr(meta, "tree", meta)
   dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -27,7 +27,7 @@ ADAPTERS = r"/lora_(a|b)$"  # the trainable pattern of LoRA fine-tuning: the ada
 
 def path_str(path) -> str:
   """A jax key path as ``layers_0/self_attn/q_proj/kernel``."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def is_adapter(path: str) -> bool:

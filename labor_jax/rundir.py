@@ -7,7 +7,8 @@ A ``labor_jax.train`` run directory holds::
     model_config.json   the LlamaConfig that was trained (adapters included)
     tokenizer/          the dataset's tokenizer files
     data/               the embedded NLSY dataset, when the config names no data.dataset_dir
-    checkpoints/        orbax checkpoints (labor_jax.checkpoint)
+    checkpoints/        orbax checkpoints of the trainable state (labor_jax.checkpoint)
+    frozen/             the frozen parameters (the base model under LoRA), written once
     metrics.jsonl       one JSON line per step (loss, lr, grad norm, tokens/s, validation loss, batch CRC)
     tb/                 TensorBoard events
     summary.json        final step, losses, parameter counts
@@ -16,6 +17,9 @@ A ``labor_jax.train`` run directory holds::
 The trainer writes it through :class:`RunDir`; evaluation, prediction, export and the main
 job read it through :class:`RunDir` (the model at a step, the tokenizer, the dataset the run
 used). The dataset side of the contract is :class:`data_pipeline.dataset_dir.DatasetDir`.
+
+Paths are ``etils.epath`` paths: a run directory may be local or a URL orbax accepts
+(``gs://bucket/runs/x``); it must be storage that every host of a multi-host run shares.
 """
 
 from __future__ import annotations
@@ -23,15 +27,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
+from etils import epath
 
 from data_pipeline.dataset_dir import DatasetDir
 from data_pipeline.tokenizer import ResumeTokenizer
-from labor_jax import checkpoint, model, train_config
+from labor_jax import checkpoint, labels, model, train_config
 from labor_jax.config import LlamaConfig
 
 CONFIG = "config.yaml"
@@ -39,6 +43,7 @@ MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer"
 DATA = "data"
 CHECKPOINTS = "checkpoints"
+FROZEN = "frozen"
 METRICS = "metrics.jsonl"
 EVENTS = "tb"
 SUMMARY = "summary.json"
@@ -48,28 +53,32 @@ class RunDir:
   """One training run's directory (see the module docstring for its layout)."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = Path(path)
+    self.path = epath.Path(path)
 
   def __repr__(self):
     return f"RunDir({str(self.path)!r})"
 
   @property
-  def checkpoints(self) -> Path:
+  def checkpoints(self) -> epath.Path:
     return self.path / CHECKPOINTS
 
   @property
-  def metrics_file(self) -> Path:
+  def frozen_dir(self) -> epath.Path:
+    return self.path / FROZEN
+
+  @property
+  def metrics_file(self) -> epath.Path:
     return self.path / METRICS
 
   @property
-  def events_dir(self) -> Path:
+  def events_dir(self) -> epath.Path:
     return self.path / EVENTS
 
   @property
-  def tokenizer_dir(self) -> Path:
+  def tokenizer_dir(self) -> epath.Path:
     return self.path / TOKENIZER
 
-  def eval_dir(self, split: str) -> Path:
+  def eval_dir(self, split: str) -> epath.Path:
     return self.path / f"eval_{split}"
 
   # ------------------------------------------------------------------ readers
@@ -95,13 +104,24 @@ class RunDir:
   def load_model(self, step: int | str | None = "best") -> tuple[LlamaConfig, Any, int]:
     """(config, params, step) of a checkpoint, in the per-layer layout, LoRA adapters still separate.
 
-    ``step``: an int, "best" (lowest validation loss; the newest when none has one) or None
-    for the newest."""
+    The step's trainable parameters are merged with the frozen ones saved once in ``frozen/``
+    (the base model of a LoRA run). ``step``: an int, "best" (lowest validation loss; the
+    newest when none has one) or None for the newest."""
     config = self.model_config()
     step, params = checkpoint.restore_params(self.checkpoints, step)
+    if self.frozen_dir.exists():
+      dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                            labels.split(model.param_shapes(config), self.labels(config))[1])
+      params = labels.merge(params, checkpoint.restore_frozen(self.frozen_dir, target))
     if config.scan_layers:  # scoring and export work on per-layer params
       config, params = config.replace(scan_layers=False), model.unstack_layers(params)
     return config, params, step
+
+  @staticmethod
+  def labels(config: LlamaConfig) -> Any:
+    """The run's label tree: the adapters train when the model has them, everything otherwise."""
+    return labels.run_labels(model.param_shapes(config), bool(config.lora_rank))
 
   def metrics(self) -> list[dict]:
     return [json.loads(line) for line in self.metrics_file.read_text().splitlines()]
@@ -115,11 +135,18 @@ class RunDir:
     (self.path / MODEL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
   def copy_tokenizer(self, dataset: DatasetDir) -> None:
-    shutil.copytree(dataset.tokenizer_dir, self.tokenizer_dir, dirs_exist_ok=True)
+    self.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    for f in dataset.tokenizer_dir.iterdir():
+      f.copy(self.tokenizer_dir / f.name, overwrite=True)
 
   def append_metrics(self, record: dict) -> None:
+    line = json.dumps(record) + "\n"
+    if "://" in str(self.path):  # object stores cannot append: rewrite (metrics files stay small)
+      old = self.metrics_file.read_text() if self.metrics_file.exists() else ""
+      self.metrics_file.write_text(old + line)
+      return
     with self.metrics_file.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(line)
 
   def write_summary(self, summary: dict) -> None:
     (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
@@ -127,4 +154,4 @@ class RunDir:
 
 def dataset_of(cfg: train_config.TrainConfig, run_dir: str | os.PathLike) -> DatasetDir:
   """The dataset a run config trains on (``data.dataset_dir``, else ``RUN/data``)."""
-  return DatasetDir(cfg.data.dataset_dir) if cfg.data.dataset_dir else DatasetDir(Path(run_dir) / DATA)
+  return DatasetDir(cfg.data.dataset_dir) if cfg.data.dataset_dir else DatasetDir(epath.Path(run_dir) / DATA)

@@ -66,6 +66,7 @@ class DataConfig:
   seq_len: int = 256  # tokens per training row
   pack: bool = False  # pack several resumes per row (segment-masked attention)
   loss_on: str = "all"  # "all" tokens or only the work "history" entries
+  truncate: str = "warn"  # resumes longer than seq_len are cut: "warn" (counted at start) or "error" (exit 2)
   vocab_size: int = 1024  # SentencePiece vocabulary when the dataset is built here
 
 
@@ -107,6 +108,7 @@ class TrainConfig:
   eval_every: int = 50  # steps between validation losses (and at the end)
   eval_batches: int = 8  # validation batches per evaluation; 0 = the whole split
   ckpt_every: int = 50  # steps between checkpoints (and at the end)
+  ckpt_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last save (0: off)
   keep: int = 3  # most recent checkpoints kept (the best by validation loss is kept too)
   async_checkpointing: bool = True  # write checkpoints in the background
   progress: bool = True  # show a progress bar
@@ -118,7 +120,7 @@ class TrainConfig:
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
-_CHOICES = {"data.loss_on": ("all", "history"), "optim.decay": ("cosine", "linear", "constant"),
+_CHOICES = {"data.loss_on": ("all", "history"), "data.truncate": ("warn", "error"), "optim.decay": ("cosine", "linear", "constant"),
             "model.param_dtype": ("float32", "bfloat16"), "model.dtype": ("float32", "bfloat16"),
             "distributed.initialize": ("auto", True, False)}
 
@@ -216,6 +218,8 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
     raise ConfigError(f"model.loss_chunk: must be positive or null, got {cfg.model.loss_chunk}")
   if cfg.model.hf_path and cfg.model.init_from:
     raise ConfigError("model.hf_path and model.init_from are exclusive")
+  if cfg.ckpt_every_minutes < 0:
+    raise ConfigError(f"ckpt_every_minutes: must be >= 0, got {cfg.ckpt_every_minutes}")
   if cfg.lora.enabled and cfg.lora.rank <= 0:
     raise ConfigError(f"lora.rank: must be positive, got {cfg.lora.rank}")
   return cfg

@@ -104,15 +104,23 @@ def state_shardings(config: LlamaConfig, optimizer: optax.GradientTransformation
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
 
 
+def _init_state(config: LlamaConfig, optimizer: optax.GradientTransformation, rng: jax.Array, params: Any):
+  init_rng, train_rng = jax.random.split(rng)
+  p = model.init_params(config, init_rng) if params is None else params
+  return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                    rng=jax.random.key_data(train_rng))
+
+
 def create_state(config: LlamaConfig, optimizer: optax.GradientTransformation, shardings: TrainState,
                  rng: jax.Array, params: Any = None) -> TrainState:
   """A train state born sharded (random init unless ``params`` are given, e.g. from hf.load)."""
-  def init(rng, params):
-    init_rng, train_rng = jax.random.split(rng)
-    p = model.init_params(config, init_rng) if params is None else params
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                      rng=jax.random.key_data(train_rng))
-  return jax.jit(init, out_shardings=shardings)(rng, params)
+  return jax.jit(lambda r, p: _init_state(config, optimizer, r, p), out_shardings=shardings)(rng, params)
+
+
+def abstract_state(config: LlamaConfig, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """The train state as ShapeDtypeStructs in ``shardings``: what a checkpoint restores into. Nothing is allocated."""
+  shapes = jax.eval_shape(lambda r: _init_state(config, optimizer, r, None), jax.random.key(0))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def batch_sharding(mesh: Mesh, rules: shard_lib.Rules = shard_lib.DEFAULT_RULES) -> NamedSharding:

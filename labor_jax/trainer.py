@@ -55,60 +55,126 @@ def prepare_data(cfg: TrainConfig, run: RunDir, is_main: bool) -> DatasetDir:
   return data
 
 
-def build_model(cfg: TrainConfig, tok: ResumeTokenizer, mesh, rng) -> tuple[LlamaConfig, object]:
-  """(LlamaConfig, params or None for a random init) of the run, adapters added for LoRA."""
+def check_truncation(cfg: TrainConfig, data: DatasetDir) -> dict:
+  """Counts the training resumes (and entries) that rows of ``data.seq_len`` tokens cut; says so at
+  start, and stops (ConfigError) when ``data.truncate`` is "error"."""
+  t = loader.truncation(data, "train", cfg.data.seq_len)
+  if t["cut_resumes"]:
+    msg = (f"{t['cut_resumes']} of {t['resumes']} training resumes are longer than data.seq_len={cfg.data.seq_len} "
+           f"(+1) tokens: {t['cut_entries']} of {t['entries']} entries are cut from training")
+    if cfg.data.truncate == "error":
+      raise ConfigError(f"data.seq_len: {msg}; raise data.seq_len or set data.truncate=warn")
+    if jax.process_index() == 0:
+      _warn(f"warning: {msg} (data.truncate=error makes this fatal)")
+  return t
+
+
+def model_config_of(cfg: TrainConfig, tok: ResumeTokenizer) -> LlamaConfig:
+  """The run's LlamaConfig, read from its source without loading any weight."""
   m = cfg.model
   if m.init_from:
-    base, params, step = RunDir(m.init_from).load_model()
-    base, params = lora.merge(base, params)
-    config = model_config(cfg, base)
-    source, hint = "model.init_from", ""
-    print(f"initialised from {m.init_from} (step {step})", flush=True)
+    base = lora.merged_config(RunDir(m.init_from).model_config())
+    config, source, hint = model_config(cfg, base), "model.init_from", ""
   elif m.hf_path:
     config = model_config(cfg, LlamaConfig.from_hf_file(f"{m.hf_path}/config.json"))
-    params = hf.load_params(m.hf_path, config.replace(lora_rank=0), mesh=mesh)
     source, hint = "model.hf_path", f"; build the dataset with --tokenizer-dir {m.hf_path}"
   else:
-    config = model_config(cfg, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    params = None
-  if params is not None and tok.vocab_size > config.vocab_size:
+    return model_config(cfg, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+  if tok.vocab_size > config.vocab_size:
     raise ConfigError(f"{source}: tokenizer has {tok.vocab_size} tokens, the model only {config.vocab_size}{hint}")
-  if params is not None and config.scan_layers and "layers" not in params:
+  return config
+
+
+def initial_params(cfg: TrainConfig, config: LlamaConfig, mesh, rng):
+  """The weights a fresh run starts from, born in their shardings (None: random, drawn inside the
+  state initialiser), with new LoRA adapters when ``config`` has them."""
+  m = cfg.model
+  base = config.replace(lora_rank=0)
+  if m.init_from:
+    base_cfg, params, step = RunDir(m.init_from).load_model()
+    params = lora.merge(base_cfg, params)[1]
+    print(f"initialised from {m.init_from} (step {step})", flush=True)
+  elif m.hf_path:
+    params = hf.load_params(m.hf_path, base, mesh=mesh)
+  elif config.lora_rank:  # a random base for the adapters, born sharded
+    params = jax.jit(lambda r: model.init_params(base, r), out_shardings=model.param_shardings(base, mesh))(
+        jax.random.fold_in(rng, 1))
+  else:
+    return None
+  if config.scan_layers and "layers" not in params:
     params = model.stack_layers(params, config.num_hidden_layers)
-  if cfg.lora.enabled:
-    base = config.replace(lora_rank=0)
-    if params is None:
-      params = model.init_params(base, jax.random.fold_in(rng, 1))
-    config, params = lora.add_adapters(base, params, rng, rank=config.lora_rank, alpha=config.lora_alpha,
-                                       dropout=config.lora_dropout, targets=config.lora_targets)
-  return config, params
+  if config.lora_rank:
+    params = lora.add_adapters(base, params, rng, rank=config.lora_rank, alpha=config.lora_alpha,
+                               dropout=config.lora_dropout, targets=config.lora_targets, mesh=mesh)[1]
+  return params
+
+
+def checkpoint_bytes(abstract_state: train_core.TrainState, label_tree) -> tuple[int, int]:
+  """(bytes each checkpoint step writes, bytes of the frozen weights written once)."""
+  saved, frozen = split_state(abstract_state, label_tree)
+  size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+  return size(saved), size(frozen)
+
+
+def split_state(state: train_core.TrainState, label_tree):
+  """(the state a checkpoint step holds: trainable params, optimizer state, step, RNG; the frozen params)."""
+  trainable, frozen = labels.split(state.params, label_tree)
+  return state.replace(params=trainable), frozen
 
 
 def run(cfg: TrainConfig) -> dict:
   """Trains (or resumes) the run ``cfg`` describes; returns the last step's metrics record."""
   check_devices(cfg, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
+  multi = jax.process_count() > 1
   run_dir = RunDir(cfg.run_dir)
   run_dir.path.mkdir(parents=True, exist_ok=True)
   data = prepare_data(cfg, run_dir, is_main)
   tok = data.tokenizer()
+  check_truncation(cfg, data)
+  config = model_config_of(cfg, tok)
   if is_main:
     run_dir.write_config(cfg)
     run_dir.copy_tokenizer(data)
+    run_dir.write_model_config(config)
 
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   rng = jax.random.key(cfg.seed)
-  config, params = build_model(cfg, tok, mesh, rng)
-  if is_main:
-    run_dir.write_model_config(config)
   label_tree = labels.run_labels(model.param_shapes(config), cfg.lora.enabled)
   o = cfg.optim
   schedule = train_core.make_schedule(o.lr, cfg.steps, o.warmup_steps, o.decay, o.min_lr_ratio)
   optimizer = train_core.make_optimizer(label_tree, lr=schedule, weight_decay=o.weight_decay,
                                         clip_norm=o.clip_norm or None, b1=o.b1, b2=o.b2)
   shardings = train_core.state_shardings(config, optimizer, mesh)
-  state = train_core.create_state(config, optimizer, shardings, rng, params=params)
-  del params
+  target = train_core.abstract_state(config, optimizer, shardings)
+  saved_target, frozen_target = split_state(target, label_tree)
+  step_bytes, frozen_bytes = checkpoint_bytes(target, label_tree)
+
+  local_batch = cfg.batch_size // jax.process_count()
+  data_kw = dict(seq_len=cfg.data.seq_len, batch_size=local_batch, pack=cfg.data.pack, loss_on=cfg.data.loss_on,
+                 pad_id=tok.pad_id, process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = iter(loader.make_dataset(data, "train", seed=cfg.seed, **data_kw))
+
+  # A checkpoint that fits the run is restored (the frozen weights from RUN/frozen); only a fresh
+  # run reads the model's source (HF weights, an earlier run, a random init).
+  mgr = ckpt_lib.manager(run_dir.checkpoints, cfg.keep, cfg.async_checkpointing)
+  start, restored = ckpt_lib.restore_latest(mgr, saved_target, data_iter, log=_warn if is_main else (lambda *a: None))
+  if restored is not None:
+    if frozen_target and not run_dir.frozen_dir.exists():
+      raise ConfigError(f"{run_dir.frozen_dir} is missing: the checkpoints of this run hold its trainable weights "
+                        "only; restore that directory or start a new run (--set run_dir=...)")
+    frozen = ckpt_lib.restore_frozen(run_dir.frozen_dir, frozen_target) if frozen_target else {}
+    state = restored.replace(params=labels.merge(restored.params, frozen))
+  else:
+    state = train_core.create_state(config, optimizer, shardings, rng, params=initial_params(cfg, config, mesh, rng))
+    if frozen_target:  # written once, before the first step (replacing any left by a run that never saved)
+      if is_main and run_dir.frozen_dir.exists():
+        run_dir.frozen_dir.rmtree()
+      multihost_utils.sync_global_devices("labor_jax: frozen weights cleared")
+      ckpt_lib.save_frozen(run_dir.frozen_dir, split_state(state, label_tree)[1])
+  del restored
+  start = int(start or 0)
+
   batch_sh = train_core.batch_sharding(mesh)
   train_step = train_core.make_train_step(config, optimizer, shardings, batch_sh, labels=label_tree,
                                           grad_accum=o.grad_accum, schedule=schedule)
@@ -116,28 +182,16 @@ def run(cfg: TrainConfig) -> dict:
   frac = labels.trainable_fraction(state.params, label_tree)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
-
-  local_batch = cfg.batch_size // jax.process_count()
-  data_kw = dict(seq_len=cfg.data.seq_len, batch_size=local_batch, pack=cfg.data.pack, loss_on=cfg.data.loss_on,
-                 pad_id=tok.pad_id, process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(loader.make_dataset(data, "train", seed=cfg.seed, **data_kw))
-
-  mgr = ckpt_lib.manager(run_dir.checkpoints, cfg.keep, cfg.async_checkpointing)
-  start, restored = ckpt_lib.restore_latest(mgr, ckpt_lib.abstract(state), data_iter,
-                                            log=_warn if is_main else (lambda *a: None))
-  if restored is not None:
-    state = restored
-  start = int(start or 0)
   if is_main:
     print(f"model: {n_params / 1e6:.2f}M parameters, trainable {100 * frac:.2f}% "
           f"({'LoRA r=%d' % cfg.lora.rank if cfg.lora.enabled else 'full fine-tuning'}), "
-          f"optimizer state {opt_bytes / 2 ** 20:.1f} MiB; mesh {dict(mesh.shape)} on "
-          f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
-          + (f"; resumed from step {start}" if start else ""), flush=True)
+          f"optimizer state {opt_bytes / 2 ** 20:.1f} MiB; checkpoint {step_bytes / 2 ** 20:.1f} MiB per step"
+          + (f" + frozen weights {frozen_bytes / 2 ** 20:.1f} MiB once" if frozen_bytes else "")
+          + f"; mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"{jax.process_count()} process(es)" + (f"; resumed from step {start}" if start else ""), flush=True)
 
   def global_batch(local):
-    return jax.make_array_from_process_local_data(batch_sh, local) if jax.process_count() > 1 else \
-        jax.device_put(local, batch_sh)
+    return jax.make_array_from_process_local_data(batch_sh, local) if multi else jax.device_put(local, batch_sh)
 
   def evaluate() -> float:
     it = iter(loader.make_dataset(data, "validation", shuffle=False, num_epochs=1, **data_kw))
@@ -149,18 +203,23 @@ def run(cfg: TrainConfig) -> dict:
       total, tokens = total + float(s), tokens + float(n)
     return total / max(tokens, 1.0)
 
+  def save(step, metrics=None, wait=False):
+    ckpt_lib.save(mgr, step, split_state(state, label_tree)[0], data_iter, metrics, wait=wait)
+    last_save["time"] = time.monotonic()
+
+  # Preemption: with several processes, JAX's preemption service catches SIGTERM on any of them
+  # and names one step at which every process saves; alone, a Python handler does.
   stop = {"signal": None}
 
   def on_term(signum, frame):
     stop["signal"] = signum
-  old_handler = signal.signal(signal.SIGTERM, on_term)
-  tb = None
-  if is_main:
-    tb = SummaryWriter(str(run_dir.events_dir))
+  old_handler = None if multi else signal.signal(signal.SIGTERM, on_term)
+  tb = SummaryWriter(str(run_dir.events_dir)) if is_main else None
   bar = tqdm(total=cfg.steps, initial=start, disable=not (is_main and cfg.progress), dynamic_ncols=True,
              file=sys.stdout)
   last = {"step": start}
   t_last, tok_last = time.perf_counter(), 0.0
+  last_save = {"time": time.monotonic()}
   val_loss = None
   try:
     for step in range(start + 1, cfg.steps + 1):
@@ -175,7 +234,8 @@ def run(cfg: TrainConfig) -> dict:
       rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
              "batch_crc": batch_crc}
       bar.update(1)
-      if step % cfg.log_every == 0 or step == cfg.steps:
+      logged = step % cfg.log_every == 0 or step == cfg.steps
+      if logged:
         now = time.perf_counter()
         rec["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
         t_last, tok_last = now, 0.0
@@ -189,19 +249,26 @@ def run(cfg: TrainConfig) -> dict:
           if k in rec:
             tb.add_scalar(f"train/{k}" if k != "val_loss" else "eval/loss", rec[k], step)
       last = rec
-      if stop["signal"] is not None:
-        ckpt_lib.save(mgr, step, state, data_iter, wait=True)
-        bar.write(f"received signal {stop['signal']}: saved checkpoint at step {step}, exiting")
+      preempted = multihost_utils.reached_preemption_sync_point(step) if multi else stop["signal"] is not None
+      if preempted:
+        save(step, wait=True)
+        bar.write(f"preemption notice (SIGTERM): saved checkpoint at step {step}, exiting")
         return last
-      if step % cfg.ckpt_every == 0 or step == cfg.steps:
-        ckpt_lib.save(mgr, step, state, data_iter, {"val_loss": val_loss} if "val_loss" in rec else None)
+      due = step % cfg.ckpt_every == 0 or step == cfg.steps
+      if cfg.ckpt_every_minutes and logged and not due:  # every process decides as process 0 does
+        late = time.monotonic() - last_save["time"] >= 60 * cfg.ckpt_every_minutes
+        due = bool(multihost_utils.broadcast_one_to_all(np.asarray(late))) if multi else late
+      if due:
+        save(step, {"val_loss": val_loss} if "val_loss" in rec else None)
   finally:
     mgr.wait_until_finished()
     bar.close()
     if tb is not None:
       tb.close()
-    signal.signal(signal.SIGTERM, old_handler)
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
   if is_main:
     run_dir.write_summary({"final_step": last["step"], "final_loss": last.get("loss"), "val_loss": val_loss,
-                           "params": n_params, "trainable_fraction": frac, "optimizer_state_bytes": opt_bytes})
+                           "params": n_params, "trainable_fraction": frac, "optimizer_state_bytes": opt_bytes,
+                           "checkpoint_bytes_per_step": step_bytes, "frozen_bytes": frozen_bytes})
   return last

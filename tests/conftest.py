@@ -24,3 +24,13 @@ def nlsy_dataset(tmp_path_factory):
   out = tmp_path_factory.mktemp("data") / "nlsy"
   assert build.main(["--out", str(out), "--vocab-size", "600"]) == 0
   return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, nlsy_dataset):
+  """A tiny run of 8 steps with checkpoints at 4 and 8, trained once per session."""
+  from tests.runs import run_train
+  run_dir = tmp_path_factory.mktemp("full") / "run"
+  code, out, err = run_train(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4")
+  assert code == 0, err
+  return run_dir

@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.test_train import _run
+from tests.runs import run_train
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, nlsy_dataset):
   run_dir = tmp_path_factory.mktemp("eval") / "run"
-  code, out, err = _run(run_dir, nlsy_dataset, "steps=40", "ckpt_every=20", "eval_every=20", "data.loss_on=history")
+  code, out, err = run_train(run_dir, nlsy_dataset, "steps=40", "ckpt_every=20", "eval_every=20", "data.loss_on=history")
   assert code == 0, err
   return run_dir
 

@@ -75,3 +75,31 @@ def test_dropout_only_with_an_rng(base):
   a = model.forward(cfg, params, tokens)
   np.testing.assert_array_equal(a, model.forward(cfg, params, tokens))
   assert not np.allclose(a, model.forward(cfg, params, tokens, dropout_rng=jax.random.key(3)))
+
+
+def test_adapters_are_born_sharded_without_a_full_size_array(monkeypatch):
+  """On an (fsdp=8) mesh, adding adapters allocates only the adapter leaves, in their shardings: the base
+  weights pass through as the same arrays, no model is initialised, and every array created by the call
+  has an adapter's shape."""
+  from labor_jax.config import llama_tiny
+  config = llama_tiny(vocab_size=256, hidden_size=64, intermediate_size=128)
+  mesh = sharding.make_mesh(fsdp=8)
+  base = jax.jit(lambda r: model.init_params(config, r), out_shardings=model.param_shardings(config, mesh))(
+      jax.random.key(0))
+  base_shapes = {x.shape for x in jax.tree.leaves(base)}
+  before = {id(x) for x in jax.live_arrays()}
+
+  def no_init(*args, **kwargs):
+    raise AssertionError("add_adapters initialised a whole model")
+  monkeypatch.setattr(model, "init_params", no_init)
+  cfg, params = lora.add_adapters(config, base, jax.random.key(1), rank=4, mesh=mesh,
+                                  targets=r"(self_attn/(q|v)_proj|mlp/down_proj)")
+  created = [x for x in jax.live_arrays() if id(x) not in before]
+  adapters, frozen = labels.split(params, labels.label_tree(params, labels.ADAPTERS))
+  adapter_leaves = jax.tree.leaves(adapters)
+  assert len(adapter_leaves) == 2 * 3 * 2 and {id(x) for x in created} == {id(x) for x in adapter_leaves}
+  assert not any(x.shape in base_shapes for x in created)
+  for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(base)):
+    assert x is y
+  q = params["layers_0"]["self_attn"]["q_proj"]["lora_a"]
+  assert q.sharding.spec[0] == "fsdp" and len(q.sharding.device_set) == 8

@@ -1,0 +1,44 @@
+"""Helpers for tests that train tiny runs in subprocesses (``python -m labor_jax.train``)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+        "model.num_attention_heads=2", "model.num_key_value_heads=1", "data.seq_len=64", "batch_size=4",
+        "optim.lr=0.003", "optim.warmup_steps=2", "log_every=1", "eval_batches=2", "progress=false"]
+
+
+def train_args(run_dir, data_dir, *extra):
+  out = ["--config", "configs/demo.yaml"]
+  for s in TINY + [f"run_dir={run_dir}", f"data.dataset_dir={data_dir}", *extra]:
+    out += ["--set", s]
+  return out
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_train(run_dir, data_dir, *extra, devices=1, sleep=0.0):
+  """``python -m labor_jax.train`` in a subprocess; ``sleep`` > 0 paces every step (tests.paced_train)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  cmd = ["-m", "labor_jax.train"] if not sleep else ["-m", "tests.paced_train", str(sleep)]
+  return subprocess.Popen([sys.executable, *cmd, *train_args(run_dir, data_dir, *extra)], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_train(run_dir, data_dir, *extra, **kw):
+  p = spawn_train(run_dir, data_dir, *extra, **kw)
+  out, err = p.communicate(timeout=300)
+  return p.returncode, out, err
+
+
+def read_metrics(run_dir):
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run_dir):
+  from labor_jax.checkpoint import restore_params
+  return restore_params(run_dir / "checkpoints")
