@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -123,8 +124,13 @@ class DatasetDir:
 
 def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
                   tokenizer_dir: str | Path | None = None, variant: str = "titles", seed: int = 0,
-                  fractions=split_lib.DEFAULT_FRACTIONS, vocab_size: int = 1024, source: str = "") -> dict:
-  """Builds the dataset directory ``out`` from a validated panel; returns the summary."""
+                  fractions=split_lib.DEFAULT_FRACTIONS, vocab_size: int = 1024, source: str = "",
+                  inputs: list[dict] | None = None) -> dict:
+  """Builds the dataset directory ``out`` from a validated panel; returns the summary.
+
+  ``inputs``: one report per panel file (:func:`data_pipeline.inputs.read_inputs`), kept in
+  the summary with the person-years dropped as unmapped, counted by reason.
+  """
   out = Path(out)
   t0 = time.perf_counter()
   panel = panel.copy()
@@ -182,6 +188,17 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
                     "tokenize": t_tokenize - t_tok_train, "write_tfds": t_write - t_tokenize,
                     "total": time.perf_counter() - t0},
     })
+    if len(info["datasets"]) > 1:
+      people = panel.drop_duplicates(["dataset", "person_id"])
+      table = pd.crosstab(people["dataset"], people["split"]).reindex(columns=split_lib.SPLITS, fill_value=0)
+      info["split_workers_by_dataset"] = {d: {s: int(n) for s, n in row.items()} for d, row in table.iterrows()}
+    if inputs is not None:
+      info["inputs"] = inputs
+      if any("dropped" in r for r in inputs):
+        dropped = Counter()
+        for r in inputs:
+          dropped.update(r.get("dropped", {}))
+        info["dropped"] = dict(sorted(dropped.items()))
     (tmp.path / SUMMARY).write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
       shutil.rmtree(out)
@@ -207,14 +224,25 @@ def build_default(out: str | Path, vocab_size: int = 1024) -> dict:
 
 def format_summary(info: dict) -> str:
   t = info["tokens_per_resume"]
-  return "\n".join([
+  counts = lambda d: ", ".join(f"{k} {v:,}" for k, v in d.items())  # noqa: E731
+  lines = [
       f"source:        {info['source']}",
-      f"workers:       {info['workers']:,} ({', '.join(f'{k} {v:,}' for k, v in info['split_workers'].items())})",
+      f"workers:       {info['workers']:,} ({counts(info['split_workers'])})",
+  ]
+  for name, n in info.get("split_workers_by_dataset", {}).items():
+    lines.append(f"  {name + ':':<12} {sum(n.values()):,} ({counts(n)})")
+  lines += [
       f"person-years:  {info['person_years']:,}  years {info['years'][0]}-{info['years'][1]}",
       f"transitions:   {info['transitions']:,}  stay rate {info['stay_rate']:.3f}  gaps {info['gaps']:,}",
       f"occupations:   {info['occupations_used']} used of {info['titles']} titles",
+  ]
+  if "dropped" in info:
+    why = f" ({counts(info['dropped'])})" if info["dropped"] else ""
+    lines.append(f"dropped:       {sum(info['dropped'].values()):,} person-years with no title{why}")
+  lines += [
       f"tokens:        {info['tokens']:,}, per resume mean {t['mean']:.0f}, p50 {t.get('p50', float('nan')):.0f}, "
       f"p95 {t.get('p95', float('nan')):.0f}, max {t['max']}; vocab {info['vocab_size']}, {info['tokenizer']}",
       f"template:      {info['template']} ({info['variant']})",
       f"time:          {info['seconds']['total']:.1f}s",
-  ])
+  ]
+  return "\n".join(lines)

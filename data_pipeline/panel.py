@@ -18,7 +18,9 @@ birth_year     no        integer year of birth
 industry       no        industry as text
 =============  ========  =====================================================
 
-Row numbers in errors count data rows from 1 (in a CSV, row N is on line N + 1).
+Row numbers in errors count data rows from 1 (in a CSV, row N is on line N + 1). The wide
+layout of survey extract tools (a row per person) is read in :mod:`data_pipeline.wide`;
+:mod:`data_pipeline.inputs` reads files of either layout, crosswalks and pools them.
 Gaps are allowed: a person observed in 1980 and 1983 has no entries for 1981-82;
 the resume simply lists the observed years, and transitions are between
 consecutive observed entries (``gap`` = years skipped, 0 for adjacent years).
@@ -26,6 +28,7 @@ consecutive observed entries (``gap`` = years skipped, 0 for adjacent years).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -61,35 +64,68 @@ def read_table(path: str | Path) -> pd.DataFrame:
   return df
 
 
+@dataclasses.dataclass(frozen=True)
+class FileRows:
+  """Where each row of a long frame sits in its file, for errors: ``where(i, column) -> (row, column)``.
+
+  ``rows`` are data rows (from 1). For a wide file, ``years[i]`` is the year whose yearly
+  columns (``occupation_1983``...) hold row ``i``, for the fields in ``yearly``.
+  """
+  rows: np.ndarray
+  years: np.ndarray | None = None
+  yearly: frozenset = frozenset()
+
+  @classmethod
+  def long(cls, n: int) -> "FileRows":
+    return cls(np.arange(1, n + 1))
+
+  def __call__(self, i: int, column: str) -> tuple[int, str]:
+    if self.years is not None and (column in self.yearly or column == "year"):
+      return int(self.rows[i]), f"{'occupation' if column == 'year' else column}_{self.years[i]}"
+    return int(self.rows[i]), column
+
+  def take(self, keep: np.ndarray) -> "FileRows":
+    keep = np.asarray(keep, bool)
+    return FileRows(self.rows[keep], None if self.years is None else self.years[keep], self.yearly)
+
+
 def _first_bad(mask: np.ndarray) -> int:
   return int(np.flatnonzero(mask)[0])
 
 
-def _integer_column(df: pd.DataFrame, col: str, path, optional: bool) -> pd.Series:
+def _at(where, i: int, col: str) -> dict:
+  """``row=`` and ``column=`` of a PanelError for row position ``i`` and panel column ``col``."""
+  row, column = where(i, col) if where else (i + 1, col)
+  return {"row": row, "column": column}
+
+
+def _integer_column(df: pd.DataFrame, col: str, path, optional: bool, where=None) -> pd.Series:
   raw = df[col]
   present = raw.notna() & (raw.astype(str).str.strip() != "")
   if not optional and not present.all():
     i = _first_bad(~present.to_numpy())
-    raise PanelError(path, "missing value", row=i + 1, column=col, value=raw.iloc[i], has_value=True)
+    raise PanelError(path, "missing value", **_at(where, i, col), value=raw.iloc[i], has_value=True)
   num = pd.to_numeric(raw.where(present), errors="coerce")
   bad = present & (num.isna() | (num % 1 != 0))
   if bad.any():
     i = _first_bad(bad.to_numpy())
-    raise PanelError(path, "not an integer", row=i + 1, column=col, value=raw.iloc[i], has_value=True)
+    raise PanelError(path, "not an integer", **_at(where, i, col), value=raw.iloc[i], has_value=True)
   lo, hi = YEAR_RANGE
   out = present & ((num < lo) | (num > hi))
   if out.any():
     i = _first_bad(out.to_numpy())
-    raise PanelError(path, f"out of range [{lo}, {hi}]", row=i + 1, column=col, value=raw.iloc[i], has_value=True)
+    raise PanelError(path, f"out of range [{lo}, {hi}]", **_at(where, i, col), value=raw.iloc[i], has_value=True)
   return num.astype("Int64")
 
 
 def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
-             dataset: str | None = None) -> tuple[pd.DataFrame, TitleTable]:
+             dataset: str | None = None, where=None) -> tuple[pd.DataFrame, TitleTable]:
   """Checks a raw panel and returns (clean panel sorted by dataset/person/year, titles).
 
   Without a titles table, occupation values are titles and the table is built from
-  them (codes "1", "2"... in sorted title order).
+  them (codes "1", "2"... in sorted title order). ``where(i, column) -> (row, column)``
+  names the file position of row ``i`` in errors when ``df`` is not the file's own rows
+  (a wide file read as long); by default row ``i`` is data row ``i + 1``.
   """
   if df.empty:
     raise PanelError(path, "empty file (a header but no rows)")
@@ -101,14 +137,14 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
   empty = pid.isna() | (pid.astype(str).str.strip() == "")
   if empty.any():
     i = _first_bad(empty.to_numpy())
-    raise PanelError(path, "missing value", row=i + 1, column="person_id", value=pid.iloc[i], has_value=True)
+    raise PanelError(path, "missing value", **_at(where, i, "person_id"), value=pid.iloc[i], has_value=True)
   out["person_id"] = pid.astype(str).str.strip()
-  out["year"] = _integer_column(df, "year", path, optional=False).astype(np.int64)
+  out["year"] = _integer_column(df, "year", path, optional=False, where=where).astype(np.int64)
   if "dataset" in df.columns:
     ds = df["dataset"].where(df["dataset"].notna() & (df["dataset"].astype(str).str.strip() != ""), None)
     if ds.isna().any() and not dataset:
       i = _first_bad(ds.isna().to_numpy())
-      raise PanelError(path, "missing value (and no --dataset default)", row=i + 1, column="dataset",
+      raise PanelError(path, "missing value (and no --dataset default)", **_at(where, i, "dataset"),
                        value=df["dataset"].iloc[i], has_value=True)
     out["dataset"] = ds.fillna(dataset).astype(str).str.strip()
   else:
@@ -117,7 +153,7 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
   occ_missing = occ.isna() | (occ.astype(str).str.strip() == "")
   if occ_missing.any():
     i = _first_bad(occ_missing.to_numpy())
-    raise PanelError(path, "missing value", row=i + 1, column="occupation", value=occ.iloc[i], has_value=True)
+    raise PanelError(path, "missing value", **_at(where, i, "occupation"), value=occ.iloc[i], has_value=True)
   occ = occ.astype(str).str.strip()
   if titles is None:
     uniq = sorted(occ.unique())
@@ -127,14 +163,14 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
     known = occ.isin(titles.codes)
     if not known.all():
       i = _first_bad(~known.to_numpy())
-      raise PanelError(path, f"occupation code not in the titles table {titles.source}", row=i + 1,
-                       column="occupation", value=occ.iloc[i], has_value=True)
+      raise PanelError(path, f"occupation code not in the titles table {titles.source}",
+                       **_at(where, i, "occupation"), value=occ.iloc[i], has_value=True)
     out["occupation"] = occ
   for col in OPTIONAL:
     if col in ("dataset",) or col not in df.columns:
       continue
     if col == "birth_year":
-      out[col] = _integer_column(df, col, path, optional=True)
+      out[col] = _integer_column(df, col, path, optional=True, where=where)
     else:
       v = df[col].where(df[col].notna(), None)
       out[col] = v.map(lambda s: None if s is None or pd.isna(s) or not str(s).strip() else str(s).strip())
@@ -142,7 +178,7 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
   if dup.any():
     i = _first_bad(dup.to_numpy())
     raise PanelError(path, f"duplicate person-year (person {out['person_id'].iloc[i]!r}, "
-                     f"year {out['year'].iloc[i]})", row=i + 1, column="year", value=df["year"].iloc[i],
+                     f"year {out['year'].iloc[i]})", **_at(where, i, "year"), value=df["year"].iloc[i],
                      has_value=True)
   out = out.sort_values(["dataset", "person_id", "year"], kind="stable").reset_index(drop=True)
   return out, titles

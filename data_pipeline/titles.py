@@ -1,13 +1,16 @@
 """Occupation code -> title tables.
 
 Built in: the 9 occupation groups of the NLSY young-men panel (Vella & Verbeek 1998),
-with readable titles. Users bring any other table (for example the Autor-Dorn
-occ1990dd titles, from David Dorn's data page) as a CSV with columns ``code,title``.
+with readable titles, and the 330 Autor-Dorn occ1990dd titles (package data, see
+``resources/occ1990dd/README.md``; ``load_titles("occ1990dd")``). Users bring any other
+table as a CSV with columns ``code,title``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -62,28 +65,57 @@ def nlsy_groups() -> TitleTable:
                     source="NLSY occupation groups (Vella & Verbeek 1998)")
 
 
+def resource(*parts: str):
+  """A file of the package data under ``data_pipeline/resources`` (an importlib Traversable)."""
+  return resources.files("data_pipeline").joinpath("resources", *parts)
+
+
+@functools.cache
+def occ1990dd() -> TitleTable:
+  """The 330 occ1990dd titles (Autor & Dorn 2013; titles from Graetz-Michaels, Deming, IPUMS)."""
+  with resource("occ1990dd", "titles.csv").open("r", encoding="utf-8") as f:
+    return _read_titles(f, "occ1990dd (Autor & Dorn 2013)")
+
+
+BUILT_IN = {"occ1990dd": occ1990dd}
+
+
 def load_titles(path: str | Path) -> TitleTable:
-  """Reads a ``code,title`` CSV. Codes are kept as strings (leading zeros matter)."""
+  """A built-in table by name (``"occ1990dd"``), else a ``code,title`` CSV file.
+
+  Codes are kept as strings (leading zeros matter). To read a file that has a built-in
+  table's name, write it as a path (``./occ1990dd``).
+  """
+  if isinstance(path, str) and path in BUILT_IN:
+    return BUILT_IN[path]()
   path = Path(path)
   try:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-  except (OSError, pd.errors.EmptyDataError) as e:
+    with open(path, encoding="utf-8") as f:
+      return _read_titles(f, str(path))
+  except OSError as e:
     raise PanelError(path, f"cannot read titles table ({e.__class__.__name__}: {e})") from None
+
+
+def _read_titles(f, source: str) -> TitleTable:
+  try:
+    df = pd.read_csv(f, dtype=str, keep_default_na=False)
+  except pd.errors.EmptyDataError as e:
+    raise PanelError(source, f"cannot read titles table ({e.__class__.__name__}: {e})") from None
   for col in ("code", "title"):
     if col not in df.columns:
-      raise PanelError(path, f"missing required column '{col}' (found: {list(df.columns)})")
+      raise PanelError(source, f"missing required column '{col}' (found: {list(df.columns)})")
   if df.empty:
-    raise PanelError(path, "titles table has no rows")
+    raise PanelError(source, "titles table has no rows")
   for i, (code, title) in enumerate(zip(df["code"], df["title"]), start=1):
     if not code.strip():
-      raise PanelError(path, "empty code", row=i, column="code", value=code, has_value=True)
+      raise PanelError(source, "empty code", row=i, column="code", value=code, has_value=True)
     if not title.strip():
-      raise PanelError(path, "empty title", row=i, column="title", value=title, has_value=True)
+      raise PanelError(source, "empty title", row=i, column="title", value=title, has_value=True)
   dup = df["code"].duplicated()
   if dup.any():
     i = int(dup.to_numpy().nonzero()[0][0]) + 1
-    raise PanelError(path, "duplicate code", row=i, column="code", value=df["code"].iloc[i - 1], has_value=True)
-  return TitleTable(tuple(df["code"].str.strip()), tuple(df["title"].str.strip()), source=str(path))
+    raise PanelError(source, "duplicate code", row=i, column="code", value=df["code"].iloc[i - 1], has_value=True)
+  return TitleTable(tuple(df["code"].str.strip()), tuple(df["title"].str.strip()), source=source)
 
 
 _ROLES = ("Assistant", "Senior", "Junior", "Chief", "Apprentice", "Lead", "Trainee", "Head", "Deputy",
