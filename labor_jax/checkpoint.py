@@ -209,7 +209,9 @@ def restore_frozen(directory, target: Any) -> Any:
 # ------------------------------------------------------------------------- readers
 def _reader(directory) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["val_loss"], best_mode="min")
-  return ocp.CheckpointManager(as_path(directory), options=options, item_handlers=_handlers())
+  return ocp.CheckpointManager(as_path(directory), options=options,
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                              "data": grain.checkpoint.CheckpointHandler()})
 
 
 def resolve_step(directory, step: int | str | None = None) -> int:
@@ -231,21 +233,23 @@ def saved_params(directory, step: int) -> Any:
 
 
 def restore_params(directory, step: int | str | None = None, shardings: Any = None):
-  """(step, params) of a run's checkpoint, on any topology (default: the first local device).
+  """(step, params) of a run's checkpoint: the parameters alone (never the optimizer state), from a
+  checkpoint written on any topology.
 
-  ``step`` as in :func:`resolve_step`. Reads the saved state's metadata for shapes and
-  dtypes, so it needs no config. Pass ``shardings`` (a tree matching the saved params) to
-  place them on a mesh instead. Under LoRA a step holds the trainable leaves only: merge
-  the frozen ones (:func:`restore_frozen`), as ``labor_jax.rundir.RunDir.load_model`` does.
+  ``step`` as in :func:`resolve_step`. Shapes and dtypes come from the saved metadata, so no
+  config is needed. ``shardings`` (a tree matching the saved params, e.g. NamedShardings of a
+  mesh) places each array straight into its sharding; the default is the first local device.
+  Under LoRA a step holds the trainable leaves only: merge the frozen ones
+  (:func:`restore_frozen`), as ``labor_jax.rundir.RunDir.load_model`` does.
   """
   step = resolve_step(directory, step)
   mgr = _reader(directory)
   meta = mgr.item_metadata(step)["state"]
-  meta = getattr(meta, "tree", meta)
-  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
-  if shardings is not None:
-    target["params"] = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
-                                    target["params"], shardings)
-  state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  return step, state["params"]
+  saved = getattr(meta, "tree", meta)["params"]
+  if shardings is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: dev, saved)
+  target = {"params": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), saved, shardings)}
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+  return step, out["state"]["params"]

@@ -21,15 +21,19 @@ run on; the report says so. Shape suffixes: B workers, N tokens, T entries, J ti
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pandas as pd
+from jax.sharding import NamedSharding
+from tqdm import tqdm
 
 from data_pipeline.dataset_dir import DatasetDir
 from labor_jax import baselines as bl
-from labor_jax import report, scorer
+from labor_jax import report, scorer, sharding
+from labor_jax.config import ConfigError
 from labor_jax.career import CareerBaseline
 from labor_jax.metrics import model_metrics, perplexity
 from labor_jax.rundir import RunDir
@@ -37,45 +41,75 @@ from labor_jax.rundir import RunDir
 MAIN_LLM = "LABOR-LLM (this run)"
 
 
-def llm_scores(config, params, tokenizer, titles, variant: str, dataset: DatasetDir, split: str,
-               batch_workers: int = 16) -> pd.DataFrame:
-  """Normalised and raw log-probs [J] for every entry (t >= 0) of every worker of ``split``."""
+def llm_scores(config, params, tokenizer, titles, variant: str, dataset: DatasetDir, split: str, *,
+               mesh: jax.sharding.Mesh | None = None, batch_workers: int = 16, chunk: int | None = None,
+               progress: bool = False) -> pd.DataFrame:
+  """Normalised and raw log-probs [J] for every entry (t >= 0) of every worker of ``split``.
+
+  Workers go through the fused scorer ``batch_workers`` at a time (``chunk`` per tree pass).
+  With a ``mesh`` (params placed by :func:`labor_jax.model.param_shardings`, e.g. through
+  ``RunDir.load_model(mesh=...)``) each batch is split over the mesh's batch axes, every
+  process computing its devices' share; every process receives all scores.
+  """
   src = dataset.source(split)
   examples = [src[i] for i in range(len(src))]
   tree = scorer.CandidateTree.for_titles(tokenizer, titles, variant)
   n_max = max(len(e["tokens"]) for e in examples)
   t_max = max(len(e["years"]) for e in examples)
 
-  @jax.jit
   def both(params, tokens_BN, mask_BN, ends_BT):
-    raw_BTJ = scorer.score(config, params, tree, tokens_BN, mask_BN, ends_BT)
+    raw_BTJ = scorer.score(config, params, tree, tokens_BN, mask_BN, ends_BT, chunk=chunk, mesh=mesh)
     return jax.nn.log_softmax(raw_BTJ, -1), raw_BTJ
 
+  if mesh is None:
+    fn, put = jax.jit(both), (lambda x: x)
+  else:
+    split_over = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_workers % split_over:
+      raise ConfigError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = {split_over}")
+    batch_sh = NamedSharding(mesh, sharding.logical_to_mesh(("batch", "length"), what="workers"))
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    fn = jax.jit(both, in_shardings=(param_sh, batch_sh, batch_sh, batch_sh))
+
+    def put(x):  # every process holds the whole batch on the host and supplies its devices' rows
+      return jax.make_array_from_callback(x.shape, batch_sh, lambda idx: x[idx])
   rows = []
+  bar = tqdm(total=len(examples), unit="worker", desc=f"scoring {split}", dynamic_ncols=True, file=sys.stdout,
+             disable=not (progress and jax.process_index() == 0))
   for s in range(0, len(examples), batch_workers):
-    chunk = examples[s:s + batch_workers]
+    chunk_ex = examples[s:s + batch_workers]
     b = batch_workers
     tokens_BN = np.zeros((b, n_max), np.int32)
     mask_BN = np.zeros_like(tokens_BN)
     ends_BT = np.ones((b, t_max), np.int32)
-    for i, e in enumerate(chunk):
+    for i, e in enumerate(chunk_ex):
       tokens_BN[i, :len(e["tokens"])], mask_BN[i, :len(e["tokens"])] = e["tokens"], 1
       ends_BT[i, :len(e["years"])] = e["title_spans"][:, 0]
-    norm, raw = (np.asarray(x) for x in both(params, tokens_BN, mask_BN, ends_BT))
-    for i, e in enumerate(chunk):
+    norm, raw = (sharding.to_host(x) for x in fn(params, put(tokens_BN), put(mask_BN), put(ends_BT)))
+    for i, e in enumerate(chunk_ex):
       for t in range(len(e["years"])):
         rows.append({"dataset": e["dataset"].decode(), "person_id": e["person_id"].decode(), "t": t,
                      "llm_norm": norm[i, t], "llm_raw": raw[i, t]})
+    bar.update(len(chunk_ex))
+  bar.close()
   return pd.DataFrame(rows)
 
 
 def evaluate(run_dir: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
-             career: bool = True, extra_llms: dict | None = None, log=print) -> dict:
+             career: bool = True, extra_llms: dict | None = None, log=print, mesh: jax.sharding.Mesh | None = None,
+             batch_workers: int = 16, chunk: int | None = None, progress: bool = False) -> dict:
   """Scores the run's LLM (and ``extra_llms``: name -> run directory) and every baseline on
-  ``split`` of the run's dataset; writes the report. Returns the metrics."""
+  ``split`` of the run's dataset; writes the report. Returns the metrics.
+
+  With a ``mesh`` each model is restored straight into its shardings and scored on the mesh
+  (see :func:`llm_scores`); with several processes every process computes the same metrics
+  and process 0 alone writes the files."""
   run = RunDir(run_dir).check()
+  writer = jax.process_index() == 0
+  log = log if writer else (lambda *a: None)
   out_dir = Path(out_dir) if out_dir else run.eval_dir(split)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  if writer:
+    out_dir.mkdir(parents=True, exist_ok=True)
   data = run.dataset()
   titles = data.titles()
   panel = data.panel()
@@ -90,8 +124,10 @@ def evaluate(run_dir: str | Path, split: str = "test", out_dir: str | Path | Non
   llms.update(extra_llms or {})
   for name, rd in llms.items():
     other = RunDir(rd)
-    config, params, step = other.load_model()
-    scores = llm_scores(config, params, other.tokenizer(), titles, data.variant, data, split)
+    config, params, step = other.load_model(mesh=mesh)
+    scores = llm_scores(config, params, other.tokenizer(), titles, data.variant, data, split, mesh=mesh,
+                        batch_workers=batch_workers, chunk=chunk, progress=progress)
+    del params
     merged = test.merge(scores, on=["dataset", "person_id", "t"], how="left", validate="one_to_one")
     if merged["llm_norm"].isna().any():
       raise RuntimeError("some transitions have no LLM score")
@@ -111,6 +147,14 @@ def evaluate(run_dir: str | Path, split: str = "test", out_dir: str | Path | Non
   for name, r in raw_ppl.items():
     metrics["models"][name]["perplexity_raw"] = r
   metrics["labour_force_task"] = "not available: the panel records employed person-years only"
+  if writer:
+    write_report(out_dir, metrics, probs, test, titles, data.summary)
+  return metrics
+
+
+def write_report(out_dir: Path, metrics: dict, probs: dict[str, np.ndarray], test: pd.DataFrame, titles,
+                 summary: dict) -> None:
+  """metrics.json, predictions.csv (the main LLM's), the calibration plots and report.md."""
   (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
   p = probs[MAIN_LLM]
@@ -124,5 +168,4 @@ def evaluate(run_dir: str | Path, split: str = "test", out_dir: str | Path | Non
   pred.to_csv(out_dir / "predictions.csv", index=False)
   report.calibration_plots(out_dir, test, {k: probs[k] for k in probs
                                           if k in (MAIN_LLM, "multinomial logit", "first-order Markov")}, titles)
-  (out_dir / "report.md").write_text(report.markdown(metrics, data.summary))
-  return metrics
+  (out_dir / "report.md").write_text(report.markdown(metrics, summary))

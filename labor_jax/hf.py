@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from huggingface_hub import split_state_dict_into_shards_factory
-from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -208,12 +207,6 @@ class _StackedLoader:
     return True
 
 
-def _host(x: jax.Array) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 class _LayerSlice:
   """Layer i of a stacked leaf. Slices of one save share ``cache``, which holds the host
   copy of one stacked leaf at a time (slices are written grouped by leaf)."""
@@ -226,7 +219,7 @@ class _LayerSlice:
     key = id(self.stacked)
     if key not in self.cache:
       self.cache.clear()
-      self.cache[key] = _host(self.stacked)
+      self.cache[key] = shard_lib.to_host(self.stacked)
     return self.cache[key][self.i]
 
 
@@ -272,7 +265,7 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
       shard = {}
       for n in tensor_names:
         leaf = flat[names[n]]
-        arr = leaf.host() if isinstance(leaf, _LayerSlice) else _host(leaf)
+        arr = leaf.host() if isinstance(leaf, _LayerSlice) else shard_lib.to_host(leaf)
         arr = arr.astype(config.jnp_param_dtype)
         shard[n] = np.ascontiguousarray(arr.T if hf_name(names[n])[1] else arr)
       if writer:

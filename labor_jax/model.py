@@ -14,8 +14,9 @@ device mesh); so do the main activations.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,9 +32,32 @@ Params = Any
 
 
 class KV(NamedTuple):
-  """Keys and values of one decoder block, after RoPE: [B, S, K, E] each."""
+  """Keys and values after RoPE: [B, S, K, E] each for one decoder block, or [L, B, S, K, E] for all
+  blocks of a ``scan_layers`` model (a "stacked" KV)."""
   k: jax.Array
   v: jax.Array
+
+
+Cache = Any  # per-layer keys/values: a sequence of KV ([B, S, K, E]) or one stacked KV ([L, B, S, K, E])
+
+
+def cache_layers(cache: Cache) -> int:
+  return cache.k.shape[0] if isinstance(cache, KV) else len(cache)
+
+
+def cache_layer(cache: Cache, i: int) -> KV:
+  return KV(cache.k[i], cache.v[i]) if isinstance(cache, KV) else cache[i]
+
+
+def cache_stacked(cache: Cache) -> KV:
+  return cache if isinstance(cache, KV) else KV(jnp.stack([c.k for c in cache]), jnp.stack([c.v for c in cache]))
+
+
+def cache_map(cache: Cache, fn) -> Cache:
+  """``fn(x, batch_axis)`` applied to every key/value array of a cache (its batch axis is 1 when stacked)."""
+  if isinstance(cache, KV):
+    return KV(fn(cache.k, 1), fn(cache.v, 1))
+  return tuple(KV(fn(c.k, 0), fn(c.v, 0)) for c in cache)
 
 
 def _matmul(x_NI, w_IO):
@@ -184,7 +208,7 @@ class DecoderLayer(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix, tree=None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix=None, tree=None):
     attn_BTD, kv = Attention(self.cfg, name="self_attn")(
         RMSNorm(self.cfg, name="input_layernorm")(x_BTD), cos_BTE, sin_BTE, mask_BTS, prefix, tree)
     x_BTD = x_BTD + attn_BTD
@@ -197,7 +221,7 @@ class Llama(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, mask_BTS, prefix: Sequence[KV] | None, tree: Tree | None = None,
+  def __call__(self, tokens_BT, positions_BT, mask_BTS, prefix: Cache | None, tree: Tree | None = None,
                head: bool = True):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=cfg.jnp_dtype,
@@ -210,30 +234,30 @@ class Llama(nn.Module):
     angles_BTE = jnp.concatenate([angles_BTE2, angles_BTE2], axis=-1)
     cos_BTE, sin_BTE = jnp.cos(angles_BTE), jnp.sin(angles_BTE)
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-    kvs = []
-    if cfg.scan_layers:
-      if prefix is not None or tree is not None:
-        raise ValueError("scan_layers models run plain sequences only; convert with model.unstack_layers "
-                         "for cached prefixes or the scorer")
+    if cfg.scan_layers:  # one block scanned over stacked weights; a prefix cache is scanned along with them
+      # nn.scan drops None arguments, so only present ones are passed (a tree always comes with a prefix).
+      args = (cos_BTE, sin_BTE, mask_BTS) + (() if prefix is None else (cache_stacked(prefix),)) + (
+          () if tree is None else (tree,))
+      in_axes = (nn.broadcast,) * 3 + (() if prefix is None else (0,)) + (() if tree is None else (nn.broadcast,))
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, kv_L = stack(cfg, name="layers")(x_BTD, cos_BTE, sin_BTE, mask_BTS, None)
-      kvs = [KV(kv_L.k[i], kv_L.v[i]) for i in range(cfg.num_hidden_layers)]
+                      in_axes=in_axes, length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, kvs = stack(cfg, name="layers")(x_BTD, *args)
     else:
+      kvs = []
       for i in range(cfg.num_hidden_layers):
         x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
-            x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else prefix[i], tree)
+            x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else cache_layer(prefix, i), tree)
         kvs.append(kv)
+      kvs = tuple(kvs)
     x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
     if not head:  # the final hidden states, for a loss fused with the head (labor_jax.losses)
-      return x_BTD, tuple(kvs)
+      return x_BTD, kvs
     if cfg.tie_word_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:
       logits_BTV = _dense(cfg.vocab_size, "lm_head", ("embed", "vocab"), cfg)(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
-    return logits_BTV.astype(jnp.float32), tuple(kvs)
+    return logits_BTV.astype(jnp.float32), kvs
 
 
 def head_weight(config: LlamaConfig, params: Params) -> jax.Array | None:
@@ -265,7 +289,7 @@ def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None,
 def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
             mask_BT: jax.Array | None = None,
             positions_BT: jax.Array | None = None,
-            prefix: Sequence[KV] | None = None,
+            prefix: Cache | None = None,
             prefix_mask_BS: jax.Array | None = None,
             segment_ids_BT: jax.Array | None = None,
             dropout_rng: jax.Array | None = None,
@@ -284,9 +308,10 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     positions_BT: RoPE positions. Defaults to ``cumsum(mask_BT) - 1`` (so left and right
       padding both give real tokens positions 0, 1, ...), offset by the number of valid
       prefix tokens when a prefix is given.
-    prefix: cached keys/values of earlier tokens, one :class:`KV` per layer ([B, S, K, E]),
-      as returned by ``forward(..., return_kv=True)``. New tokens attend to all valid prefix
-      keys and causally to each other.
+    prefix: cached keys/values of earlier tokens, as returned by ``forward(..., return_kv=True)``:
+      one :class:`KV` per layer ([B, S, K, E]), or one KV stacked over layers ([L, B, S, K, E]),
+      which ``scan_layers`` models return (either works with either layout). New tokens attend
+      to all valid prefix keys and causally to each other.
     prefix_mask_BS: which prefix keys are valid (defaults to all).
     segment_ids_BT: for packed rows, the resume each token belongs to (1, 2, ...; 0 is
       padding). Tokens attend only within their segment; pass the packer's positions too.
@@ -294,7 +319,8 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     mesh, rules: inside jit on a device mesh, pin the activations' logical axes to mesh axes
       (``rules`` defaults to :data:`labor_jax.sharding.DEFAULT_RULES`), so that the batch stays
       split and FSDP gathers weights instead of activations. Without a mesh: no constraints.
-    return_kv: also return this call's keys/values per layer, to be reused as a prefix.
+    return_kv: also return this call's keys/values, to be reused as a prefix (a tuple of per-layer
+      KVs, or one stacked KV for ``scan_layers`` models; see :func:`cache_map`).
     return_hidden: return the final normed hidden states [B, T, D] (compute dtype) in place
       of the logits; :func:`head_weight` gives the matching output projection.
   """
@@ -306,31 +332,35 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     mask_BT = jnp.ones((b, t), dtype=jnp.int32) if segment_ids_BT is None else (segment_ids_BT > 0)
   if segment_ids_BT is not None and prefix is not None:
     raise ValueError("segment_ids_BT (packed rows) cannot be combined with a cached prefix")
-  if prefix is not None and len(prefix) != config.num_hidden_layers:
-    raise ValueError(f"prefix has {len(prefix)} layers, the model has {config.num_hidden_layers}")
+  if prefix is not None and cache_layers(prefix) != config.num_hidden_layers:
+    raise ValueError(f"prefix has {cache_layers(prefix)} layers, the model has {config.num_hidden_layers}")
   if prefix is not None and prefix_mask_BS is None:
-    prefix_mask_BS = jnp.ones(prefix[0].k.shape[:2], dtype=jnp.int32)
+    prefix_mask_BS = jnp.ones(cache_layer(prefix, 0).k.shape[:2], dtype=jnp.int32)
   if positions_BT is None:
     positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     if prefix_mask_BS is not None:
       positions_BT = positions_BT + jnp.sum(prefix_mask_BS, axis=1, keepdims=True)
   mask_BTS = attention_mask(mask_BT, prefix_mask_BS, segment_ids_BT)
-
-  def apply():
-    return Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
-                               None if prefix is None else tuple(prefix), None, not return_hidden,
-                               rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-  if mesh is None:
-    logits_BTV, kvs = apply()
-  else:
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules or shard_lib.DEFAULT_RULES):
-      logits_BTV, kvs = apply()
+  with _constraints(mesh, rules):
+    logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
+                                          prefix, None, not return_hidden,
+                                          rngs=None if dropout_rng is None else {"dropout": dropout_rng})
   return (logits_BTV, kvs) if return_kv else logits_BTV
 
 
+@contextlib.contextmanager
+def _constraints(mesh: jax.sharding.Mesh | None, rules):
+  """Inside: activations' logical axes are pinned to ``mesh`` axes (no-op without a mesh)."""
+  if mesh is None:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules or shard_lib.DEFAULT_RULES):
+    yield
+
+
 def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, tree_depth_L: jax.Array,
-                 tree_ancestors_LA: jax.Array, prefix: Sequence[KV], prefix_len_BG: jax.Array,
-                 return_hidden: bool = False) -> jax.Array:
+                 tree_ancestors_LA: jax.Array, prefix: Cache, prefix_len_BG: jax.Array,
+                 return_hidden: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
   """Logits [B, G, L, V] of one token tree continued from G prefixes of each row's cache
   (with ``return_hidden``, the final normed hidden states [B, G, L, D] instead).
 
@@ -340,6 +370,7 @@ def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, 
   the first ``prefix_len_BG[b, g]`` tokens of ``prefix`` (keys/values from
   ``forward(..., return_kv=True)``); node l sits at position ``prefix_len + depth_l``.
   Equivalent to running every root-to-node path after every prefix separately, in one pass.
+  ``mesh``, ``rules``: as in :func:`forward`.
   """
   b, g = prefix_len_BG.shape
   l = tree_tokens_L.shape[0]
@@ -350,8 +381,9 @@ def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, 
   ok_LA = jnp.arange(anc_LA.shape[1])[None, :] <= depth_L[:, None]
   tree = Tree(jnp.where(ok_LA, anc_LA, 0), ok_LA, prefix_len_BG)
   dummy_mask = jnp.ones((1, 1, 1), bool)  # unused in tree mode
-  out_BTX, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, tuple(prefix), tree,
-                                   not return_hidden)
+  with _constraints(mesh, rules):
+    out_BTX, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, prefix, tree,
+                                     not return_hidden)
   return out_BTX.reshape(b, g, l, -1)
 
 

@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -29,7 +30,8 @@ from data_pipeline.errors import PanelError
 from data_pipeline.panel import read_table, validate
 from data_pipeline.titles import TitleTable
 from data_pipeline.tokenizer import ResumeTokenizer
-from labor_jax import runtime, scorer
+from labor_jax import cli, runtime, scorer, sharding
+from labor_jax.config import ConfigError
 from labor_jax.rundir import RunDir
 
 
@@ -77,19 +79,26 @@ def prompt_tokens(history: pd.DataFrame, titles: TitleTable, variant: str, token
   return tokenizer.encode_resume(prompt).ids
 
 
-def predict(run_dir: str | Path, history: str | Path, top_k: int = 5) -> list[tuple[str, float]]:
-  """The ``top_k`` most likely next occupations (title, probability) of the worker in ``history``."""
+def predict(run_dir: str | Path, history: str | Path, top_k: int = 5, mesh=None,
+            chunk: int | None = None) -> list[tuple[str, float]]:
+  """The ``top_k`` most likely next occupations (title, probability) of the worker in ``history``.
+
+  With a ``mesh`` the model is restored into its shardings and the worker's prompt is
+  scored on it (repeated over the mesh's batch axes)."""
   run = RunDir(run_dir).check()
   data = run.dataset()
   titles = data.titles()
   panel, next_year, next_edu = load_history(history, titles, (data.datasets or ["worker"])[0])
   tok = run.tokenizer()
   tokens = prompt_tokens(panel, titles, data.variant, tok, next_year, next_edu)[None]
-  config, params, _ = run.load_model()
+  config, params, _ = run.load_model(mesh=mesh)
   tree = scorer.CandidateTree.for_titles(tok, titles, data.variant)
-  logp = scorer.score(config, params, tree, tokens, np.ones_like(tokens), np.asarray([[tokens.shape[1]]], np.int32),
-                      normalize=True)[0, 0]
-  p = np.exp(np.asarray(logp))
+  ends = np.asarray([[tokens.shape[1]]], np.int32)
+  if mesh is not None:  # one row per device of the batch axes
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    tokens, ends = np.repeat(tokens, rows, 0), np.repeat(ends, rows, 0)
+  fn = jax.jit(lambda p, t, m, e: scorer.score(config, p, tree, t, m, e, normalize=True, chunk=chunk, mesh=mesh))
+  p = np.exp(sharding.to_host(fn(params, tokens, np.ones_like(tokens), ends))[0, 0])
   order = np.argsort(-p)[:top_k]
   return [(titles.titles[j], float(p[j])) for j in order]
 
@@ -100,12 +109,17 @@ def main(argv=None) -> int:
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--history", required=True, help="worker history: JSON or panel-format CSV")
   ap.add_argument("--top-k", type=int, default=5)
+  cli.add_mesh_flags(ap, batch=False)
   args = ap.parse_args(argv)
   try:
-    top = predict(args.run, args.history, args.top_k)
-  except (PanelError, FileNotFoundError) as e:
+    cli.start(args)
+    mesh = cli.mesh(args, RunDir(args.run).check().model_config())
+    top = predict(args.run, args.history, args.top_k, mesh=mesh, chunk=args.chunk)
+  except (PanelError, FileNotFoundError, ConfigError, sharding.ShardingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if jax.process_index():
+    return 0
   for title, prob in top:
     print(f"{prob:7.3f}  {title}")
   return 0

@@ -35,7 +35,7 @@ from etils import epath
 
 from data_pipeline.dataset_dir import DatasetDir
 from data_pipeline.tokenizer import ResumeTokenizer
-from labor_jax import checkpoint, labels, model, train_config
+from labor_jax import checkpoint, labels, model, sharding, train_config
 from labor_jax.config import LlamaConfig
 
 CONFIG = "config.yaml"
@@ -101,21 +101,31 @@ class RunDir:
     """The dataset the run trained on: ``data.dataset_dir``, or the one built into ``RUN/data``."""
     return dataset_of(self.train_config(), self.path)
 
-  def load_model(self, step: int | str | None = "best") -> tuple[LlamaConfig, Any, int]:
-    """(config, params, step) of a checkpoint, in the per-layer layout, LoRA adapters still separate.
+  def load_model(self, step: int | str | None = "best", mesh: jax.sharding.Mesh | None = None,
+                 rules=None) -> tuple[LlamaConfig, Any, int]:
+    """(config, params, step) of a checkpoint, LoRA adapters still separate, in the run's layer
+    layout (stacked for ``scan_layers``; scoring, export and training take both).
 
-    The step's trainable parameters are merged with the frozen ones saved once in ``frozen/``
-    (the base model of a LoRA run). ``step``: an int, "best" (lowest validation loss; the
-    newest when none has one) or None for the newest."""
+    The step's parameters (never its optimizer state) are merged with the frozen ones saved
+    once in ``frozen/`` (the base model of a LoRA run). With ``mesh`` every array is restored
+    straight into its sharding (the logical-axis table, ``rules``), from a checkpoint of any
+    topology; without, onto the first local device. ``step``: an int, "best" (lowest
+    validation loss; the newest when none has one) or None for the newest."""
     config = self.model_config()
-    step, params = checkpoint.restore_params(self.checkpoints, step)
-    if self.frozen_dir.exists():
+    label_tree = self.labels(config)
+    if mesh is None:
       dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
-                            labels.split(model.param_shapes(config), self.labels(config))[1])
+      shardings = jax.tree.map(lambda _: dev, model.param_shapes(config))
+    else:
+      shardings = model.param_shardings(config, mesh, rules or sharding.DEFAULT_RULES)
+    # Full fine-tuning saves every parameter in the step; LoRA saves the adapters there and the rest once.
+    frozen_dir = self.frozen_dir.exists()
+    trainable_sh, frozen_sh = labels.split(shardings, label_tree) if frozen_dir else (shardings, {})
+    step, params = checkpoint.restore_params(self.checkpoints, step, trainable_sh)
+    if frozen_dir:
+      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            labels.split(model.param_shapes(config), label_tree)[1], frozen_sh)
       params = labels.merge(params, checkpoint.restore_frozen(self.frozen_dir, target))
-    if config.scan_layers:  # scoring and export work on per-layer params
-      config, params = config.replace(scan_layers=False), model.unstack_layers(params)
     return config, params, step
 
   @staticmethod

@@ -119,7 +119,8 @@ def _log_normalizer(x_RD, w_DV):
 
 
 def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.Array, mask_BN: jax.Array,
-          prefix_ends_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None) -> jax.Array:
+          prefix_ends_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None,
+          mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
   """log P(candidate j | the first ``prefix_ends_BT[b, t]`` tokens of resume b): [B, T, J] float32.
 
   Args:
@@ -129,7 +130,13 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
       with any value in [1, N] and ignore their scores.
     normalize: log-probabilities renormalised over the J candidates (``log_softmax`` over j).
     chunk: workers per tree pass (bounds memory: a tree pass holds [chunk, T, L, D] hidden
-      states and the keys/values of its L nodes).
+      states and the keys/values of its L nodes). Chunk i takes workers i, i + B / chunk, ...,
+      so a batch split over devices in contiguous blocks stays split within every chunk
+      (``chunk`` must then be a multiple of the batch's device count).
+    mesh, rules: on a device mesh, inside ``jit``: activations carry the logical-axis
+      constraints of training (workers on the batch axes ``data`` and ``fsdp``, heads and MLP
+      on ``tensor``), so parameters sharded by :func:`labor_jax.model.param_shardings` stay
+      sharded. Without a mesh: no constraints.
 
   Full [.., V] logits are only formed at the T title positions of each resume and, for the
   log-normaliser of each tree node, LOGITS_PER_CHUNK at a time; the candidates' own tokens
@@ -143,7 +150,8 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
   w_DV = model.head_weight(config, params)
   if w_DV is None:  # a LoRA head: scored with its adapters folded in (no dropout at inference)
     w_DV = lora.merge(config, {"lm_head": params["lm_head"]})[1]["lm_head"]["kernel"]
-  x_BND, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True)
+  x_BND, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True,
+                            mesh=mesh, rules=rules)
   last_BT = jnp.clip(prefix_ends_BT - 1, 0, n - 1)
   logits_BTV = _logits(x_BND[jnp.arange(b)[:, None], last_BT], w_DV)
   first_BTJ = logits_BTV[:, :, tree.first_J] - jax.nn.logsumexp(logits_BTV, axis=-1)[:, :, None]
@@ -152,7 +160,7 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
   def rest(args):
     kv_c, ends_c = args
     x_CTLD = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c,
-                                return_hidden=True)
+                                return_hidden=True, mesh=mesh, rules=rules)
     c, t, l, d = x_CTLD.shape
     logz_CTL = _log_normalizer(x_CTLD.reshape(c * t * l, d), w_DV).reshape(c, t, l)
     edge_CTE = jnp.einsum("cted,de->cte", x_CTLD[:, :, tree.edge_node_E], w_edges_DE.astype(x_CTLD.dtype),
@@ -166,9 +174,12 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
   if c == b:
     rest_BTJ = rest((kv, prefix_ends_BT))
   else:
-    split = lambda x: x.reshape(b // c, c, *x.shape[1:])  # noqa: E731
-    kv_s = [model.KV(split(k), split(v)) for k, v in kv]
-    rest_BTJ = jax.lax.map(rest, (kv_s, split(prefix_ends_BT))).reshape(b, *prefix_ends_BT.shape[1:], -1)
+    k = b // c  # chunks; chunk i holds workers i, i + k, i + 2k, ...
+
+    def strided(x, axis):  # [.., B, ..] -> [k, .., c, ..]
+      return jnp.moveaxis(x.reshape(*x.shape[:axis], c, k, *x.shape[axis + 1:]), axis + 1, 0)
+    out_KCTJ = jax.lax.map(rest, (model.cache_map(kv, strided), strided(prefix_ends_BT, 0)))
+    rest_BTJ = jnp.moveaxis(out_KCTJ, 0, 1).reshape(b, *out_KCTJ.shape[2:])
   logp_BTJ = first_BTJ + rest_BTJ
   return jax.nn.log_softmax(logp_BTJ, axis=-1) if normalize else logp_BTJ
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -98,6 +99,36 @@ def tree_shardings(shapes: Any, logical: Any, mesh: Mesh, rules: Rules = DEFAULT
     return sharding_for(shape.shape, tuple(spec), mesh, rules, what=jax.tree_util.keystr(path))
   return jax.tree_util.tree_map_with_path(one, shapes, logical,
                                           is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """``"data=2,fsdp=2,tensor=2"`` -> {"data": 2, "fsdp": 2, "tensor": 2} (missing axes are 1)."""
+  out = {a: 1 for a in MESH_AXES}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
+      raise ShardingError(f"--mesh {text!r}: expected AXIS=N[,AXIS=N...] with AXIS in {MESH_AXES} and N >= 1")
+    out[name] = int(value)
+  return out
+
+
+def scoring_mesh(spec: str | None, param_bytes: int, devices=None) -> Mesh:
+  """The mesh for inference: ``spec`` ("data=N,fsdp=M,tensor=K") when given; otherwise every device
+  on ``data`` when the parameters take at most half of one device's memory (unknown on the CPU:
+  assumed to fit), else every device on ``fsdp``."""
+  devices = jax.devices() if devices is None else list(devices)
+  if spec:
+    return make_mesh(**parse_mesh(spec), devices=devices)
+  limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+  fits = limit is None or param_bytes <= limit / 2
+  return make_mesh(data=len(devices), devices=devices) if fits else make_mesh(fsdp=len(devices), devices=devices)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array as one host array on every process (gathered across processes when needed)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
 
 
 def unsharded_params(params: Any, min_size: int = 2 ** 12) -> list[str]:

@@ -91,7 +91,7 @@ def initial_params(cfg: TrainConfig, config: LlamaConfig, mesh, rng):
   m = cfg.model
   base = config.replace(lora_rank=0)
   if m.init_from:
-    base_cfg, params, step = RunDir(m.init_from).load_model()
+    base_cfg, params, step = RunDir(m.init_from).load_model(mesh=mesh)  # born sharded, parameters only
     params = lora.merge(base_cfg, params)[1]
     print(f"initialised from {m.init_from} (step {step})", flush=True)
   elif m.hf_path:
@@ -103,6 +103,8 @@ def initial_params(cfg: TrainConfig, config: LlamaConfig, mesh, rng):
     return None
   if config.scan_layers and "layers" not in params:
     params = model.stack_layers(params, config.num_hidden_layers)
+  elif not config.scan_layers and "layers" in params:
+    params = model.unstack_layers(params)
   if config.lora_rank:
     params = lora.add_adapters(base, params, rng, rank=config.lora_rank, alpha=config.lora_alpha,
                                dropout=config.lora_dropout, targets=config.lora_targets, mesh=mesh)[1]

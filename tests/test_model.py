@@ -165,5 +165,11 @@ def test_scanned_layers_equal_unrolled_and_round_trip_hf(tiny, tmp_path):
   assert got_cfg.scan_layers and got["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == \
       jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stacked, got)
-  with pytest.raises(ValueError, match="scan_layers models run plain sequences only"):
-    model.forward(scanned_cfg, stacked, tokens, prefix=model.forward(config, params, tokens, return_kv=True)[1])
+  # Cached prefixes work with both layouts of both: the scanned model continues an unrolled cache and its own.
+  cont = jax.random.randint(jax.random.key(11), (2, 4), 0, config.vocab_size)
+  full = model.forward(config, params, jnp.concatenate([tokens, cont], axis=1))[:, -4:]
+  _, kv = model.forward(config, params, tokens, return_kv=True)
+  _, kv_scanned = model.forward(scanned_cfg, stacked, tokens, return_kv=True)
+  assert isinstance(kv_scanned, model.KV) and kv_scanned.k.shape[0] == config.num_hidden_layers
+  for cfg, p, cache in [(scanned_cfg, stacked, kv), (scanned_cfg, stacked, kv_scanned), (config, params, kv_scanned)]:
+    np.testing.assert_allclose(model.forward(cfg, p, cont, prefix=cache), full, atol=1e-5)

@@ -1,0 +1,39 @@
+"""Flags shared by the inference command lines (evaluate, predict): the device mesh, batching and
+multi-process start-up, parsed into library arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from labor_jax import distributed, sharding
+from labor_jax.train_config import DistributedConfig
+
+
+def add_mesh_flags(ap: argparse.ArgumentParser, batch: bool = True) -> None:
+  """--mesh, --chunk, the multi-process flags and --no-progress; --batch-workers when ``batch``."""
+  g = ap.add_argument_group("devices")
+  g.add_argument("--mesh", help="device mesh, e.g. data=8 or fsdp=4,tensor=2 (default: every device on data when "
+                                "the model fits one device, otherwise on fsdp)")
+  if batch:
+    g.add_argument("--batch-workers", type=int, default=16,
+                   help="workers scored per batch, all processes together (a multiple of the mesh's data x fsdp)")
+  g.add_argument("--chunk", type=int, help="workers per tree pass of the scorer (bounds memory; default: the batch)")
+  g.add_argument("--coordinator-address", help="host:port of process 0, for several processes without SLURM "
+                                               "or a TPU pod (those are detected)")
+  g.add_argument("--num-processes", type=int, help="processes in all (with --coordinator-address)")
+  g.add_argument("--process-id", type=int, help="this process (with --coordinator-address)")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def start(args: argparse.Namespace) -> None:
+  """``jax.distributed.initialize`` when several processes are configured or detected."""
+  distributed.initialize(DistributedConfig(
+      initialize="auto", coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+      process_id=args.process_id))
+
+
+def mesh(args: argparse.Namespace, config) -> "sharding.Mesh":
+  """The mesh of ``--mesh``, or the default for a model of ``config``'s size."""
+  return sharding.scoring_mesh(args.mesh, config.num_params() * np.dtype(config.jnp_param_dtype).itemsize)

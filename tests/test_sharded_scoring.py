@@ -1,0 +1,93 @@
+"""Scoring, evaluation and prediction on device meshes and across processes (8 fake CPU devices)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from labor_jax import evaluation, sharding
+from labor_jax.rundir import RunDir
+from tests.runs import ROOT, run_train
+
+MESHES = [None, "data=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, nlsy_dataset):
+  """A tiny run trained on an (fsdp=8) mesh of 8 devices, with 2 key/value heads so tensor=2 divides them."""
+  run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+  code, out, err = run_train(run_dir, nlsy_dataset, "steps=6", "ckpt_every=6", "eval_every=6", "batch_size=8",
+                             "mesh.fsdp=8", "model.num_key_value_heads=2", "data.loss_on=history", devices=8)
+  assert code == 0, err
+  return run_dir
+
+
+def _scores(run_dir, mesh_spec):
+  run = RunDir(run_dir)
+  mesh = None if mesh_spec is None else sharding.make_mesh(**sharding.parse_mesh(mesh_spec))
+  config, params, _ = run.load_model(mesh=mesh)
+  data = run.dataset()
+  df = evaluation.llm_scores(config, params, run.tokenizer(), data.titles(), data.variant, data, "test", mesh=mesh,
+                             batch_workers=16, chunk=8 if mesh_spec == "data=8" else None)
+  return np.stack(df["llm_norm"].to_numpy()), np.stack(df["llm_raw"].to_numpy())
+
+
+def test_scores_on_every_mesh_equal_one_device(fsdp_run):
+  """Trained on (fsdp=8), restored and scored on one device and on three meshes: same log-probs, same top 5."""
+  (norm0, raw0), *others = [_scores(fsdp_run, m) for m in MESHES]
+  top0 = np.argsort(-norm0, axis=1)[:, :5]
+  for spec, (norm, raw) in zip(MESHES[1:], others):
+    assert np.abs(norm - norm0).max() <= 1e-5 and np.abs(raw - raw0).max() <= 1e-5, spec
+    np.testing.assert_array_equal(np.argsort(-norm, axis=1)[:, :5], top0)
+
+
+def test_restoring_for_scoring_places_parameters_only_in_their_shardings(fsdp_run):
+  mesh = sharding.make_mesh(fsdp=4, tensor=2)
+  before = {id(x) for x in jax.live_arrays()}
+  config, params, step = RunDir(fsdp_run).load_model(mesh=mesh)
+  created = [x for x in jax.live_arrays() if id(x) not in before]
+  leaves = jax.tree.leaves(params)
+  assert {id(x) for x in created} == {id(x) for x in leaves}  # no optimizer moment, no staging copy
+  assert all(x.sharding.mesh == mesh for x in leaves)
+  assert sharding.unsharded_params(params, min_size=2 ** 10) == []
+  assert not any(len(x.sharding.device_set) == 1 and x.size >= 2 ** 10 for x in leaves)
+
+
+def _evaluate(run_dir, out, devices, *extra, processes=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "labor_jax.evaluate", "--run", str(run_dir), "--out", str(out), "--no-career",
+         "--no-progress", *extra]
+  if processes == 1:
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+  else:
+    import socket
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    procs = [subprocess.Popen(cmd + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                                     "--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (o, e) in zip(procs, results):
+    assert p.returncode == 0, e[-3000:]
+  return [o for o, _ in results]
+
+
+def test_two_processes_evaluate_like_one(tmp_path, fsdp_run):
+  """2 processes x 2 CPU devices (gloo) give the files of 1 process x 4 devices, written once."""
+  _evaluate(fsdp_run, tmp_path / "one", 4, "--mesh", "data=2,fsdp=2")
+  outs = _evaluate(fsdp_run, tmp_path / "two", 2, "--mesh", "data=2,fsdp=2", processes=2)
+  assert "full report" in outs[0] and "full report" not in outs[1] and "perplexity" not in outs[1]
+  assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+  a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+  for name in a["models"]:
+    assert b["models"][name]["perplexity"] == pytest.approx(a["models"][name]["perplexity"], rel=1e-6)
+  pa, pb = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("one", "two"))
+  np.testing.assert_allclose(pa["logprob"], pb["logprob"], atol=1e-5)
+  assert (pa["top5"].str.replace(r" \(\d\.\d+\)", "", regex=True) ==
+          pb["top5"].str.replace(r" \(\d\.\d+\)", "", regex=True)).all()
