@@ -112,14 +112,14 @@ def parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
-def scoring_mesh(spec: str | None, param_bytes: int, devices=None) -> Mesh:
+def scoring_mesh(spec: str | None, param_bytes: int, devices=None, device_bytes: int | None = None) -> Mesh:
   """The mesh for inference: ``spec`` ("data=N,fsdp=M,tensor=K") when given; otherwise every device
-  on ``data`` when the parameters take at most half of one device's memory (unknown on the CPU:
-  assumed to fit), else every device on ``fsdp``."""
+  on ``data`` when the parameters take at most half of one device's memory (``device_bytes``, by
+  default what the runtime reports; unknown on the CPU: assumed to fit), else every device on ``fsdp``."""
   devices = jax.devices() if devices is None else list(devices)
   if spec:
     return make_mesh(**parse_mesh(spec), devices=devices)
-  limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+  limit = device_bytes or (devices[0].memory_stats() or {}).get("bytes_limit")
   fits = limit is None or param_bytes <= limit / 2
   return make_mesh(data=len(devices), devices=devices) if fits else make_mesh(fsdp=len(devices), devices=devices)
 
