@@ -43,10 +43,11 @@ COLUMNS = ("part", "model", "attention", "batch x seq", "fits", "tokens/s", "wor
 
 SIZES = {
     # dense: (layers, hidden, intermediate, heads, kv_heads, vocab); seq: tokens per row
+    # float32 at tiny size: XLA:CPU compiles and runs bfloat16 steps several times slower
     "tiny": dict(dense=(2, 64, 172, 4, 4, 256), dense_batch=2, seq=128, lora=(2, 64, 172, 4, 4, 256),
-                 lora_batches=(2, 1), workers=4, steps=3, chunk=2, corpus=300, timed=2),
+                 lora_batches=(2, 1), workers=4, steps=3, chunk=2, corpus=300, timed=2, dtype="float32"),
     "full": dict(dense=(16, 2048, 5632, 16, 16, 32000), dense_batch=4, seq=2048, lora="llama2_7b",
-                 lora_batches=(4, 2, 1), workers=16, steps=8, chunk=4, corpus=2000, timed=5),
+                 lora_batches=(4, 2, 1), workers=16, steps=8, chunk=4, corpus=2000, timed=5, dtype="bfloat16"),
 }
 LORA = dict(lora_rank=16, lora_alpha=32.0, lora_targets=r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)")
 
@@ -128,14 +129,14 @@ def dense_rows(size, peak, device_kind):
   seq, batch = s["seq"], s["dense_batch"]
   config = LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
                        num_attention_heads=h, num_key_value_heads=k, max_position_embeddings=seq,
-                       param_dtype="bfloat16", dtype="bfloat16")
-  name = f"Llama {params_str(config)} ({layers}x{d}), bf16"
+                       param_dtype=s["dtype"], dtype=s["dtype"])
+  name = f"Llama {params_str(config)} ({layers}x{d}), {s['dtype']}"
   impls = {"gpu": ("cudnn", "xla", "blocked"), "tpu": ("splash", "xla", "blocked")}.get(jax.default_backend(),
                                                                                         ("xla", "blocked"))
   fpt = flops.train_flops_per_token(config, seq)
   out = []
   for impl in impls:
-    runs, why = attention.resolve(impl, backend=jax.default_backend(), device_kind=device_kind, dtype="bfloat16",
+    runs, why = attention.resolve(impl, backend=jax.default_backend(), device_kind=device_kind, dtype=s["dtype"],
                                   head_dim=config.head_dim, q_len=seq, kv_len=seq, causal=True, kv_heads=k)
     row = dict(part="(a) train step", model=name, attention=impl, shape=f"{batch} x {seq}")
     if runs != impl:
@@ -157,7 +158,7 @@ def lora_rows(size, peak):
 
   s = SIZES[size]
   seq = s["seq"]
-  policy = dict(param_dtype="bfloat16", dtype="bfloat16", remat=True, scan_layers=True, max_position_embeddings=seq,
+  policy = dict(param_dtype=s["dtype"], dtype=s["dtype"], remat=True, scan_layers=True, max_position_embeddings=seq,
                 **LORA)
   if isinstance(s["lora"], str):
     config = preset(s["lora"], **policy)
@@ -179,7 +180,7 @@ def lora_rows(size, peak):
         return [{**row, "shape": f"{batch} x {seq}", **failed(e)}]
       ooms.append(batch)
       continue
-    note = f"bf16 weights, scan + remat; loss {loss:.3f}"
+    note = f"{s['dtype']} weights, scan + remat; loss {loss:.3f}"
     if ooms:
       note += f"; OOM at batch {', '.join(map(str, ooms))}"
     return [{**row, "shape": f"{batch} x {seq}", "fits": "yes", "tokens": tps, "mfu": flops.mfu(tps, fpt, peak),
