@@ -27,14 +27,33 @@ dim; L tree nodes, A ancestors per node, N cached prefix keys.
 Measured on this project's 2-core CPU (whole training step, allocator tuned, see
 labor_jax.runtime): demo size (2 layers, 8 x 224 tokens, 2 query blocks) 34.1 -> 29.2 ms
 against autodiff of the plain softmax; 20M size (4 layers, 8 x 256, 4 blocks) 528 -> 497 ms.
+
+**One entry point per backend.** :func:`attend` runs the implementation that
+``LlamaConfig.attention_impl`` names (:data:`IMPLEMENTATIONS`), chosen by :func:`choose`:
+
+* ``blocked``: :func:`attention` above (the default on the CPU);
+* ``xla``: :func:`xla_attention`, ``jax.nn.dot_product_attention(implementation="xla")``;
+* ``cudnn``: :func:`cudnn_attention`, cuDNN flash attention through
+  ``jax.nn.dot_product_attention(implementation="cudnn")`` (``auto`` on NVIDIA GPUs);
+* ``splash``: :func:`splash_attention`, the Pallas splash-attention kernel (``auto`` on TPUs).
+
+All four give a zero output (and no gradient) to a query that sees no key. A choice that
+cannot run a call (wrong backend or dtype, a cached prefix for splash, lengths the kernel
+cannot tile) runs ``blocked`` instead and logs one warning per reason.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from labor_jax.config import ATTENTION_IMPLS
 
 NEG = -1e30  # additive mask value: finite, so that fully masked (padding) rows stay finite
 
@@ -205,3 +224,174 @@ def tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix_k_BNKE, prefix_v_BNKE, ancesto
     return acc + jnp.einsum("bkqgl,bglke->bglkqe", p_BKQGL, vs[:, :, idx_L]), None
   out, _ = jax.lax.scan(add_depth, out, (ancestors_LA.T, jnp.moveaxis(probs[..., n:], -1, 0)))
   return out.reshape(b, t, h, e)
+
+
+# ------------------------------------------------------------------ one entry point per backend
+IMPLEMENTATIONS = ATTENTION_IMPLS  # ("auto", "xla", "cudnn", "splash", "blocked")
+SPLASH_BLOCK = 128  # splash tiles queries and keys in blocks of at least this many positions (the TPU lane width)
+
+logger = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+class Mask(NamedTuple):
+  """The attention mask of one forward pass, handed to every layer.
+
+  ``dense_BTS`` is the whole mask (what ``blocked``, ``xla`` and ``cudnn`` take). ``segments_BT``
+  is set when the mask is causal self-attention within segments, i.e. key s is visible to query
+  t iff s <= t and both carry the same segment id > 0 (0 marks padding): the form splash
+  takes. It is None with a cached prefix (S > T), where the mask is arbitrary.
+  """
+  dense_BTS: jax.Array  # bool [B, T, S]
+  segments_BT: jax.Array | None  # int32 [B, T], or None
+
+  @property
+  def causal(self) -> bool:
+    return self.segments_BT is not None
+
+
+def resolve(requested: str, *, backend: str, device_kind: str = "", dtype=jnp.float32, head_dim: int = 128,
+            q_len: int = 0, kv_len: int = 0, causal: bool = True, kv_heads: int = 1,
+            head_shards: int = 1) -> tuple[str, str | None]:
+  """(implementation to run, why ``requested`` cannot run this call or None): a pure function.
+
+  ``auto`` means cudnn on NVIDIA GPUs, splash on TPUs and blocked elsewhere. ``xla`` and
+  ``blocked`` run anywhere. When the wanted kernel cannot run the call, the answer is blocked
+  and the reason says why.
+  """
+  if requested not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl={requested!r} is not one of {IMPLEMENTATIONS}")
+  want = requested
+  if want == "auto":
+    want = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "blocked")
+    if want == "cudnn" and not device_kind.startswith("NVIDIA"):
+      want = "blocked"  # a ROCm GPU: no cuDNN, and nothing to report
+  if want in ("xla", "blocked"):
+    return want, None
+  dt = jnp.dtype(dtype)
+  why = None
+  if want == "cudnn":
+    if backend != "gpu" or not device_kind.startswith("NVIDIA"):
+      why = f"cudnn needs an NVIDIA GPU; this is {device_kind or backend}"
+    elif dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      why = f"cudnn runs bfloat16/float16 only; the model computes in {dt.name} (set model.dtype: bfloat16)"
+    elif head_dim % 8 or head_dim > 256:
+      why = f"cudnn needs a head dim that is a multiple of 8 and at most 256; got {head_dim}"
+    elif q_len % 2 or kv_len % 2:
+      why = f"cudnn with a mask needs even lengths; got {q_len} queries and {kv_len} keys"
+  elif want == "splash":
+    if backend != "tpu":
+      why = f"splash needs a TPU; this is {device_kind or backend}"
+    elif not causal:
+      why = "splash takes causal masks with segment ids only; this call attends to a cached prefix"
+    elif q_len % SPLASH_BLOCK:
+      why = f"splash needs a sequence length that is a multiple of {SPLASH_BLOCK}; got {q_len}"
+    elif kv_heads % head_shards:
+      why = f"splash shards whole key/value heads; {kv_heads} do not split over {head_shards} devices"
+  return ("blocked", why) if why else (want, None)
+
+
+def choose(requested: str, **features) -> str:
+  """:func:`resolve`, logging each distinct fallback once per process (a warning)."""
+  impl, why = resolve(requested, **features)
+  if why is not None and (requested, why) not in _LOGGED:
+    _LOGGED.add((requested, why))
+    logger.warning("attention_impl=%s: %s; using blocked", requested, why)
+  return impl
+
+
+def _zero_unseen(out_BTHE, seen_BT):
+  return jnp.where(seen_BT[:, :, None, None], out_BTHE, 0).astype(out_BTHE.dtype)
+
+
+def xla_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+  """``jax.nn.dot_product_attention(implementation="xla")`` with :func:`attention`'s mask semantics
+  (a query that sees no key outputs zeros). Autodiff through the softmax: it keeps the
+  [B, H, T, S] probabilities for the backward pass."""
+  out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, mask=mask_BTS[:, None], implementation="xla")
+  return _zero_unseen(out_BTHE, jnp.any(mask_BTS, axis=-1))
+
+
+def cudnn_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, causal: bool):
+  """cuDNN flash attention (NVIDIA GPUs, bfloat16/float16).
+
+  The mask goes in whole (cuDNN adds it as a bias, and computes that bias's gradient, which
+  is thrown away); ``causal`` also tells cuDNN to skip the blocks above the diagonal. GQA is
+  native. Packed segments and padding are in the mask."""
+  out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BSKE, v_BSKE, mask=mask_BTS[:, None], is_causal=causal,
+                                          implementation="cudnn")
+  return _zero_unseen(out_BTHE, jnp.any(mask_BTS, axis=-1))
+
+
+def _splash_block(n: int) -> int:
+  return next(b for b in (512, 256, SPLASH_BLOCK) if n % b == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  bq, bkv = _splash_block(q_len), _splash_block(kv_len)
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  mask = splash.MultiHeadMask([splash.CausalMask((q_len, kv_len))] * heads)
+  with jax.ensure_compile_time_eval():  # the mask tables are constants, also when first built inside a trace
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q_BTHE, k_BSKE, v_BSKE, segments_BT, *, spec_BTHE: PartitionSpec | None = None,
+                     mesh=None, interpret: bool = False):
+  """The Pallas splash-attention kernel (TPU): causal within segments (``segments_BT``, 0 for
+  padding, whose queries output zeros). GQA is native (query head h reads key/value head h // G).
+
+  On a device mesh (``spec_BTHE`` gives the [B, T, H, E] activations' PartitionSpec) the kernel
+  runs per shard under ``shard_map``: batch and heads split, sequence whole. ``interpret``
+  runs the kernel in the Pallas interpreter (tests on the CPU)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  def local(q_BTHE, k_BSKE, v_BSKE, seg_BT):
+    e = q_BTHE.shape[-1]
+    q_BHTE = jnp.transpose(q_BTHE * jnp.asarray(e ** -0.5, q_BTHE.dtype), (0, 2, 1, 3))  # splash does not scale
+    k_BKSE, v_BKSE = jnp.transpose(k_BSKE, (0, 2, 1, 3)), jnp.transpose(v_BSKE, (0, 2, 1, 3))
+    kernel = _splash_kernel(q_BHTE.shape[1], q_BHTE.shape[2], k_BKSE.shape[2], interpret)
+    out_BHTE = jax.vmap(kernel)(q_BHTE, k_BKSE, v_BKSE, segment_ids=splash.SegmentIds(seg_BT, seg_BT))
+    return _zero_unseen(jnp.transpose(out_BHTE, (0, 2, 1, 3)).astype(v_BSKE.dtype), seg_BT > 0)
+
+  segments_BT = segments_BT.astype(jnp.int32)
+  if spec_BTHE is None:
+    return local(q_BTHE, k_BSKE, v_BSKE, segments_BT)
+  seg_spec = PartitionSpec(spec_BTHE[0], spec_BTHE[1])
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec_BTHE, spec_BTHE, spec_BTHE, seg_spec), out_specs=spec_BTHE,
+                       check_vma=False)(q_BTHE, k_BSKE, v_BSKE, segments_BT)
+
+
+def _head_shards(spec_BTHE: PartitionSpec | None, mesh) -> int:
+  if spec_BTHE is None or mesh is None or len(spec_BTHE) < 3 or spec_BTHE[2] is None:
+    return 1
+  axes = spec_BTHE[2] if isinstance(spec_BTHE[2], tuple) else (spec_BTHE[2],)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def attend(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: Mask, implementation: str = "auto",
+           causal_blocks: int = 1, spec_BTHE: PartitionSpec | None = None) -> jax.Array:
+  """Attention output [B, T, H, E] by the implementation :func:`choose` picks for this call.
+
+  Args:
+    q_BTHE, k_BSKE, v_BSKE: queries, keys, values after RoPE (H a multiple of K).
+    mask: the pass's :class:`Mask`.
+    implementation: one of :data:`IMPLEMENTATIONS` (``LlamaConfig.attention_impl``).
+    causal_blocks: query blocks of the ``blocked`` kernel (causal masks only).
+    spec_BTHE: PartitionSpec of the activations inside ``model.forward(mesh=...)`` (splash
+      shards itself with it); None off a mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh() if spec_BTHE is not None else None
+  device = jax.devices()[0]
+  impl = choose(implementation, backend=jax.default_backend(), device_kind=device.device_kind, dtype=q_BTHE.dtype,
+                head_dim=q_BTHE.shape[-1], q_len=q_BTHE.shape[1], kv_len=k_BSKE.shape[1], causal=mask.causal,
+                kv_heads=k_BSKE.shape[2], head_shards=_head_shards(spec_BTHE, mesh))
+  if impl == "xla":
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, mask.dense_BTS)
+  if impl == "cudnn":
+    return cudnn_attention(q_BTHE, k_BSKE, v_BSKE, mask.dense_BTS, mask.causal)
+  if impl == "splash":
+    return splash_attention(q_BTHE, k_BSKE, v_BSKE, mask.segments_BT, spec_BTHE=spec_BTHE, mesh=mesh)
+  return attention(q_BTHE, k_BSKE, v_BSKE, mask.dense_BTS, causal_blocks if mask.causal else 1)

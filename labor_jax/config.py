@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "blocked")  # see labor_jax.attention.attend
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -50,6 +51,7 @@ class LlamaConfig:
   remat: bool = False  # rematerialise each decoder block in the backward pass
   scan_layers: bool = False  # run the blocks with nn.scan over stacked weights ("layers/..." params)
   attention_query_block: int = 64  # causal attention skips masked key blocks using query blocks of at least this length (0: off)
+  attention_impl: str = "auto"  # attention kernel: auto (cudnn on NVIDIA GPUs, splash on TPUs, else blocked), xla, cudnn, splash, blocked
   loss_chunk: int | None = None  # positions per chunk of the fused head + loss; None: about 2^25 logits per chunk
   lora_rank: int = 0  # LoRA rank r; 0 disables adapters (see labor_jax.lora)
   lora_alpha: float = 16.0  # LoRA scale numerator: the branch is multiplied by alpha / r
@@ -68,6 +70,8 @@ class LlamaConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if self.attention_query_block < 0:
       raise ConfigError(f"attention_query_block: must be >= 0, got {self.attention_query_block}")
     if self.loss_chunk is not None and self.loss_chunk <= 0:

@@ -164,7 +164,7 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix: KV | None, tree: Tree | None = None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask: attention_lib.Mask, prefix: KV | None, tree: Tree | None = None):
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -187,8 +187,11 @@ class Attention(nn.Module):
       k_BSKE, v_BSKE = k_BTKE, v_BTKE
     # Without a prefix the mask is causal, so query blocks can skip the key blocks above them.
     blocks = 1 if prefix is not None else attention_lib.causal_block_count(t, cfg.attention_query_block)
-    out_BTKGE = attention_lib.attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS, blocks)
-    out_BTD = _dense(cfg.hidden_size, "o_proj", ("q_heads", "embed"), cfg)(out_BTKGE.reshape(b, t, h * e))
+    spec_BTHE = None  # on a mesh, kernels that shard themselves (splash) need the activations' layout
+    if not jax.sharding.get_abstract_mesh().empty:
+      spec_BTHE = nn.logical_to_mesh_axes(("batch", "length", "act_heads", "head_dim"))
+    out_BTHE = attention_lib.attend(q_BTHE, k_BSKE, v_BSKE, mask, cfg.attention_impl, blocks, spec_BTHE)
+    out_BTD = _dense(cfg.hidden_size, "o_proj", ("q_heads", "embed"), cfg)(out_BTHE.reshape(b, t, h * e))
     return out_BTD, new_kv
 
 
@@ -208,9 +211,9 @@ class DecoderLayer(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, prefix=None, tree=None):
+  def __call__(self, x_BTD, cos_BTE, sin_BTE, mask, prefix=None, tree=None):
     attn_BTD, kv = Attention(self.cfg, name="self_attn")(
-        RMSNorm(self.cfg, name="input_layernorm")(x_BTD), cos_BTE, sin_BTE, mask_BTS, prefix, tree)
+        RMSNorm(self.cfg, name="input_layernorm")(x_BTD), cos_BTE, sin_BTE, mask, prefix, tree)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTD))
     return nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed")), kv
@@ -221,8 +224,8 @@ class Llama(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, mask_BTS, prefix: Cache | None, tree: Tree | None = None,
-               head: bool = True):
+  def __call__(self, tokens_BT, positions_BT, mask: attention_lib.Mask, prefix: Cache | None,
+               tree: Tree | None = None, head: bool = True):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=cfg.jnp_dtype,
                      param_dtype=cfg.jnp_param_dtype,
@@ -236,7 +239,7 @@ class Llama(nn.Module):
     layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     if cfg.scan_layers:  # one block scanned over stacked weights; a prefix cache is scanned along with them
       # nn.scan drops None arguments, so only present ones are passed (a tree always comes with a prefix).
-      args = (cos_BTE, sin_BTE, mask_BTS) + (() if prefix is None else (cache_stacked(prefix),)) + (
+      args = (cos_BTE, sin_BTE, mask) + (() if prefix is None else (cache_stacked(prefix),)) + (
           () if tree is None else (tree,))
       in_axes = (nn.broadcast,) * 3 + (() if prefix is None else (0,)) + (() if tree is None else (nn.broadcast,))
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -246,7 +249,7 @@ class Llama(nn.Module):
       kvs = []
       for i in range(cfg.num_hidden_layers):
         x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
-            x_BTD, cos_BTE, sin_BTE, mask_BTS, None if prefix is None else cache_layer(prefix, i), tree)
+            x_BTD, cos_BTE, sin_BTE, mask, None if prefix is None else cache_layer(prefix, i), tree)
         kvs.append(kv)
       kvs = tuple(kvs)
     x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
@@ -284,6 +287,15 @@ def attention_mask(mask_BT: jax.Array, prefix_mask_BS: jax.Array | None = None,
   b, s = prefix_mask_BS.shape
   prefix_BTS = jnp.broadcast_to(prefix_mask_BS.astype(bool)[:, None, :], (b, t, s))
   return jnp.concatenate([prefix_BTS, mask_BTT], axis=-1)
+
+
+def _pass_mask(mask_BT, prefix_mask_BS=None, segment_ids_BT=None) -> attention_lib.Mask:
+  """The dense mask and, without a prefix, the same mask as segment ids (padding 0)."""
+  segments_BT = None
+  if prefix_mask_BS is None:
+    seg = jnp.ones(mask_BT.shape, jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    segments_BT = jnp.where(mask_BT.astype(bool), seg, 0)
+  return attention_lib.Mask(attention_mask(mask_BT, prefix_mask_BS, segment_ids_BT), segments_BT)
 
 
 def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
@@ -340,9 +352,9 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
     positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
     if prefix_mask_BS is not None:
       positions_BT = positions_BT + jnp.sum(prefix_mask_BS, axis=1, keepdims=True)
-  mask_BTS = attention_mask(mask_BT, prefix_mask_BS, segment_ids_BT)
+  mask = _pass_mask(mask_BT, prefix_mask_BS, segment_ids_BT)
   with _constraints(mesh, rules):
-    logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask_BTS,
+    logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask,
                                           prefix, None, not return_hidden,
                                           rngs=None if dropout_rng is None else {"dropout": dropout_rng})
   return (logits_BTV, kvs) if return_kv else logits_BTV
@@ -380,7 +392,7 @@ def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, 
   anc_LA = jnp.asarray(tree_ancestors_LA)
   ok_LA = jnp.arange(anc_LA.shape[1])[None, :] <= depth_L[:, None]
   tree = Tree(jnp.where(ok_LA, anc_LA, 0), ok_LA, prefix_len_BG)
-  dummy_mask = jnp.ones((1, 1, 1), bool)  # unused in tree mode
+  dummy_mask = attention_lib.Mask(jnp.ones((1, 1, 1), bool), None)  # unused in tree mode
   with _constraints(mesh, rules):
     out_BTX, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, prefix, tree,
                                      not return_hidden)
@@ -389,7 +401,7 @@ def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, 
 
 def _init_boxed(config: LlamaConfig, rng: jax.Array):
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Llama(config).init(rng, tokens, jnp.zeros((1, 1), jnp.int32), attention_mask(tokens), None)["params"]
+  return Llama(config).init(rng, tokens, jnp.zeros((1, 1), jnp.int32), _pass_mask(tokens), None)["params"]
 
 
 def init_params(config: LlamaConfig, rng: jax.Array) -> Params:

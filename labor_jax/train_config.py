@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from labor_jax.config import ConfigError, LlamaConfig
+from labor_jax.config import ATTENTION_IMPLS, ConfigError, LlamaConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load", "model_config", "updated", "check_devices", "to_dict"]
 
@@ -41,6 +41,7 @@ class ModelConfig:
   remat: bool = False  # rematerialise decoder blocks in the backward pass (saves activation memory)
   scan_layers: bool = False  # one scanned block over stacked weights (faster compiles, one layer's weights live)
   attention_query_block: int = 64  # causal attention skips masked key blocks, query blocks >= this long (0: off)
+  attention_impl: str = "auto"  # attention kernel: auto (cuDNN on NVIDIA GPUs, splash on TPUs, else blocked), xla, cudnn, splash, blocked
   loss_chunk: int | None = None  # positions per chunk of the fused head + loss; None: ~2^25 logits per chunk
 
 
@@ -48,7 +49,7 @@ class ModelConfig:
 # is numeric policy, applied to every model (from scratch, model.hf_path or model.init_from).
 _ARCHITECTURE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "rope_theta")
-_POLICY = ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_block", "loss_chunk")
+_POLICY = ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_block", "attention_impl", "loss_chunk")
 
 
 @dataclasses.dataclass
@@ -122,7 +123,7 @@ class TrainConfig:
 
 _CHOICES = {"data.loss_on": ("all", "history"), "data.truncate": ("warn", "error"), "optim.decay": ("cosine", "linear", "constant"),
             "model.param_dtype": ("float32", "bfloat16"), "model.dtype": ("float32", "bfloat16"),
-            "distributed.initialize": ("auto", True, False)}
+            "distributed.initialize": ("auto", True, False), "model.attention_impl": ATTENTION_IMPLS}
 
 
 def _check(value: Any, typ: Any, key: str) -> Any:
