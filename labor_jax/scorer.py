@@ -1,6 +1,6 @@
 """Next-occupation scores: log P(title j is worker b's entry at step t | history), every j, t, b at once.
 
-One fused pass (:func:`score`):
+One fused pass (:func:`score` = :func:`encode` + :func:`score_from_cache`):
 
 1. each resume is encoded once, keeping every layer's keys/values and the log-probabilities
    at every position (the first token of every candidate title is read off these);
@@ -99,6 +99,12 @@ class CandidateTree:
   def num_candidates(self) -> int:
     return len(self.first_J)
 
+  @property
+  def tokens_JC(self) -> np.ndarray:
+    """int32 [J, C]: each candidate's tokens, padded with zeros after ``lengths_J[j]`` (C = K + 1)."""
+    tokens = np.concatenate([self.first_J[:, None], self.target_JK], axis=1)
+    return np.where(np.arange(tokens.shape[1]) < self.lengths_J[:, None], tokens, 0).astype(np.int32)
+
 
 LOGITS_PER_CHUNK = 2 ** 24  # bounds the logits held at once by the log-normaliser (64 MiB in float32)
 
@@ -118,10 +124,75 @@ def _log_normalizer(x_RD, w_DV):
   return jax.lax.map(lambda x: jax.nn.logsumexp(_logits(x, w_DV), axis=-1), x_CRD).reshape(-1)[:r]
 
 
+def _head_weight(config: LlamaConfig, params: Any) -> jax.Array:
+  """The output projection [D, V]; a LoRA head is scored with its adapters folded in (no dropout at inference)."""
+  w_DV = model.head_weight(config, params)
+  if w_DV is None:
+    w_DV = lora.merge(config, {"lm_head": params["lm_head"]})[1]["lm_head"]["kernel"]
+  return w_DV
+
+
+def encode(config: LlamaConfig, params: Any, tokens_BN: jax.Array, mask_BN: jax.Array, *,
+           mesh: jax.sharding.Mesh | None = None, rules=None):
+  """(final normed hidden states [B, N, D], keys/values per layer): the resumes encoded once, the cache
+  that :func:`score_from_cache` continues."""
+  return model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True,
+                       mesh=mesh, rules=rules)
+
+
+def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, hidden_BTD: jax.Array,
+                     prefix_len_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None,
+                     mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
+  """log P(candidate j | the first ``prefix_len_BT[b, t]`` cached tokens of row b): [B, T, J] float32.
+
+  Args:
+    kv: the cache of :func:`encode` or ``model.forward(..., return_kv=True)`` (per-layer or
+      stacked keys/values); keys at or after a row's ``prefix_len`` are never attended to.
+    hidden_BTD: the final normed hidden state at position ``prefix_len_BT[b, t] - 1`` (it predicts each
+      candidate's first token).
+    prefix_len_BT: cached tokens before each step's candidate (positions 0 .. prefix_len - 1 must be the
+      row's tokens in order: the candidates sit at positions prefix_len, prefix_len + 1, ...).
+    normalize, chunk, mesh, rules: as in :func:`score`.
+  """
+  w_DV = _head_weight(config, params)
+  logits_BTV = _logits(hidden_BTD, w_DV)
+  first_BTJ = logits_BTV[:, :, tree.first_J] - jax.nn.logsumexp(logits_BTV, axis=-1)[:, :, None]
+  w_edges_DE = w_DV[:, tree.edge_token_E]
+
+  def rest(args):
+    kv_c, ends_c = args
+    x_CTLD = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c,
+                                return_hidden=True, mesh=mesh, rules=rules)
+    c, t, l, d = x_CTLD.shape
+    logz_CTL = _log_normalizer(x_CTLD.reshape(c * t * l, d), w_DV).reshape(c, t, l)
+    edge_CTE = jnp.einsum("cted,de->cte", x_CTLD[:, :, tree.edge_node_E], w_edges_DE.astype(x_CTLD.dtype),
+                          preferred_element_type=jnp.float32)
+    picked_CTJK = edge_CTE[:, :, tree.edge_JK] - logz_CTL[:, :, tree.path_JK]
+    return jnp.sum(jnp.where(tree.valid_JK, picked_CTJK, 0.0), axis=-1)
+
+  b = hidden_BTD.shape[0]
+  c = b if chunk is None else max(1, min(chunk, b))
+  if b % c:
+    raise ValueError(f"chunk={c} must divide the batch of {b} workers")
+  if c == b:
+    rest_BTJ = rest((kv, prefix_len_BT))
+  else:
+    k = b // c  # chunks; chunk i holds workers i, i + k, i + 2k, ...
+
+    def strided(x, axis):  # [.., B, ..] -> [k, .., c, ..]
+      return jnp.moveaxis(x.reshape(*x.shape[:axis], c, k, *x.shape[axis + 1:]), axis + 1, 0)
+    out_KCTJ = jax.lax.map(rest, (model.cache_map(kv, strided), strided(prefix_len_BT, 0)))
+    rest_BTJ = jnp.moveaxis(out_KCTJ, 0, 1).reshape(b, *out_KCTJ.shape[2:])
+  logp_BTJ = first_BTJ + rest_BTJ
+  return jax.nn.log_softmax(logp_BTJ, axis=-1) if normalize else logp_BTJ
+
+
 def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.Array, mask_BN: jax.Array,
           prefix_ends_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None,
           mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
   """log P(candidate j | the first ``prefix_ends_BT[b, t]`` tokens of resume b): [B, T, J] float32.
+
+  :func:`encode` followed by :func:`score_from_cache` at every step's title position.
 
   Args:
     tokens_BN, mask_BN: the resumes' tokens (right padded) and their validity mask.
@@ -147,41 +218,10 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
   """
   tokens_BN = jnp.asarray(tokens_BN)
   b, n = tokens_BN.shape
-  w_DV = model.head_weight(config, params)
-  if w_DV is None:  # a LoRA head: scored with its adapters folded in (no dropout at inference)
-    w_DV = lora.merge(config, {"lm_head": params["lm_head"]})[1]["lm_head"]["kernel"]
-  x_BND, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True,
-                            mesh=mesh, rules=rules)
+  x_BND, kv = encode(config, params, tokens_BN, mask_BN, mesh=mesh, rules=rules)
   last_BT = jnp.clip(prefix_ends_BT - 1, 0, n - 1)
-  logits_BTV = _logits(x_BND[jnp.arange(b)[:, None], last_BT], w_DV)
-  first_BTJ = logits_BTV[:, :, tree.first_J] - jax.nn.logsumexp(logits_BTV, axis=-1)[:, :, None]
-  w_edges_DE = w_DV[:, tree.edge_token_E]
-
-  def rest(args):
-    kv_c, ends_c = args
-    x_CTLD = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c,
-                                return_hidden=True, mesh=mesh, rules=rules)
-    c, t, l, d = x_CTLD.shape
-    logz_CTL = _log_normalizer(x_CTLD.reshape(c * t * l, d), w_DV).reshape(c, t, l)
-    edge_CTE = jnp.einsum("cted,de->cte", x_CTLD[:, :, tree.edge_node_E], w_edges_DE.astype(x_CTLD.dtype),
-                          preferred_element_type=jnp.float32)
-    picked_CTJK = edge_CTE[:, :, tree.edge_JK] - logz_CTL[:, :, tree.path_JK]
-    return jnp.sum(jnp.where(tree.valid_JK, picked_CTJK, 0.0), axis=-1)
-
-  c = b if chunk is None else max(1, min(chunk, b))
-  if b % c:
-    raise ValueError(f"chunk={c} must divide the batch of {b} workers")
-  if c == b:
-    rest_BTJ = rest((kv, prefix_ends_BT))
-  else:
-    k = b // c  # chunks; chunk i holds workers i, i + k, i + 2k, ...
-
-    def strided(x, axis):  # [.., B, ..] -> [k, .., c, ..]
-      return jnp.moveaxis(x.reshape(*x.shape[:axis], c, k, *x.shape[axis + 1:]), axis + 1, 0)
-    out_KCTJ = jax.lax.map(rest, (model.cache_map(kv, strided), strided(prefix_ends_BT, 0)))
-    rest_BTJ = jnp.moveaxis(out_KCTJ, 0, 1).reshape(b, *out_KCTJ.shape[2:])
-  logp_BTJ = first_BTJ + rest_BTJ
-  return jax.nn.log_softmax(logp_BTJ, axis=-1) if normalize else logp_BTJ
+  return score_from_cache(config, params, tree, kv, x_BND[jnp.arange(b)[:, None], last_BT], prefix_ends_BT,
+                          normalize=normalize, chunk=chunk, mesh=mesh, rules=rules)
 
 
 @functools.lru_cache(maxsize=8)
