@@ -15,7 +15,7 @@ from data_pipeline.resume import render_person
 from data_pipeline.titles import TitleTable
 from labor_jax import forecast, model, scorer, sharding
 from labor_jax.rundir import RunDir
-from tests.test_train import _run
+from tests.runs import run_train
 
 TITLES = TitleTable(("1", "2", "3", "4", "5"), ("Clerks", "Truck drivers", "Cooks", "Nurses", "Farm workers"),
                     source="test titles")
@@ -30,7 +30,7 @@ def markov(tmp_path_factory):
   panel = simulator.simulate(800, 6, TITLES, seed=0, stay=0.8, neighbours=3, gap_rate=0.0)
   panel, _ = validate(panel, "simulated", TITLES)
   build_dataset(panel, TITLES, root / "data", vocab_size=800, source="simulated first-order Markov panel")
-  code, _, err = _run(root / "run", root / "data", "steps=300", "ckpt_every=300", "eval_every=300", "batch_size=16",
+  code, _, err = run_train(root / "run", root / "data", "steps=300", "ckpt_every=300", "eval_every=300", "batch_size=16",
                         "optim.lr=0.01", "optim.warmup_steps=10", "data.seq_len=160", "data.loss_on=history")
   assert code == 0, err
   run = RunDir(root / "run")
