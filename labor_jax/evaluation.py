@@ -31,11 +31,12 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from data_pipeline.dataset_dir import DatasetDir
+from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import baselines as bl
-from labor_jax import report, scorer, sharding
+from labor_jax import hf, report, scorer, sharding
 from labor_jax.config import ConfigError
 from labor_jax.career import CareerBaseline
-from labor_jax.metrics import model_metrics, perplexity
+from labor_jax.metrics import bootstrap_intervals, model_metrics, perplexity
 from labor_jax.rundir import RunDir
 
 MAIN_LLM = "LABOR-LLM (this run)"
@@ -95,22 +96,68 @@ def llm_scores(config, params, tokenizer, titles, variant: str, dataset: Dataset
   return pd.DataFrame(rows)
 
 
-def evaluate(run_dir: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
-             career: bool = True, extra_llms: dict | None = None, log=print, mesh: jax.sharding.Mesh | None = None,
-             batch_workers: int = 16, chunk: int | None = None, progress: bool = False) -> dict:
-  """Scores the run's LLM (and ``extra_llms``: name -> run directory) and every baseline on
-  ``split`` of the run's dataset; writes the report. Returns the metrics.
+def load_model(source: str | Path, *, adapter: str | Path | None = None, mesh: jax.sharding.Mesh | None = None):
+  """(config, params, tokenizer, description) of a model to score: a ``labor_jax.train`` run directory
+  (its best checkpoint) or a Hugging Face checkpoint directory (with an optional PEFT ``adapter``)."""
+  run = RunDir(source)
+  if (run.path / "model_config.json").exists():
+    if adapter is not None:
+      raise ConfigError(f"{source}: --adapter applies to Hugging Face checkpoints; a run carries its own adapters")
+    config, params, step = run.load_model(mesh=mesh)
+    return config, params, run.tokenizer(), f"step {step}"
+  if not (Path(source) / "config.json").exists():
+    raise FileNotFoundError(f"{source}: neither a labor_jax.train run (model_config.json) nor a Hugging Face "
+                            "checkpoint (config.json)")
+  config, params = hf.load(source, mesh=mesh)
+  if adapter is not None:
+    config, params = hf.load_adapter(adapter, config, params, mesh=mesh)
+  return config, params, ResumeTokenizer.from_dir(source), f"Hugging Face {source}" + (
+      f" + adapter {adapter}" if adapter else "")
+
+
+def check_tokenizer(model_tokenizer: ResumeTokenizer, data: DatasetDir, source) -> None:
+  """Stops (one line) when the dataset's tokens were not made by the model's tokenizer."""
+  probe = "\n1984 (some college): Clerical and kindred workers\n<END OF DATA>"
+  if (model_tokenizer.vocab_size != data.tokenizer().vocab_size
+          or model_tokenizer.encode_piece(probe) != data.tokenizer().encode_piece(probe)):
+    raise ConfigError(f"{data.path} was tokenised with another tokenizer than {source}'s: rebuild it with "
+                      f"python -m data_pipeline.build --tokenizer-dir {source}")
+
+
+def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
+             data: str | Path | DatasetDir | None = None, adapter: str | Path | None = None, career: bool = True,
+             extra_llms: dict | None = None, ensembles: dict | None = None, log=print,
+             mesh: jax.sharding.Mesh | None = None, batch_workers: int = 16, chunk: int | None = None,
+             progress: bool = False, bootstrap: int = 1000, seed: int = 0) -> dict:
+  """Scores a model and every baseline on ``split``; writes the report; returns the metrics.
+
+  ``model`` is a run directory (scored at its best checkpoint, on the run's dataset unless
+  ``data`` names another) or a Hugging Face checkpoint directory (with ``adapter``; ``data``
+  required). ``extra_llms`` (name -> run or HF directory) adds rows; ``ensembles`` (name -> list
+  of them) adds the mixture of their probabilities (the mean over the models) as a row. Every
+  row gets a 95% interval of its perplexity from a bootstrap over workers (``bootstrap``
+  resamples, seeded), and the paired interval of its log-perplexity difference to ``model``.
 
   With a ``mesh`` each model is restored straight into its shardings and scored on the mesh
   (see :func:`llm_scores`); with several processes every process computes the same metrics
   and process 0 alone writes the files."""
-  run = RunDir(run_dir).check()
   writer = jax.process_index() == 0
   log = log if writer else (lambda *a: None)
-  out_dir = Path(out_dir) if out_dir else run.eval_dir(split)
+  run = RunDir(model)
+  is_run = (run.path / "model_config.json").exists()
+  if data is None:
+    if not is_run:
+      raise ConfigError(f"{model}: a Hugging Face model needs --data DATASET_DIR")
+    data = run.dataset()
+  data = data if isinstance(data, DatasetDir) else DatasetDir(data)
+  data.check()
+  if out_dir is None:
+    if not is_run:
+      raise ConfigError(f"{model}: name an output directory (--out) for a Hugging Face model")
+    out_dir = run.eval_dir(split)
+  out_dir = Path(out_dir)
   if writer:
     out_dir.mkdir(parents=True, exist_ok=True)
-  data = run.dataset()
   titles = data.titles()
   panel = data.panel()
   table = bl.transition_table(panel, titles.index)
@@ -120,21 +167,30 @@ def evaluate(run_dir: str | Path, split: str = "test", out_dir: str | Path | Non
 
   probs: dict[str, np.ndarray] = {}
   raw_ppl: dict[str, float] = {}
-  llms = {MAIN_LLM: run.path}
-  llms.update(extra_llms or {})
-  for name, rd in llms.items():
-    other = RunDir(rd)
-    config, params, step = other.load_model(mesh=mesh)
-    scores = llm_scores(config, params, other.tokenizer(), titles, data.variant, data, split, mesh=mesh,
+  sources = {MAIN_LLM: (model, adapter)}
+  sources.update({name: (src, None) for name, src in (extra_llms or {}).items()})
+  for members in (ensembles or {}).values():
+    sources.update({f"{src}": (src, None) for src in members if all(str(v[0]) != str(src) for v in sources.values())})
+  by_source = {}
+  for name, (src, adp) in sources.items():
+    config, params, tok, what = load_model(src, adapter=adp, mesh=mesh)
+    check_tokenizer(tok, data, src)
+    scores = llm_scores(config, params, tok, titles, data.variant, data, split, mesh=mesh,
                         batch_workers=batch_workers, chunk=chunk, progress=progress)
     del params
     merged = test.merge(scores, on=["dataset", "person_id", "t"], how="left", validate="one_to_one")
     if merged["llm_norm"].isna().any():
       raise RuntimeError("some transitions have no LLM score")
-    probs[name] = np.exp(np.stack(merged["llm_norm"].to_numpy()))
-    y = test["occ"].to_numpy()
-    raw_ppl[name] = perplexity(np.stack(merged["llm_raw"].to_numpy())[np.arange(len(y)), y])
-    log(f"{name}: step {step}, perplexity {model_metrics(probs[name], test)['perplexity']:.3f}")
+    by_source[str(src)] = np.exp(np.stack(merged["llm_norm"].to_numpy()))
+    if name in (MAIN_LLM, *(extra_llms or {})):
+      probs[name] = by_source[str(src)]
+      y = test["occ"].to_numpy()
+      raw_ppl[name] = perplexity(np.stack(merged["llm_raw"].to_numpy())[np.arange(len(y)), y])
+      log(f"{name}: {what}, perplexity {model_metrics(probs[name], test)['perplexity']:.3f}")
+  for name, members in (ensembles or {}).items():
+    probs[name] = np.mean([by_source[str(m)] for m in members], axis=0)
+    log(f"{name} (mean of {len(members)} models' probabilities): perplexity "
+        f"{model_metrics(probs[name], test)['perplexity']:.3f}")
   for cls in (bl.EmpiricalFrequency, bl.Markov, bl.MultinomialLogit):
     m = cls().fit(train, valid, j)
     probs[m.name] = m.predict(test)
@@ -146,6 +202,14 @@ def evaluate(run_dir: str | Path, split: str = "test", out_dir: str | Path | Non
              "models": {name: model_metrics(p, test) for name, p in probs.items()}}
   for name, r in raw_ppl.items():
     metrics["models"][name]["perplexity_raw"] = r
+  metrics["bootstrap"] = {"resamples": bootstrap, "seed": seed, "cluster": "worker", "reference": MAIN_LLM}
+  if bootstrap:
+    workers = (test["dataset"].astype(str) + "\x00" + test["person_id"].astype(str)).to_numpy()
+    y = test["occ"].to_numpy()
+    logp = {name: np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)) for name, p in probs.items()}
+    intervals = bootstrap_intervals(logp, workers, MAIN_LLM, resamples=bootstrap, seed=seed)
+    for name, ci in intervals.items():
+      metrics["models"][name].update(ci)
   metrics["labour_force_task"] = "not available: the panel records employed person-years only"
   if writer:
     write_report(out_dir, metrics, probs, test, titles, data.summary)

@@ -11,7 +11,9 @@ fine-tunes it on survey resumes. This job reproduces that two-stage shape at CPU
 3. stage 2: fine-tuned on the NLSY training resumes from the stage-1 weights;
 4. the same architecture fine-tuned on NLSY alone, to show what stage 1 is worth;
 5. evaluation on the NLSY test split against empirical frequencies, first-order Markov,
-   multinomial logit and a CAREER-style transformer; report in RUN/llm/eval_test/.
+   multinomial logit and a CAREER-style transformer, with the stage-1 model scored zero-shot
+   (the stand-in for the paper's off-the-shelf rows), the mixture of the stage-2 seeds, and
+   bootstrap intervals; report in RUN/llm/eval_test/.
 
 Stages 3 and 4 run ``--seeds`` times (data order, and for stage 4 the initial weights,
 change with the seed), and the job reports each seed and the mean and standard deviation:
@@ -40,6 +42,7 @@ from labor_jax.config import ConfigError
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "main"
 STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
 STAGE1_YEARS = 8  # years per synthetic career
+FOUNDATION = "foundation model before fine-tuning (stage 1, zero-shot)"
 
 
 def _train(recipe: str, run_dir: Path, data_dir: Path, **changes) -> None:
@@ -105,9 +108,13 @@ def run(out: Path, n_seeds: int) -> int:
   name = lambda base, k: base if k == 0 else f"{base}, seed {k}"  # noqa: E731
   extra = {name(alone_name, k): alone_dir(k) for k in seeds}
   extra.update({name("LABOR-LLM", k): llm_dir(k) for k in seeds if k})
-  metrics = evaluation.evaluate(llm_dir(0), "test", extra_llms=extra)
+  extra[FOUNDATION] = out / "stage1"  # the stand-in for the paper's off-the-shelf rows: stage 1, zero-shot
+  ensembles = {f"LABOR-LLM, ensemble of {n_seeds} seeds": [llm_dir(k) for k in seeds]} if n_seeds > 1 else None
+  metrics = evaluation.evaluate(llm_dir(0), "test", extra_llms=extra, ensembles=ensembles)
   print()
   print("\n".join(report.headline(metrics, nlsy.summary)))
+  print("\nPaired 95% intervals (bootstrap over workers) of each model's log-perplexity minus LABOR-LLM's (seed 0):")
+  print("\n".join(f"- {line}" for line in report.differences_in_words(metrics)))
   ppl = {k: v["perplexity"] for k, v in metrics["models"].items()}
   ours = np.asarray([ppl[ours_name if k == 0 else name("LABOR-LLM", k)] for k in seeds])
   alone = np.asarray([ppl[name(alone_name, k)] for k in seeds])

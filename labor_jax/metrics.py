@@ -40,3 +40,34 @@ def model_metrics(probs_NJ: np.ndarray, table: pd.DataFrame) -> dict:
       "move_logloss": float(-np.mean(moved * np.log(p_move) + (1 - moved) * np.log(1 - p_move))),
       "move_auc": auc(moved, p_move),
   }
+
+
+def bootstrap_intervals(logp: dict[str, np.ndarray], clusters: np.ndarray, reference: str, *,
+                        resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+  """Percentile intervals from a bootstrap over clusters (workers: a worker's transitions move
+  together), the same resamples for every model.
+
+  ``logp``: model -> log P(true occupation) per transition [N]; ``clusters``: the worker of each
+  transition. For each model: ``perplexity_ci`` [lo, hi]; for each model but ``reference``, the
+  paired interval of ``log ppl(model) - log ppl(reference)`` (``log_ppl_diff``,
+  ``log_ppl_diff_ci``) and whether it excludes zero.
+  """
+  ids, inverse = np.unique(clusters, return_inverse=True)
+  w = len(ids)
+  n_w = np.bincount(inverse, minlength=w).astype(float)
+  counts = np.random.default_rng(seed).multinomial(w, np.full(w, 1.0 / w), size=resamples).astype(float)  # [R, W]
+  tokens = counts @ n_w
+  alpha = (1 - level) / 2
+  log_ppl = {}
+  for name, lp in logp.items():
+    log_ppl[name] = -(counts @ np.bincount(inverse, weights=lp, minlength=w)) / tokens  # [R]
+  out = {}
+  for name, lp in logp.items():
+    lo, hi = np.exp(np.quantile(log_ppl[name], [alpha, 1 - alpha]))
+    out[name] = {"perplexity_ci": [float(lo), float(hi)]}
+    if name != reference:
+      diff = log_ppl[name] - log_ppl[reference]
+      point = float(-np.mean(lp) + np.mean(logp[reference]))
+      lo, hi = np.quantile(diff, [alpha, 1 - alpha])
+      out[name].update(log_ppl_diff=point, log_ppl_diff_ci=[float(lo), float(hi)], excludes_zero=bool(lo > 0 or hi < 0))
+  return out

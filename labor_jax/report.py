@@ -8,15 +8,45 @@ import numpy as np
 import pandas as pd
 
 
+def _ci(m: dict) -> str:
+  return f"[{m['perplexity_ci'][0]:.3f}, {m['perplexity_ci'][1]:.3f}]" if "perplexity_ci" in m else ""
+
+
+def _diff(m: dict) -> str:
+  if "log_ppl_diff" not in m:
+    return ""
+  lo, hi = m["log_ppl_diff_ci"]
+  return f"{m['log_ppl_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if m["excludes_zero"] else "")
+
+
 def perplexity_table(metrics: dict) -> list[str]:
   """The main table (models sorted by perplexity) as markdown lines."""
-  lines = ["| model | perplexity | raw (LLM) | stays | moves | move log-loss | move AUC |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  ref = metrics.get("bootstrap", {}).get("reference", "the main model")
+  lines = [f"| model | perplexity | 95% CI | log-ppl difference to {ref} [95% CI] | raw (LLM) | stays | moves "
+           "| move log-loss | move AUC |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for name, m in sorted(metrics["models"].items(), key=lambda kv: kv[1]["perplexity"]):
     raw = f"{m['perplexity_raw']:.3f}" if "perplexity_raw" in m else ""
-    lines.append(f"| {name} | {m['perplexity']:.3f} | {raw} | {m['perplexity_stays']:.3f} | {m['perplexity_moves']:.3f} "
-                 f"| {m['move_logloss']:.4f} | {m['move_auc']:.3f} |")
+    lines.append(f"| {name} | {m['perplexity']:.3f} | {_ci(m)} | {_diff(m)} | {raw} | {m['perplexity_stays']:.3f} "
+                 f"| {m['perplexity_moves']:.3f} | {m['move_logloss']:.4f} | {m['move_auc']:.3f} |")
   return lines
+
+
+def differences_in_words(metrics: dict) -> list[str]:
+  """One sentence per model: whether its paired interval against the reference excludes zero."""
+  b = metrics.get("bootstrap", {})
+  ref, out = b.get("reference"), []
+  for name, m in sorted(metrics["models"].items(), key=lambda kv: kv[1]["perplexity"]):
+    if "log_ppl_diff" not in m:
+      continue
+    lo, hi = m["log_ppl_diff_ci"]
+    if m["excludes_zero"]:
+      verdict = f"{name} is {'worse' if lo > 0 else 'better'} than {ref}"
+    else:
+      verdict = f"{name} and {ref} cannot be told apart"
+    out.append(f"{verdict}: log-perplexity difference {m['log_ppl_diff']:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}] "
+               f"({'excludes' if m['excludes_zero'] else 'includes'} zero)")
+  return out
 
 
 def headline(metrics: dict, summary: dict) -> list[str]:
@@ -40,6 +70,12 @@ def markdown(metrics: dict, summary: dict) -> str:
             "| --- |" + " ---: |" * len(datasets)]
   for name, m in models.items():
     lines.append(f"| {name} | " + " | ".join(f"{m['by_dataset'][d]:.3f}" for d in datasets) + " |")
+  b = metrics.get("bootstrap")
+  if b and b.get("resamples"):
+    lines += ["", f"Intervals: 95% percentile intervals from {b['resamples']:,} bootstrap resamples of the workers "
+              f"(a worker's transitions are resampled together; seed {b['seed']}); the difference column is "
+              f"log ppl(model) - log ppl({b['reference']}) on the same resamples, * where its interval excludes zero.",
+              "", *[f"- {line}." for line in differences_in_words(metrics)]]
   lines += ["", "Perplexity is exp(-mean log P(true next occupation)) over the valid occupations; 'raw' uses the",
             "LLM's probability of the title's tokens before renormalising over titles. The move task predicts",
             "whether the next occupation differs from the current one (P(move) = 1 - P(same occupation)).",

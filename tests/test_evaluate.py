@@ -60,3 +60,54 @@ def test_predict_cli(trained_run, tmp_path, capsys):
   assert predict.main(["--run", str(trained_run), "--history", str(f)]) == 2
   err = capsys.readouterr().err
   assert "row 2" in err and "column 'occupation'" in err and "Astronaut" in err
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_workers():
+  from labor_jax.metrics import bootstrap_intervals
+  rng = np.random.default_rng(0)
+
+  def data(workers):
+    clusters = np.repeat(np.arange(workers), 7)
+    skill = np.repeat(rng.normal(0, 0.5, workers), 7)  # a worker's transitions move together
+    a = -1.4 + skill + rng.normal(0, 0.3, len(clusters))
+    return {"a": a, "b": a - 0.05 + rng.normal(0, 0.05, len(clusters))}, clusters
+  widths = []
+  for workers in (40, 640):
+    logp, clusters = data(workers)
+    ci = bootstrap_intervals(logp, clusters, "a", resamples=500, seed=1)
+    lo, hi = ci["a"]["perplexity_ci"]
+    assert lo < np.exp(-logp["a"].mean()) < hi
+    d_lo, d_hi = ci["b"]["log_ppl_diff_ci"]
+    assert d_lo < ci["b"]["log_ppl_diff"] < d_hi and "log_ppl_diff" not in ci["a"]
+    widths.append(hi - lo)
+    assert bootstrap_intervals(logp, clusters, "a", resamples=500, seed=1) == ci  # seeded
+  assert widths[1] < widths[0] / 2.5  # sixteen times the workers: about a quarter of the width
+  # b is worse than a by 0.05 in log-probability with little noise: the paired interval excludes zero
+  assert ci["b"]["excludes_zero"] and ci["b"]["log_ppl_diff"] > 0
+
+
+def test_ensemble_of_one_run_equals_the_run_and_hf_scoring_equals_the_run(trained_run, tmp_path, nlsy_dataset):
+  """The mixture of one model is that model; the same weights exported to a Hugging Face directory and
+  scored with --hf on the run's dataset give the run's numbers; a dataset tokenised otherwise is refused."""
+  from labor_jax import evaluate, evaluation, export
+  m = evaluation.evaluate(trained_run, "test", tmp_path / "run_eval", career=False, bootstrap=200,
+                          ensembles={"ensemble of 1": [trained_run]})
+  main, ens = m["models"][evaluation.MAIN_LLM], m["models"]["ensemble of 1"]
+  assert ens["perplexity"] == pytest.approx(main["perplexity"], rel=1e-9)
+  assert ens["log_ppl_diff"] == pytest.approx(0.0, abs=1e-9) and not ens["excludes_zero"]
+  assert main["perplexity_ci"][0] < main["perplexity"] < main["perplexity_ci"][1]
+  report = (tmp_path / "run_eval" / "report.md").read_text()
+  assert "95% CI" in report and "cannot be told apart" in report
+
+  assert export.main(["--run", str(trained_run), "--out", str(tmp_path / "hf")]) == 0
+  assert evaluate.main(["--hf", str(tmp_path / "hf"), "--data", str(nlsy_dataset), "--out", str(tmp_path / "hf_eval"),
+                        "--no-career", "--bootstrap", "0", "--mesh", "data=8", "--no-progress"]) == 0
+  got = json.loads((tmp_path / "hf_eval" / "metrics.json").read_text())["models"][evaluation.MAIN_LLM]
+  assert got["perplexity"] == pytest.approx(main["perplexity"], rel=1e-5)
+  assert got["perplexity_raw"] == pytest.approx(main["perplexity_raw"], rel=1e-5)
+
+  from data_pipeline.dataset_dir import build_default
+  other = tmp_path / "other_tokens"
+  build_default(other, vocab_size=500)
+  with pytest.raises(evaluation.ConfigError, match="another tokenizer"):
+    evaluation.evaluate(tmp_path / "hf", "test", tmp_path / "x", data=other, career=False, bootstrap=0)
