@@ -15,11 +15,12 @@ def add_mesh_flags(ap: argparse.ArgumentParser, batch: bool = True) -> None:
   """--mesh, --chunk, the multi-process flags and --no-progress; --batch-workers when ``batch``."""
   g = ap.add_argument_group("devices")
   g.add_argument("--mesh", help="device mesh, e.g. data=8 or fsdp=4,tensor=2 (default: every device on data when "
-                                "the model fits one device, otherwise on fsdp)")
+                                "the parameters take at most a quarter of one device, otherwise on fsdp)")
   if batch:
     g.add_argument("--batch-workers", type=int, default=16,
                    help="workers scored per batch, all processes together (a multiple of the mesh's data x fsdp)")
-  g.add_argument("--chunk", type=int, help="workers per tree pass of the scorer (bounds memory; default: the batch)")
+  g.add_argument("--chunk", type=int, help="workers per tree pass of the scorer (bounds memory; default: the whole "
+                                            "batch under 1B parameters, else one worker per batch device)")
   g.add_argument("--coordinator-address", help="host:port of process 0, for several processes without SLURM "
                                                "or a TPU pod (those are detected)")
   g.add_argument("--num-processes", type=int, help="processes in all (with --coordinator-address)")

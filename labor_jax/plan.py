@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline.titles import load_titles
 from labor_jax import config as config_lib
-from labor_jax import labels, model, scorer, sharding, train_config, train_core
+from labor_jax import evaluation, labels, model, scorer, sharding, train_config, train_core
 from labor_jax.config import ConfigError, LlamaConfig
 
 GIB = 2 ** 30
@@ -188,8 +188,9 @@ def main(argv=None) -> int:
   ap.add_argument("--no-score", action="store_true", help="plan the train step only")
   ap.add_argument("--no-train", action="store_true", help="plan the scoring step only")
   ap.add_argument("--score-devices", type=int, help="devices for the scoring plan (default: --devices)")
+  ap.add_argument("--score-mesh", help="mesh of the scoring plan (default: labor_jax.evaluate's for this chip)")
   ap.add_argument("--batch-workers", type=int, default=16, help="scoring: workers per batch")
-  ap.add_argument("--chunk", type=int, default=2, help="scoring: workers per tree pass")
+  ap.add_argument("--chunk", type=int, help="scoring: workers per tree pass (default: labor_jax.evaluate's)")
   ap.add_argument("--titles", type=int, default=335, help="scoring: occupation titles")
   ap.add_argument("--resume-tokens", type=int, default=512, help="scoring: tokens per resume")
   ap.add_argument("--entries", type=int, default=20, help="scoring: entries per resume")
@@ -201,7 +202,8 @@ def main(argv=None) -> int:
     cfg = train_config.load(args.config, args.set)
     if args.mesh:
       cfg = train_config.updated(cfg, {f"mesh.{k}": v for k, v in sharding.parse_mesh(args.mesh).items()})
-    train_config.check_devices(cfg, jax.device_count(), 1)
+    if not args.no_train:
+      train_config.check_devices(cfg, jax.device_count(), 1)
     config = train_config.model_config(cfg, base_config(cfg, args.preset))
   except (ConfigError, sharding.ShardingError) as e:
     print(f"config error: {e}", file=sys.stderr)
@@ -220,9 +222,10 @@ def main(argv=None) -> int:
     print("\n".join(report(plans[-1], chip)), flush=True)
   if not args.no_score:
     n = args.score_devices or args.devices  # labor_jax.evaluate's default mesh for this model on this chip
-    score_mesh = sharding.scoring_mesh(None, config.num_params() * np.dtype(config.jnp_param_dtype).itemsize,
+    score_mesh = sharding.scoring_mesh(args.score_mesh, config.num_params() * np.dtype(config.jnp_param_dtype).itemsize,
                                        devices=jax.devices()[:n], device_bytes=chip.hbm_bytes if chip else None)
-    plans.append(score_plan(config, score_mesh, batch_workers=args.batch_workers, chunk=args.chunk,
+    chunk = args.chunk or evaluation.default_chunk(config, score_mesh, args.batch_workers)
+    plans.append(score_plan(config, score_mesh, batch_workers=args.batch_workers, chunk=chunk,
                             titles=args.titles, resume_tokens=args.resume_tokens, entries=args.entries))
     print(f"mesh {dict(score_mesh.shape)}")
     print("\n".join(report(plans[-1], chip)))
