@@ -41,6 +41,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # Parity tests and PyTorch baselines only: training and scoring never import torch.
-        "test": ["pytest==9.2.0", "torch==2.13.0"],
+        # peft is the reference for the LoRA adapter format (tests only; labor_jax never imports it).
+        "test": ["pytest==9.2.0", "torch==2.13.0", "peft==0.21.2"],
     },
 )

@@ -29,6 +29,7 @@ __all__ = ["ConfigError", "TrainConfig", "load", "model_config", "updated", "che
 class ModelConfig:
   hf_path: str | None = None  # local HF checkpoint directory to fine-tune; None trains from scratch
   init_from: str | None = None  # a labor_jax.train run directory whose best checkpoint initialises the weights
+  adapter_path: str | None = None  # PEFT adapter directory to start LoRA from (its r, alpha, modules must equal lora.*)
   hidden_size: int = 64  # from scratch: residual width
   intermediate_size: int = 128  # from scratch: SwiGLU width
   num_hidden_layers: int = 2  # from scratch: decoder blocks
@@ -223,6 +224,10 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
     raise ConfigError(f"ckpt_every_minutes: must be >= 0, got {cfg.ckpt_every_minutes}")
   if cfg.lora.enabled and cfg.lora.rank <= 0:
     raise ConfigError(f"lora.rank: must be positive, got {cfg.lora.rank}")
+  if cfg.model.adapter_path and not cfg.lora.enabled:
+    raise ConfigError("model.adapter_path: continues LoRA adapters, set lora.enabled=true")
+  if cfg.model.adapter_path and not (cfg.model.hf_path or cfg.model.init_from):
+    raise ConfigError("model.adapter_path: name the base the adapter was trained on (model.hf_path or model.init_from)")
   return cfg
 
 

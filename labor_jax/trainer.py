@@ -105,9 +105,30 @@ def initial_params(cfg: TrainConfig, config: LlamaConfig, mesh, rng):
     params = model.stack_layers(params, config.num_hidden_layers)
   elif not config.scan_layers and "layers" in params:
     params = model.unstack_layers(params)
-  if config.lora_rank:
+  if config.lora_rank and m.adapter_path:
+    params = adapters_from(m.adapter_path, config, params, mesh)  # a published or exported adapter, continued
+  elif config.lora_rank:
     params = lora.add_adapters(base, params, rng, rank=config.lora_rank, alpha=config.lora_alpha,
                                dropout=config.lora_dropout, targets=config.lora_targets, mesh=mesh)[1]
+  return params
+
+
+def adapters_from(path: str, config: LlamaConfig, params, mesh):
+  """``params`` (the base) with the PEFT adapter at ``path``, which must have ``config``'s rank, alpha and
+  adapted modules (ConfigError naming the difference); the run's ``lora.dropout`` applies in training."""
+  try:
+    found, params = hf.load_adapter(path, config.replace(lora_rank=0), params, mesh)
+  except hf.CheckpointError as e:
+    raise ConfigError(f"model.adapter_path: {e}") from None
+  theirs, ours = hf.adapter_modules(found), hf.adapter_modules(config)
+  named = lambda ms: f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in ms}))} ({len(ms)} modules)"  # noqa: E731
+  for key, a, b in (("rank", found.lora_rank, config.lora_rank), ("alpha", found.lora_alpha, config.lora_alpha),
+                    ("targets", theirs, ours)):
+    if a != b:
+      hint = f"; lora.targets={found.lora_targets!r} selects its modules" if key == "targets" else ""
+      a, b = (named(a), named(b)) if key == "targets" else (a, b)
+      raise ConfigError(f"model.adapter_path: {path} has {key} {a}, the run's lora.{key} gives {b}{hint}")
+  print(f"LoRA adapters from {path}: r={found.lora_rank}, alpha={found.lora_alpha:g}, {named(ours)}", flush=True)
   return params
 
 
