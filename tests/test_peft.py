@@ -244,3 +244,14 @@ def test_adapters_on_some_layers_round_trip_as_a_regex(small_adapter, tmp_path):
   _assert_bitwise(loaded, params)
   with pytest.raises(ConfigError, match="adapts some layers only; a scan_layers model"):
     hf.load_adapter(d, config.replace(scan_layers=True), model.stack_layers(base, config.num_hidden_layers))
+
+
+def test_evaluate_hf_with_an_adapter_equals_the_run(exported, nlsy_dataset, tmp_path):
+  """A Hugging Face base plus its PEFT adapter, scored with --hf/--adapter, gives the run's own numbers."""
+  from labor_jax import evaluation
+  run_dir, base_dir, adapter_dir = exported
+  want = evaluation.evaluate(run_dir, "test", tmp_path / "run", career=False, bootstrap=0)
+  got = evaluation.evaluate(base_dir, "test", tmp_path / "hf", data=nlsy_dataset, adapter=adapter_dir, career=False,
+                            bootstrap=0)
+  for key in ("perplexity", "perplexity_raw"):
+    assert got["models"][evaluation.MAIN_LLM][key] == pytest.approx(want["models"][evaluation.MAIN_LLM][key], rel=1e-5)
