@@ -37,3 +37,17 @@ def random_llama_pair(layers: int, hidden: int, intermediate: int, heads: int, k
     ref = transformers.AutoModelForCausalLM.from_pretrained(ck)
     config, params = hf.load(ck)
   return ref, config, params
+
+
+def time_best(fn, repeats: int = 3):
+  """(result, seconds of the first call (compiles), best seconds of ``repeats`` more calls) of ``fn()``."""
+  import time
+  t0 = time.perf_counter()
+  out = fn()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return out, first, min(times)

@@ -36,7 +36,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch share
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _reference import random_llama_pair  # noqa: E402
+from _reference import random_llama_pair, time_best  # noqa: E402
 
 TITLES = 335
 COLUMNS = ("part", "model", "attention", "batch x seq", "fits", "tokens/s", "workers/s", "MFU", "notes")
@@ -310,15 +310,7 @@ def scorer_rows(size, tmp, args):
     if params is None:
       params = jax.jit(lambda: model.init_params(config, jax.random.key(0)))()
     fused_fn = jax.jit(lambda p: scorer.score(config, p, tree, tokens, mask, ends, chunk=s["chunk"]))
-    t0 = time.perf_counter()
-    fused = np.asarray(fused_fn(params))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(3):
-      t0 = time.perf_counter()
-      fused = np.asarray(fused_fn(params))
-      times.append(time.perf_counter() - t0)
-    t_fused = min(times)
+    fused, compile_s, t_fused = time_best(lambda: np.asarray(fused_fn(params)))
     note = f"{t_fused:.2f} s (best of 3; first call {compile_s:.1f} s); {len(tree.nodes_L)} tree nodes, chunk {s['chunk']}"
     if size == "tiny" and torch_lp is not None:
       note += f"; max abs log-prob diff vs PyTorch {np.abs(fused - torch_lp).max():.1e}"

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from _reference import add_malloc_flag, apply_malloc_flag
+from _reference import add_malloc_flag, apply_malloc_flag, time_best
 
 
 def main():
@@ -70,15 +70,7 @@ def main():
   prompts = [enc[b].ids[:ends[b, t]] for b in range(args.workers) for t in range(args.steps)]
 
   fused_fn = jax.jit(lambda p: scorer.score(config, p, tree, tokens, mask, ends, chunk=args.chunk))
-  t0 = time.perf_counter()
-  fused = np.asarray(fused_fn(params))
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(3):
-    t0 = time.perf_counter()
-    fused = np.asarray(fused_fn(params))
-    times.append(time.perf_counter() - t0)
-  t_fused = min(times)
+  fused, compile_s, t_fused = time_best(lambda: np.asarray(fused_fn(params)))
   if args.fused_only:
     print(f"fused scorer {t_fused:.3f} s (best of 3; first call incl. compile {compile_s:.1f} s)")
     return
