@@ -114,6 +114,7 @@ class TrainConfig:
   keep: int = 3  # most recent checkpoints kept (the best by validation loss is kept too)
   async_checkpointing: bool = True  # write checkpoints in the background
   progress: bool = True  # show a progress bar
+  peak_flops_per_chip: float | None = None  # peak bf16 FLOP/s of one chip for MFU; None: labor_jax.flops' table by device kind (none on the CPU)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)

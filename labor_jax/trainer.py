@@ -26,7 +26,7 @@ from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir, build_default
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import hf, labels, lora, model, sharding, train_core
+from labor_jax import flops, hf, labels, lora, model, sharding, train_core
 from labor_jax.config import ConfigError, LlamaConfig
 from labor_jax.rundir import RunDir, dataset_of
 from labor_jax.train_config import TrainConfig, check_devices, model_config
@@ -241,7 +241,11 @@ def run(cfg: TrainConfig) -> dict:
   bar = tqdm(total=cfg.steps, initial=start, disable=not (is_main and cfg.progress), dynamic_ncols=True,
              file=sys.stdout)
   last = {"step": start}
-  t_last, tok_last = time.perf_counter(), 0.0
+  t_last, tok_last, steps_last = time.perf_counter(), 0.0, 0
+  # MFU: model FLOPs of every position a step computes (padding included) over the chips' peak bf16 FLOP/s.
+  flops_per_position = flops.train_flops_per_token(config, cfg.data.seq_len, frozen_base=cfg.lora.enabled)
+  chip_peak = flops.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops_per_chip)
+  peak = None if chip_peak is None else chip_peak * jax.device_count()
   last_save = {"time": time.monotonic()}
   val_loss = None
   try:
@@ -254,21 +258,27 @@ def run(cfg: TrainConfig) -> dict:
         raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping; the last good checkpoint "
                             f"(step {mgr.latest_step()}) is kept in {mgr.directory}")
       tok_last += float(m["tokens"])
+      steps_last += 1
       rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
              "batch_crc": batch_crc}
       bar.update(1)
       logged = step % cfg.log_every == 0 or step == cfg.steps
       if logged:
         now = time.perf_counter()
-        rec["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
-        t_last, tok_last = now, 0.0
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        elapsed = max(now - t_last, 1e-9)
+        rec["tokens_per_s"] = tok_last / elapsed
+        positions_per_s = steps_last * cfg.batch_size * cfg.data.seq_len / elapsed
+        if peak is not None:
+          rec["mfu"] = flops.mfu(positions_per_s, flops_per_position, peak)
+        t_last, tok_last, steps_last = now, 0.0, 0
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                        **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
       if step % cfg.eval_every == 0 or step == cfg.steps:
         val_loss = rec["val_loss"] = evaluate()
         bar.write(f"step {step}: train loss {loss:.4f}, validation loss {val_loss:.4f}")
       if is_main:
         run_dir.append_metrics(rec)
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"):
           if k in rec:
             tb.add_scalar(f"train/{k}" if k != "val_loss" else "eval/loss", rec[k], step)
       last = rec

@@ -31,6 +31,7 @@ def uninterrupted(tmp_path_factory, nlsy_dataset):
   """A tiny run of 8 steps with checkpoints at 4 and 8, trained once per session."""
   from tests.runs import run_train
   run_dir = tmp_path_factory.mktemp("full") / "run"
-  code, out, err = run_train(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4")
+  code, out, err = run_train(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4",
+                             "peak_flops_per_chip=1.0e+12")  # an MFU figure on the CPU too
   assert code == 0, err
   return run_dir

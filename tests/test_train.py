@@ -200,3 +200,18 @@ def test_keeps_latest_and_best_checkpoints(tmp_path):
   step, params = checkpoint.restore_params(tmp_path / "ck", "best")
   assert step == 2 and float(params["w"][0]) == 2.0
   assert checkpoint.restore_params(tmp_path / "ck")[0] == 5
+
+
+def test_mfu_is_logged_against_the_given_peak(uninterrupted):
+  """Every logged step records MFU = positions/s x model FLOPs per position / peak; rows of TINY are all real
+  tokens (resumes are cut at 64), so positions/s equals the logged tokens/s."""
+  from labor_jax import flops, train_config
+  from labor_jax.rundir import RunDir
+  run = RunDir(uninterrupted)
+  cfg = run.train_config()
+  fpt = flops.train_flops_per_token(run.model_config(), cfg.data.seq_len)
+  assert cfg.peak_flops_per_chip == 1e12 and isinstance(cfg, train_config.TrainConfig)
+  rows = read_metrics(uninterrupted)
+  assert all("mfu" in r for r in rows)  # log_every=1
+  for r in rows:
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e12, rel=1e-6) and 0 < r["mfu"] < 1
