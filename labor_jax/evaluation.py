@@ -138,6 +138,25 @@ def check_tokenizer(model_tokenizer: ResumeTokenizer, data: DatasetDir, source) 
                       f"python -m data_pipeline.build --tokenizer-dir {source}")
 
 
+def score_transitions(source: str | Path, data: DatasetDir, table: pd.DataFrame, split: str, *,
+                      adapter: str | Path | None = None, mesh: jax.sharding.Mesh | None = None,
+                      batch_workers: int = 16, chunk: int | None = None,
+                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+  """(normalised log-probs, raw log-probs, what was loaded) of the model ``source``
+  (see :func:`load_model`) for each row of ``table``: transitions of ``split`` of ``data``
+  (:func:`labor_jax.baselines.transition_table`, any subset of them): [len(table), J] each, in
+  ``table``'s order."""
+  config, params, tok, what = load_model(source, adapter=adapter, mesh=mesh)
+  check_tokenizer(tok, data, source)
+  scores = llm_scores(config, params, tok, data.titles(), data.variant, data, split, mesh=mesh,
+                      batch_workers=batch_workers, chunk=chunk, progress=progress)
+  del params
+  merged = table.merge(scores, on=["dataset", "person_id", "t"], how="left", validate="one_to_one")
+  if merged["llm_norm"].isna().any():
+    raise RuntimeError("some transitions have no LLM score")
+  return np.stack(merged["llm_norm"].to_numpy()), np.stack(merged["llm_raw"].to_numpy()), what
+
+
 def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
              data: str | Path | DatasetDir | None = None, adapter: str | Path | None = None, career: bool = True,
              extra_llms: dict | None = None, ensembles: dict | None = None, log=print,
@@ -187,19 +206,13 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
     sources.update({f"{src}": (src, None) for src in members if all(str(v[0]) != str(src) for v in sources.values())})
   by_source = {}
   for name, (src, adp) in sources.items():
-    config, params, tok, what = load_model(src, adapter=adp, mesh=mesh)
-    check_tokenizer(tok, data, src)
-    scores = llm_scores(config, params, tok, titles, data.variant, data, split, mesh=mesh,
-                        batch_workers=batch_workers, chunk=chunk, progress=progress)
-    del params
-    merged = test.merge(scores, on=["dataset", "person_id", "t"], how="left", validate="one_to_one")
-    if merged["llm_norm"].isna().any():
-      raise RuntimeError("some transitions have no LLM score")
-    by_source[str(src)] = np.exp(np.stack(merged["llm_norm"].to_numpy()))
+    norm, raw, what = score_transitions(src, data, test, split, adapter=adp, mesh=mesh,
+                                        batch_workers=batch_workers, chunk=chunk, progress=progress)
+    by_source[str(src)] = np.exp(norm)
     if name in (MAIN_LLM, *(extra_llms or {})):
       probs[name] = by_source[str(src)]
       y = test["occ"].to_numpy()
-      raw_ppl[name] = perplexity(np.stack(merged["llm_raw"].to_numpy())[np.arange(len(y)), y])
+      raw_ppl[name] = perplexity(raw[np.arange(len(y)), y])
       log(f"{name}: {what}, perplexity {model_metrics(probs[name], test)['perplexity']:.3f}")
   for name, members in (ensembles or {}).items():
     probs[name] = np.mean([by_source[str(m)] for m in members], axis=0)

@@ -33,25 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline import simulator
-from data_pipeline.dataset_dir import DatasetDir, build_dataset, build_default, format_summary
-from data_pipeline.panel import validate
-from labor_jax import evaluation, report, runtime, train_config, trainer
+from data_pipeline.dataset_dir import DatasetDir, build_default, format_summary
+from labor_jax import evaluation, report, runtime, trainer
 from labor_jax.config import ConfigError
+from labor_jax.recipes import STAGE1_WORKERS, build_stage1_data, train
 
-RECIPES = Path(__file__).resolve().parent.parent / "configs" / "main"
-STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
-STAGE1_YEARS = 8  # years per synthetic career
 FOUNDATION = "foundation model before fine-tuning (stage 1, zero-shot)"
-
-
-def _train(recipe: str, run_dir: Path, data_dir: Path, **changes) -> None:
-  """Trains ``configs/main/<recipe>.yaml`` into ``run_dir`` on ``data_dir``, with ``changes``."""
-  changes = {"run_dir": str(run_dir), "data.dataset_dir": str(data_dir), **changes}
-  path = RECIPES / f"{recipe}.yaml"
-  print("  python -m labor_jax.train --config " + str(path.relative_to(RECIPES.parent.parent)) + "".join(
-      f" --set {k}={v}" for k, v in changes.items()), flush=True)
-  trainer.run(train_config.updated(train_config.load(path), changes))
 
 
 def main(argv=None) -> int:
@@ -84,24 +71,19 @@ def run(out: Path, n_seeds: int) -> int:
   print(f"\n== 2/5 stage 1: {STAGE1_WORKERS:,} synthetic careers (non-representative), trained from scratch",
         flush=True)
   synth_dir = out / "data_stage1"
-  raw = simulator.simulate(STAGE1_WORKERS, STAGE1_YEARS, titles, seed=1, start_year=1975, stay=0.6, neighbours=4,
-                           dataset="SYNTHETIC")
-  panel, titles = validate(raw, "simulated panel", titles)
-  info = build_dataset(panel, titles, synth_dir, tokenizer_dir=nlsy.tokenizer_dir,
-                       source="synthetic careers (data_pipeline.simulator), not survey data")
-  print(format_summary(info), flush=True)
-  _train("stage1", out / "stage1", synth_dir)
+  print(format_summary(build_stage1_data(synth_dir, titles, nlsy.tokenizer_dir)), flush=True)
+  train("main/stage1", out / "stage1", synth_dir)
 
   seeds = range(n_seeds)
   llm_dir = lambda k: out / ("llm" if k == 0 else f"llm_seed{k}")  # noqa: E731
   alone_dir = lambda k: out / ("llm_nlsy_only" if k == 0 else f"llm_nlsy_only_seed{k}")  # noqa: E731
   print(f"\n== 3/5 stage 2: fine-tune on NLSY from the stage-1 weights ({n_seeds} seed(s))", flush=True)
   for k in seeds:
-    _train("stage2", llm_dir(k), nlsy.path, **{"model.init_from": str(out / "stage1"), "seed": k})
+    train("main/stage2", llm_dir(k), nlsy.path, **{"model.init_from": str(out / "stage1"), "seed": k})
 
   print(f"\n== 4/5 ablation: the same model trained on NLSY alone ({n_seeds} seed(s))", flush=True)
   for k in seeds:
-    _train("scratch", alone_dir(k), nlsy.path, seed=k)
+    train("main/scratch", alone_dir(k), nlsy.path, seed=k)
 
   print("\n== 5/5 evaluation on the NLSY test split", flush=True)
   ours_name, alone_name = evaluation.MAIN_LLM, "LLM without stage 1 (NLSY only)"

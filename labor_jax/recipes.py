@@ -1,0 +1,53 @@
+"""The building blocks the main job and the ablations share: recipes and synthetic careers.
+
+A recipe is a YAML run config under ``configs/`` named by its path without the suffix
+(``main/stage1`` is ``configs/main/stage1.yaml``). :func:`train` runs one into a run
+directory on a dataset and prints the equivalent ``python -m labor_jax.train`` command.
+:func:`build_stage1_data` writes the synthetic, non-representative careers stage 1 trains
+on (:mod:`data_pipeline.simulator`: other dynamics and cohorts, the same titles and template),
+and :func:`synthetic_careers` draws such careers for other uses (a second data source).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from data_pipeline import simulator
+from data_pipeline.dataset_dir import build_dataset
+from data_pipeline.panel import validate
+from data_pipeline.titles import TitleTable
+from labor_jax import train_config, trainer
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
+STAGE1_YEARS = 8  # years per synthetic career
+
+
+def train(recipe: str, run_dir: str | Path, data_dir: str | Path, **changes) -> dict:
+  """Trains ``configs/<recipe>.yaml`` into ``run_dir`` on ``data_dir`` with dotted ``changes``
+  (a finished run resumes at its end at once); returns the last step's metrics record."""
+  changes = {"run_dir": str(run_dir), "data.dataset_dir": str(data_dir), **changes}
+  path = CONFIGS / f"{recipe}.yaml"
+  print("  python -m labor_jax.train --config " + str(path.relative_to(CONFIGS.parent)) + "".join(
+      f" --set {k}={v}" for k, v in changes.items()), flush=True)
+  return trainer.run(train_config.updated(train_config.load(path), changes))
+
+
+def synthetic_careers(titles: TitleTable, workers: int, years: int = STAGE1_YEARS, *, seed: int = 1,
+                      start_year: int = 1975, dataset: str = "SYNTHETIC") -> tuple[pd.DataFrame, TitleTable]:
+  """A validated panel of ``workers`` simulated careers over the titles of ``titles`` (sticky moves
+  to a few neighbouring occupations, cohorts born 18-35 years before ``start_year``)."""
+  raw = simulator.simulate(workers, years, titles, seed=seed, start_year=start_year, stay=0.6, neighbours=4,
+                           dataset=dataset)
+  return validate(raw, "simulated panel", titles)
+
+
+def build_stage1_data(out: str | Path, titles: TitleTable, tokenizer_dir: str | Path, *,
+                      workers: int = STAGE1_WORKERS) -> dict:
+  """The stage-1 corpus (``workers`` synthetic careers, tokenised with ``tokenizer_dir``) in ``out``;
+  returns the dataset summary."""
+  panel, titles = synthetic_careers(titles, workers)
+  return build_dataset(panel, titles, out, tokenizer_dir=tokenizer_dir,
+                       source="synthetic careers (data_pipeline.simulator), not survey data")
