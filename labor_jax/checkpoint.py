@@ -79,11 +79,6 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_iter, metrics: 
     mgr.wait_until_finished()
 
 
-def abstract(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a tree of arrays."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 # ------------------------------------------------------------------------- comparison
 def _saved_leaves(tree: Any, prefix: str = "") -> dict[str, tuple]:
   """{path: (shape, dtype)} of an orbax metadata tree (dicts and lists of ArrayMetadata; None for

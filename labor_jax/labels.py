@@ -67,10 +67,6 @@ def trainable_fraction(params: Any, labels: Any) -> float:
   return sum(s for s, t in sizes if t) / max(total, 1)
 
 
-def all_train(labels: Any) -> bool:
-  return all(l == TRAIN for l in jax.tree.leaves(labels))
-
-
 def split(tree: Any, labels: Any) -> tuple[dict, dict]:
   """(the TRAIN leaves, the FROZEN leaves) of a nested-dict ``tree``, as two nested dicts
   holding only their own leaves (empty modules dropped)."""
