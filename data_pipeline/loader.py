@@ -38,7 +38,8 @@ def truncation(dataset: DatasetDir, split: str, seq_len: int) -> dict[str, int]:
           "entries": int(sum(len(e) for e in entry_ends)), "cut_entries": cut_entries}
 
 
-def _example(record: dict, seq_len: int, loss_on: str) -> dict[str, np.ndarray]:
+def example(record: dict, seq_len: int, loss_on: str) -> dict[str, np.ndarray]:
+  """One resume's row before padding: ``inputs``, ``targets`` (cut to ``seq_len``) and ``loss_mask``."""
   tokens = np.asarray(record["tokens"], np.int32)[: seq_len + 1]  # cut, counted by truncation()
   if loss_on == "history":
     hist = np.zeros(len(record["tokens"]), np.int32)
@@ -91,7 +92,7 @@ def make_dataset(dataset_dir: str | Path | DatasetDir, split: str, *, seq_len: i
   ds = ds.repeat(num_epochs)
   if process_count > 1:
     ds = ds[process_index::process_count]
-  ds = ds.map(lambda r: _example(r, seq_len, loss_on))
+  ds = ds.map(lambda r: example(r, seq_len, loss_on))
   it = ds.to_iter_dataset()
   if pack:
     it = grain.experimental.FirstFitPackIterDataset(

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state and the grain iterator, restored only when they fit the run.
 
 One CheckpointManager under ``RUN/checkpoints``: the last ``keep`` steps are kept, and so is
-the best step by validation loss (``AnyPreservationPolicy`` of ``LatestN`` and ``BestN``).
+the best step by the run's validation metric (``AnyPreservationPolicy`` of ``LatestN`` and
+``BestN``; :mod:`labor_jax.selection` names the metrics, ``val_occupation_ppl`` by default).
 Each step holds ``state`` (the trainable parameters, optimizer state, step, RNG; restored
 straight into their shardings) and ``data`` (every process's grain iterator state). Frozen
 parameters (the base model under LoRA) are not in the steps: they are written once, to
@@ -23,6 +24,7 @@ Paths may be local or any URL orbax / etils accept (``gs://bucket/run``).
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Callable
 
@@ -33,6 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from labor_jax import selection
 from labor_jax.config import ConfigError
 from labor_jax.labels import path_str
 
@@ -53,16 +56,19 @@ def as_path(path) -> epath.Path:
   return p if "://" in str(path) else epath.Path(p.absolute())
 
 
-def manager(directory, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(directory, keep: int, async_save: bool = True,
+            metric: str = selection.key(selection.DEFAULT)) -> ocp.CheckpointManager:
+  """The run's manager; ``metric`` (a recorded key, :mod:`labor_jax.selection`) is the one whose lowest
+  value BestN keeps. A step saved with metrics that lack it (an older run resumed) counts as worst."""
+  get = lambda m: m.get(metric, math.inf)  # noqa: E731
   policy = cm.AnyPreservationPolicy([
       cm.LatestN(n=keep),
-      # reverse=True: BestN keeps the end of the sorted order, so sort descending to keep the lowest loss.
-      cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
+      # reverse=True: BestN keeps the end of the sorted order, so sort descending to keep the lowest value.
+      cm.BestN(get_metric_fn=get, reverse=True, n=1, keep_checkpoints_without_metrics=False),
   ])
-  # best_fn makes orbax store each step's metrics (and answers best_step()).
+  # best_fn makes orbax store each step's metrics.
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
-                                         cleanup_tmp_directories=True, best_fn=lambda m: m["val_loss"],
-                                         best_mode="min")
+                                         cleanup_tmp_directories=True, best_fn=get, best_mode="min")
   return ocp.CheckpointManager(as_path(directory), options=options, item_handlers=_handlers())
 
 
@@ -203,18 +209,18 @@ def restore_frozen(directory, target: Any) -> Any:
 
 # ------------------------------------------------------------------------- readers
 def _reader(directory) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["val_loss"], best_mode="min")
-  return ocp.CheckpointManager(as_path(directory), options=options,
+  return ocp.CheckpointManager(as_path(directory), options=ocp.CheckpointManagerOptions(create=False),
                                item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                               "data": grain.checkpoint.CheckpointHandler()})
 
 
-def resolve_step(directory, step: int | str | None = None) -> int:
-  """``step`` as a saved step number: an int, None for the newest, "best" for the lowest validation
-  loss (the newest when no step has one)."""
+def resolve_step(directory, step: int | str | None = None, metric: str = selection.key(selection.DEFAULT)) -> int:
+  """``step`` as a saved step number: an int, None for the newest, "best" for the lowest ``metric``
+  (a recorded key; steps of older runs hold ``val_loss`` only and are judged by it,
+  :func:`labor_jax.selection.best_step`), the newest when no step has a metric."""
   mgr = _reader(directory)
   if step == "best":
-    step = mgr.best_step()
+    step = selection.best_step({s: mgr.metrics(s) for s in mgr.all_steps()}, metric)
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")
@@ -227,17 +233,18 @@ def saved_params(directory, step: int) -> Any:
   return getattr(meta, "tree", meta)["params"]
 
 
-def restore_params(directory, step: int | str | None = None, shardings: Any = None):
+def restore_params(directory, step: int | str | None = None, shardings: Any = None,
+                   metric: str = selection.key(selection.DEFAULT)):
   """(step, params) of a run's checkpoint: the parameters alone (never the optimizer state), from a
   checkpoint written on any topology.
 
-  ``step`` as in :func:`resolve_step`. Shapes and dtypes come from the saved metadata, so no
+  ``step`` and ``metric`` as in :func:`resolve_step`. Shapes and dtypes come from the saved metadata, so no
   config is needed. ``shardings`` (a tree matching the saved params, e.g. NamedShardings of a
   mesh) places each array straight into its sharding; the default is the first local device.
   Under LoRA a step holds the trainable leaves only: merge the frozen ones
   (:func:`restore_frozen`), as ``labor_jax.rundir.RunDir.load_model`` does.
   """
-  step = resolve_step(directory, step)
+  step = resolve_step(directory, step, metric)
   mgr = _reader(directory)
   meta = mgr.item_metadata(step)["state"]
   saved = getattr(meta, "tree", meta)["params"]

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--out", required=True, help="output directory (created atomically)")
-  ap.add_argument("--step", help="checkpoint step, 'latest', or 'best' (default: lowest validation loss)",
+  ap.add_argument("--step", help="checkpoint step, 'latest', or 'best' (default: lowest of the run's eval_metric)",
                   default="best")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="tensor dtype (default: the run's)")
   ap.add_argument("--max-shard-size", default="5GB")

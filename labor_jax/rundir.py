@@ -9,7 +9,8 @@ A ``labor_jax.train`` run directory holds::
     data/               the embedded NLSY dataset, when the config names no data.dataset_dir
     checkpoints/        orbax checkpoints of the trainable state (labor_jax.checkpoint)
     frozen/             the frozen parameters (the base model under LoRA), written once
-    metrics.jsonl       one JSON line per step (loss, lr, grad norm, tokens/s, validation loss, batch CRC)
+    metrics.jsonl       one JSON line per step (loss, lr, grad norm, tokens/s, batch CRC; at evaluations
+                        validation loss and occupation perplexity)
     tb/                 TensorBoard events
     summary.json        final step, losses, parameter counts
     eval_<split>/       written by labor_jax.evaluate
@@ -35,7 +36,7 @@ from etils import epath
 
 from data_pipeline.dataset_dir import DatasetDir
 from data_pipeline.tokenizer import ResumeTokenizer
-from labor_jax import checkpoint, labels, model, sharding, train_config
+from labor_jax import checkpoint, labels, model, selection, sharding, train_config
 from labor_jax.config import LlamaConfig
 
 CONFIG = "config.yaml"
@@ -109,8 +110,9 @@ class RunDir:
     The step's parameters (never its optimizer state) are merged with the frozen ones saved
     once in ``frozen/`` (the base model of a LoRA run). With ``mesh`` every array is restored
     straight into its sharding (the logical-axis table, ``rules``), from a checkpoint of any
-    topology; without, onto the first local device. ``step``: an int, "best" (lowest
-    validation loss; the newest when none has one) or None for the newest."""
+    topology; without, onto the first local device. ``step``: an int, "best" (lowest value of
+    the run's ``eval_metric``, :meth:`best_metric`; the newest when no step has one) or None for
+    the newest."""
     config = self.model_config()
     label_tree = self.labels(config)
     if mesh is None:
@@ -121,12 +123,18 @@ class RunDir:
     # Full fine-tuning saves every parameter in the step; LoRA saves the adapters there and the rest once.
     frozen_dir = self.frozen_dir.exists()
     trainable_sh, frozen_sh = labels.split(shardings, label_tree) if frozen_dir else (shardings, {})
-    step, params = checkpoint.restore_params(self.checkpoints, step, trainable_sh)
+    step, params = checkpoint.restore_params(self.checkpoints, step, trainable_sh, metric=self.best_metric())
     if frozen_dir:
       target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             labels.split(model.param_shapes(config), label_tree)[1], frozen_sh)
       params = labels.merge(params, checkpoint.restore_frozen(self.frozen_dir, target))
     return config, params, step
+
+  def best_metric(self) -> str:
+    """The recorded key whose lowest value makes a step "best": the run config's ``eval_metric``
+    (steps without it, as in runs from before it existed, are judged by ``val_loss``)."""
+    eval_metric = self.train_config().eval_metric if (self.path / CONFIG).exists() else selection.DEFAULT
+    return selection.key(eval_metric)
 
   @staticmethod
   def labels(config: LlamaConfig) -> Any:

@@ -124,7 +124,7 @@ def _log_normalizer(x_RD, w_DV):
   return jax.lax.map(lambda x: jax.nn.logsumexp(_logits(x, w_DV), axis=-1), x_CRD).reshape(-1)[:r]
 
 
-def _head_weight(config: LlamaConfig, params: Any) -> jax.Array:
+def head_weight(config: LlamaConfig, params: Any) -> jax.Array:
   """The output projection [D, V]; a LoRA head is scored with its adapters folded in (no dropout at inference)."""
   w_DV = model.head_weight(config, params)
   if w_DV is None:
@@ -154,7 +154,7 @@ def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, 
       row's tokens in order: the candidates sit at positions prefix_len, prefix_len + 1, ...).
     normalize, chunk, mesh, rules: as in :func:`score`.
   """
-  w_DV = _head_weight(config, params)
+  w_DV = head_weight(config, params)
   logits_BTV = _logits(hidden_BTD, w_DV)
   first_BTJ = logits_BTV[:, :, tree.first_J] - jax.nn.logsumexp(logits_BTV, axis=-1)[:, :, None]
   w_edges_DE = w_DV[:, tree.edge_token_E]

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from labor_jax import selection
 from labor_jax.config import ATTENTION_IMPLS, ConfigError, LlamaConfig
 
 __all__ = ["ConfigError", "TrainConfig", "load", "model_config", "updated", "check_devices", "to_dict"]
@@ -107,11 +108,12 @@ class TrainConfig:
   batch_size: int = 8  # global batch (rows of seq_len tokens), all processes together
   seed: int = 0  # parameter init, data order, dropout
   log_every: int = 10  # steps between metric lines
-  eval_every: int = 50  # steps between validation losses (and at the end)
-  eval_batches: int = 8  # validation batches per evaluation; 0 = the whole split
+  eval_every: int = 50  # steps between validation evaluations (and at the end)
+  eval_batches: int = 8  # validation batches per evaluation (batch_size rows; perplexity: batch_size workers); 0 = all
+  eval_metric: str = selection.DEFAULT  # what picks the best checkpoint: occupation_perplexity (computed at each eval) or token_loss
   ckpt_every: int = 50  # steps between checkpoints (and at the end)
   ckpt_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last save (0: off)
-  keep: int = 3  # most recent checkpoints kept (the best by validation loss is kept too)
+  keep: int = 3  # most recent checkpoints kept (the best by eval_metric is kept too)
   async_checkpointing: bool = True  # write checkpoints in the background
   progress: bool = True  # show a progress bar
   peak_flops_per_chip: float | None = None  # peak bf16 FLOP/s of one chip for MFU; None: labor_jax.flops' table by device kind (none on the CPU)
@@ -125,7 +127,8 @@ class TrainConfig:
 
 _CHOICES = {"data.loss_on": ("all", "history"), "data.truncate": ("warn", "error"), "optim.decay": ("cosine", "linear", "constant"),
             "model.param_dtype": ("float32", "bfloat16"), "model.dtype": ("float32", "bfloat16"),
-            "distributed.initialize": ("auto", True, False), "model.attention_impl": ATTENTION_IMPLS}
+            "distributed.initialize": ("auto", True, False), "model.attention_impl": ATTENTION_IMPLS,
+            "eval_metric": tuple(selection.EVAL_METRICS)}
 
 
 def _check(value: Any, typ: Any, key: str) -> Any:

@@ -4,8 +4,9 @@
 none), builds the model (from scratch, from Hugging Face weights or from an earlier run;
 LoRA adapters on top), the sharded train state and the jitted steps
 (:mod:`labor_jax.train_core`), restores the newest readable checkpoint, and trains with
-progress output, metrics, TensorBoard events, validation and orbax checkpoints. The
-command line around it is ``python -m labor_jax.train``.
+progress output, metrics, TensorBoard events, validation (the token loss and, by default, the
+next-occupation perplexity that picks the best checkpoint: :mod:`labor_jax.selection`) and orbax
+checkpoints. The command line around it is ``python -m labor_jax.train``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir, build_default
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import flops, hf, labels, lora, model, sharding, train_core
+from labor_jax import flops, hf, labels, lora, model, selection, sharding, train_core, validation
 from labor_jax.config import ConfigError, LlamaConfig
 from labor_jax.rundir import RunDir, dataset_of
 from labor_jax.train_config import TrainConfig, check_devices, model_config
@@ -178,9 +179,19 @@ def run(cfg: TrainConfig) -> dict:
                  pad_id=tok.pad_id, process_index=jax.process_index(), process_count=jax.process_count())
   data_iter = iter(loader.make_dataset(data, "train", seed=cfg.seed, **data_kw))
 
+  # The validation perplexity's scoring step, built once (None: token loss picks the best checkpoint). Unpacked
+  # rows get their token loss from the same pass; packed ones from the loader's (evaluate below).
+  occupation = None
+  if cfg.eval_metric == "occupation_perplexity":
+    occupation = validation.occupation_metrics(
+        config, data, tok, mesh, batch_workers=cfg.batch_size, max_workers=cfg.eval_batches * cfg.batch_size or None,
+        token_loss=None if cfg.data.pack else (cfg.data.seq_len, cfg.data.loss_on),
+        log=print if is_main else (lambda *a: None))
+  metric = selection.key(cfg.eval_metric if occupation is not None else "token_loss")
+
   # A checkpoint that fits the run is restored (the frozen weights from RUN/frozen); only a fresh
   # run reads the model's source (HF weights, an earlier run, a random init).
-  mgr = ckpt_lib.manager(run_dir.checkpoints, cfg.keep, cfg.async_checkpointing)
+  mgr = ckpt_lib.manager(run_dir.checkpoints, cfg.keep, cfg.async_checkpointing, metric=metric)
   start, restored = ckpt_lib.restore_latest(mgr, saved_target, data_iter, log=_warn if is_main else (lambda *a: None))
   if restored is not None:
     if frozen_target and not run_dir.frozen_dir.exists():
@@ -273,14 +284,21 @@ def run(cfg: TrainConfig) -> dict:
         t_last, tok_last, steps_last = now, 0.0, 0
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                         **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+      evals = {}
       if step % cfg.eval_every == 0 or step == cfg.steps:
-        val_loss = rec["val_loss"] = evaluate()
-        bar.write(f"step {step}: train loss {loss:.4f}, validation loss {val_loss:.4f}")
+        found = occupation(state.params) if occupation is not None else {}
+        evals["val_loss"] = val_loss = found.pop("val_loss") if "val_loss" in found else evaluate()
+        evals.update(found)
+        rec.update(evals)
+        bar.write(f"step {step}: train loss {loss:.4f}, "
+                  + ", ".join(f"{selection.LABELS[k]} {v:.4f}" for k, v in evals.items()))
       if is_main:
         run_dir.append_metrics(rec)
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"):
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
           if k in rec:
-            tb.add_scalar(f"train/{k}" if k != "val_loss" else "eval/loss", rec[k], step)
+            tb.add_scalar(f"train/{k}", rec[k], step)
+        for k, v in evals.items():
+          tb.add_scalar(selection.TB_TAGS[k], v, step)
       last = rec
       preempted = multihost_utils.reached_preemption_sync_point(step) if multi else stop["signal"] is not None
       if preempted:
@@ -292,7 +310,7 @@ def run(cfg: TrainConfig) -> dict:
         late = time.monotonic() - last_save["time"] >= 60 * cfg.ckpt_every_minutes
         due = bool(multihost_utils.broadcast_one_to_all(np.asarray(late))) if multi else late
       if due:
-        save(step, {"val_loss": val_loss} if "val_loss" in rec else None)
+        save(step, evals or None)
   finally:
     mgr.wait_until_finished()
     bar.close()
@@ -302,6 +320,7 @@ def run(cfg: TrainConfig) -> dict:
       signal.signal(signal.SIGTERM, old_handler)
   if is_main:
     run_dir.write_summary({"final_step": last["step"], "final_loss": last.get("loss"), "val_loss": val_loss,
+                           "val_occupation_ppl": last.get("val_occupation_ppl"), "best_by": metric,
                            "params": n_params, "trainable_fraction": frac, "optimizer_state_bytes": opt_bytes,
                            "checkpoint_bytes_per_step": step_bytes, "frozen_bytes": frozen_bytes})
   return last

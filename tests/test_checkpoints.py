@@ -77,7 +77,7 @@ def test_lora_checkpoints_hold_no_frozen_leaf_and_resume_exactly(tmp_path, nlsy_
     assert a[0] == b[0] == 4
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0), a[1], b[1])
   # Rebuilt from base + adapters, the model equals the resumed one, and its export equals both.
-  (_, want, _), (cfg_b, got, _) = RunDir(lora_run).load_model(), RunDir(run_dir).load_model()
+  (_, want, _), (cfg_b, got, _) = RunDir(lora_run).load_model(step=4), RunDir(run_dir).load_model(step=4)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0), want, got)
   from labor_jax import export, hf, model
   assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf"), "--step", "latest"]) == 0
