@@ -42,6 +42,6 @@ setup(
     extras_require={
         # Parity tests and PyTorch baselines only: training and scoring never import torch.
         # peft is the reference for the LoRA adapter format (tests only; labor_jax never imports it).
-        "test": ["pytest==9.2.0", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0"],  # accelerate: peft's dependency
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0"],  # accelerate: peft's dependency
     },
 )

@@ -224,8 +224,9 @@ def run(out: Path, n_seeds: int, *, quick: bool = False, bootstrap: int = 1000) 
   variants = (MAIN, *VARIANTS)
   print("== data: the embedded NLSY panel and its variants, the stage-1 corpus", flush=True)
   data = build_data(out, QUICK_STAGE1_WORKERS if quick else STAGE1_WORKERS)
+  # --quick checks the pipeline, not model selection: the token loss picks its (last) checkpoint.
   changes = ({"steps": QUICK_STEPS, "eval_every": QUICK_STEPS, "ckpt_every": QUICK_STEPS,
-              "log_every": QUICK_STEPS, "optim.warmup_steps": 1} if quick else {})
+              "log_every": QUICK_STEPS, "optim.warmup_steps": 1, "eval_metric": "token_loss"} if quick else {})
   runs = train_all(out, data, variants, n_seeds, changes)
   print("\n== scoring every run on the NLSY test split", flush=True)
   result = score(data, variants, runs, bootstrap=bootstrap)

@@ -35,3 +35,14 @@ def uninterrupted(tmp_path_factory, nlsy_dataset):
                              "peak_flops_per_chip=1.0e+12")  # an MFU figure on the CPU too
   assert code == 0, err
   return run_dir
+
+
+# The longest files start first, so that under pytest-xdist (scripts/test.sh: two workers, one file each at a
+# time) none of them is left running alone at the end.
+SLOW_FIRST = ("test_train.py", "test_experiments.py", "test_checkpoints.py", "test_peft.py", "test_forecast.py",
+              "test_model.py", "test_sharded_scoring.py", "test_evaluate.py", "test_lora.py", "test_scorer.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
