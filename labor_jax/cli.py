@@ -1,14 +1,33 @@
-"""Flags shared by the inference command lines (evaluate, predict): the device mesh, batching and
-multi-process start-up, parsed into library arguments."""
+"""What the command lines share: the training commands' exit codes (train, main, experiments), and
+the inference commands' flags (evaluate, predict): the device mesh, batching and multi-process
+start-up, parsed into library arguments."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Callable
 
 import numpy as np
 
-from labor_jax import distributed, sharding
+from labor_jax import distributed, sharding, trainer
+from labor_jax.config import ConfigError
 from labor_jax.train_config import DistributedConfig
+
+EXIT_CONFIG, EXIT_NAN = 2, 3
+
+
+def run_training(fn: Callable[[], object]) -> int:
+  """Calls ``fn``: exit 0, or a bad config's one line and 2, or a non-finite loss's one line and 3."""
+  try:
+    fn()
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return EXIT_CONFIG
+  except trainer.NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_NAN
+  return 0
 
 
 def add_mesh_flags(ap: argparse.ArgumentParser, batch: bool = True) -> None:

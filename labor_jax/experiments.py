@@ -48,8 +48,7 @@ import pandas as pd
 
 from data_pipeline.dataset_dir import DatasetDir, build_dataset, build_default, format_summary, load_default
 from data_pipeline.panel import validate
-from labor_jax import baselines, evaluation, runtime, trainer
-from labor_jax.config import ConfigError
+from labor_jax import baselines, cli, evaluation, runtime
 from labor_jax.metrics import bootstrap_intervals, perplexity
 from labor_jax.recipes import STAGE1_WORKERS, build_stage1_data, synthetic_careers, train
 
@@ -259,15 +258,8 @@ def main(argv=None) -> int:
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")
   out = Path(args.out or ("runs/experiments_quick" if args.quick else "runs/experiments"))
-  try:
-    run(out, 1 if args.quick else args.seeds, quick=args.quick, bootstrap=args.bootstrap)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
-  except trainer.NonFiniteLoss as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
-  return 0
+  return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, quick=args.quick,
+                                       bootstrap=args.bootstrap))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.dataset_dir import DatasetDir, build_default, format_summary
-from labor_jax import evaluation, report, runtime, trainer
-from labor_jax.config import ConfigError
+from labor_jax import cli, evaluation, report, runtime
 from labor_jax.recipes import STAGE1_WORKERS, build_stage1_data, train
 
 FOUNDATION = "foundation model before fine-tuning (stage 1, zero-shot)"
@@ -49,14 +48,7 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")
-  try:
-    return run(Path(args.out), args.seeds)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
-  except trainer.NonFiniteLoss as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 3
+  return cli.run_training(lambda: run(Path(args.out), args.seeds))
 
 
 def run(out: Path, n_seeds: int) -> int:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from labor_jax import distributed, runtime, train_config, trainer
+from labor_jax import cli, distributed, runtime, train_config, trainer
 
-EXIT_CONFIG, EXIT_NAN = 2, 3
+EXIT_CONFIG, EXIT_NAN = cli.EXIT_CONFIG, cli.EXIT_NAN
 
 
 def main(argv=None) -> int:
@@ -28,17 +28,11 @@ def main(argv=None) -> int:
                   help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
   args = ap.parse_args(argv)
 
-  try:
+  def train():
     cfg = train_config.load(args.config, args.set)
     distributed.initialize(cfg.distributed)
     trainer.run(cfg)
-  except train_config.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return EXIT_CONFIG
-  except trainer.NonFiniteLoss as e:
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_NAN
-  return 0
+  return cli.run_training(train)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,46 @@
-"""Shared set-up of the benchmarks: the allocator flag, and one random Llama in PyTorch
-transformers and in labor_jax."""
+"""Shared set-up of the benchmarks: the allocator and instruction-set flags, the CPU's name,
+and one random Llama in PyTorch transformers and in labor_jax."""
 
 import argparse
+import os
 import tempfile
+
+# What --max-isa avx2 sets, before JAX or PyTorch is imported: XLA's generated code (fusions,
+# the attention kernel's loops), PyTorch's own kernels, MKL's GEMMs and oneDNN each stop at AVX2,
+# so a machine with AVX-512 runs both frameworks as an AVX2-only CPU of the same kind would.
+# jaxlib's precompiled Eigen GEMMs have no runtime dispatch and are unaffected either way.
+AVX2_ENV = {
+    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+
+
+def add_isa_flag(ap: argparse.ArgumentParser) -> None:
+  ap.add_argument("--max-isa", choices=("native", "avx2"), default="native",
+                  help="avx2: cap XLA, PyTorch, MKL and oneDNN at AVX2, to measure on an AVX-512 machine what "
+                       "an AVX2-only CPU would run (see AVX2_ENV)")
+
+
+def apply_isa_flag(args: argparse.Namespace) -> None:
+  """Applies ``--max-isa``; call it before JAX or PyTorch is imported."""
+  if args.max_isa == "avx2":
+    for key, value in AVX2_ENV.items():
+      os.environ[key] = f"{os.environ[key]} {value}" if key == "XLA_FLAGS" and os.environ.get(key) else value
+
+
+def cpu_line() -> str:
+  """'AMD EPYC, 2 CPUs, AVX-512' from /proc/cpuinfo (the model name lscpu prints)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return "CPU unknown"
+  model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+  isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+  return f"{model}, {len(os.sched_getaffinity(0))} CPUs, {isa}"
 
 
 def add_malloc_flag(ap: argparse.ArgumentParser) -> None:

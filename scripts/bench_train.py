@@ -9,13 +9,14 @@ full fine-tuning versus LoRA (rank 8 on attention projections).
 
   python scripts/bench_train.py --size demo
   python scripts/bench_train.py --size 20m
+  python scripts/bench_train.py --size demo --max-isa avx2   # as an AVX2-only CPU would run it
 """
 
 import argparse
 import os
 import time
 
-from _reference import add_malloc_flag, apply_malloc_flag, random_llama_pair
+from _reference import add_isa_flag, add_malloc_flag, apply_isa_flag, apply_malloc_flag, cpu_line, random_llama_pair
 
 SIZES = {
     # name: (layers, hidden, intermediate, heads, kv_heads, vocab, batch, seq)
@@ -30,7 +31,9 @@ def main():
   ap.add_argument("--steps", type=int, default=6, help="timed steps per framework")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   add_malloc_flag(ap)
+  add_isa_flag(ap)
   args = ap.parse_args()
+  apply_isa_flag(args)
   tuned = apply_malloc_flag(args)  # before JAX and PyTorch start their thread pools
 
   import jax
@@ -89,7 +92,9 @@ def main():
   tj, tt = min(jax_times), min(torch_times)
   print(f"size={args.size} params={config.num_params() / 1e6:.1f}M batch={b} seq={t} fp32 AdamW "
         f"threads={args.threads} jax={jax.__version__} torch={torch.__version__} "
-        f"malloc_tuning={'on' if tuned else 'off'}")
+        f"malloc_tuning={'on' if tuned else 'off'} max_isa={args.max_isa} torch_isa="
+        f"{torch.backends.cpu.get_cpu_capability()}")
+  print(f"cpu: {cpu_line()}")
   print(f"loss after {args.steps + 1} steps: labor_jax {jax_losses[-1]:.4f}, PyTorch {torch_losses[-1]:.4f}")
   print(f"labor_jax   {n / tj:10.0f} tokens/s ({tj * 1e3:.0f} ms/step, best of {args.steps})")
   print(f"PyTorch     {n / tt:10.0f} tokens/s ({tt * 1e3:.0f} ms/step, best of {args.steps})")
