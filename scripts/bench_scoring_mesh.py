@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from _reference import add_malloc_flag, apply_malloc_flag
+from _reference import add_malloc_flag, apply_malloc_flag, cpu_line
 
 
 def main():
@@ -58,6 +58,7 @@ def main():
       print(f"{name:10s} {workers / best:8.1f} workers/s ({best:.2f} s for {workers} workers, best of {args.repeats})",
             flush=True)
   (t1, s1), (tn, sn) = results.values()
+  print(f"cpu: {cpu_line()}; jax {jax.__version__}")
   print(f"ratio {args.devices} devices / 1 device = {t1 / tn:.2f}x; max |log-prob difference| "
         f"{np.abs(s1 - sn).max():.1e}; allocator tuning {'on' if tuned else 'off'}")
   return 0
