@@ -13,7 +13,7 @@ import argparse
 import os
 import time
 
-from _reference import add_malloc_flag, apply_malloc_flag, random_llama_pair
+from _reference import add_malloc_flag, apply_malloc_flag, cpu_line, random_llama_pair
 
 SIZES = {
     # name: (layers, hidden, intermediate, heads, kv_heads, vocab, batch, seq)
@@ -70,6 +70,7 @@ def main():
   print(f"size={args.size} params={config.num_params() / 1e6:.1f}M batch={b} seq={t} fp32 "
         f"threads={args.threads} jax={jax.__version__} torch={torch.__version__} device={jax.devices()[0].device_kind} "
         f"malloc_tuning={'on' if tuned else 'off'}")
+  print(f"cpu: {cpu_line()}")
   print(f"max |logit diff| = {diff:.2e}")
   print(f"labor_jax   {n / tj:12.0f} tokens/s  ({tj * 1e3:.1f} ms/batch, best of {args.repeats})")
   print(f"transformers{n / tt:12.0f} tokens/s  ({tt * 1e3:.1f} ms/batch, best of {args.repeats})")

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 
-from _reference import add_malloc_flag, apply_malloc_flag, time_best
+from _reference import add_malloc_flag, apply_malloc_flag, cpu_line, time_best
 
 
 def main():
@@ -108,6 +108,7 @@ def main():
   print(f"{args.workers} workers x {args.steps} steps x {len(cands)} titles ({len(tree.nodes_L)} tree nodes for "
         f"{sum(len(c) - 1 for c in cands)} title input tokens); model {config.num_params() / 1e6:.2f}M params, fp32, "
         f"{os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}")
+  print(f"cpu: {cpu_line()}")
   print(f"fused scorer       {t_fused:8.2f} s   (first call incl. compile {compile_s:.1f} s)")
   print(f"naive JAX          {t_naive:8.2f} s   -> fused is {t_naive / t_fused:6.1f}x faster")
   print(f"naive PyTorch      {t_torch:8.2f} s   -> fused is {t_torch / t_fused:6.1f}x faster")

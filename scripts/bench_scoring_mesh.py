@@ -39,7 +39,7 @@ def main():
     build_default(f"{d}/nlsy")
     data = DatasetDir(f"{d}/nlsy")
     tok, titles = data.tokenizer(), data.titles()
-    cfg = train_config.load("configs/demo.yaml")
+    cfg = train_config.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml"))
     config = train_config.model_config(cfg, vocab_size=tok.vocab_size)
     host = jax.device_get(model.init_params(config, jax.random.key(0)))
     workers = len(data.source("test"))
