@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -25,6 +26,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from data_pipeline.errors import PanelError
 from data_pipeline.resume import END_OF_DATA, NEWLINE, Resume
 
 _SENTINEL = "\n"
@@ -147,6 +149,18 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | Path, vocab_size
   """
   out_prefix = Path(out_prefix)
   out_prefix.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    _train_spm(texts, out_prefix, vocab_size, seed_sentences)
+  except RuntimeError as e:
+    need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+    if need is None:
+      raise
+    raise PanelError("--vocab-size", f"{vocab_size} is smaller than the {need.group(1)} characters and special pieces "
+                     f"the training resumes need; use at least {need.group(1)}") from None
+  return out_prefix.with_suffix(".model")
+
+
+def _train_spm(texts: Iterable[str], out_prefix: Path, vocab_size: int, seed_sentences: int) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(list(texts)), model_prefix=str(out_prefix), vocab_size=vocab_size,
       model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
@@ -154,4 +168,3 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | Path, vocab_size
       unk_id=0, bos_id=1, eos_id=2, pad_id=3, input_sentence_size=seed_sentences,
       shuffle_input_sentence=True, max_sentence_length=1 << 16, minloglevel=2,
       hard_vocab_limit=False, allow_whitespace_only_pieces=True, train_extremely_large_corpus=False)
-  return out_prefix.with_suffix(".model")

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from data_pipeline import resume, simulator, splits
+from data_pipeline.errors import PanelError
 from data_pipeline.resume import END_OF_DATA
 from data_pipeline.titles import synthetic_titles
 from data_pipeline.tokenizer import ResumeTokenizer, train_sentencepiece
@@ -23,6 +24,12 @@ def sp_tokenizer(sim, tmp_path_factory):
   _, _, resumes = sim
   model = train_sentencepiece([r.text for r in resumes], tmp_path_factory.mktemp("sp") / "tok", vocab_size=400)
   return ResumeTokenizer.from_sentencepiece(model)
+
+
+def test_too_small_sentencepiece_vocabulary_is_one_line_naming_the_flag(sim, tmp_path):
+  _, _, resumes = sim
+  with pytest.raises(PanelError, match=r"^--vocab-size: 20 is smaller than the \d+ characters .* use at least \d+$"):
+    train_sentencepiece([r.text for r in resumes], tmp_path / "tok", vocab_size=20)
 
 
 @pytest.fixture(scope="module")
