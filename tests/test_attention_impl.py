@@ -11,16 +11,12 @@ from jax.sharding import PartitionSpec
 
 from labor_jax import attention, model, scorer, sharding
 from labor_jax.config import ConfigError, llama_tiny
+from tests.attention_inputs import attention_inputs, close
 
 
 @pytest.fixture(autouse=True)
 def fresh_log(monkeypatch):
   monkeypatch.setattr(attention, "_LOGGED", set())
-
-
-def _close(a, b, atol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=atol)
 
 
 # ------------------------------------------------------------------ dispatch
@@ -82,23 +78,6 @@ def test_model_with_an_unavailable_kernel_runs_blocked_and_says_why(caplog):
 
 
 # ------------------------------------------------------------------ implementations vs blocked
-def _inputs(b=2, t=16, h=4, k=2, e=8, prefix=0, seed=0):
-  """GQA (4 query heads on 2 key/value heads); row 0 packs two segments, row 1 ends in padding."""
-  r = np.random.RandomState(seed)
-  q = jnp.asarray(r.randn(b, t, h, e), jnp.float32)
-  kk = jnp.asarray(r.randn(b, prefix + t, k, e), jnp.float32)
-  v = jnp.asarray(r.randn(b, prefix + t, k, e), jnp.float32)
-  seg = np.ones((b, t), np.int32)
-  seg[0, t // 2:] = 2
-  seg[1, -3:] = 0
-  if prefix:
-    mask = model._pass_mask(jnp.asarray(seg > 0), jnp.ones((b, prefix)))
-  else:
-    mask = model._pass_mask(jnp.asarray(seg > 0), None, jnp.asarray(seg))
-  do = jnp.asarray(r.randn(b, t, h, e), jnp.float32)
-  return q, kk, v, mask, do
-
-
 def _value_and_grads(fn, q, k, v, do):
   out = jax.jit(fn)(q, k, v)
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * do), argnums=(0, 1, 2)))(q, k, v)
@@ -107,18 +86,18 @@ def _value_and_grads(fn, q, k, v, do):
 
 @pytest.mark.parametrize("prefix", [0, 5])
 def test_xla_equals_blocked_values_and_gradients(prefix):
-  q, k, v, mask, do = _inputs(prefix=prefix)
+  q, k, v, mask, do = attention_inputs(prefix=prefix)
   blocks = 1 if prefix else 4
   ref = _value_and_grads(lambda *a: attention.attention(*a, mask.dense_BTS, blocks), q, k, v, do)
   out = _value_and_grads(lambda *a: attention.attend(*a, mask, "xla"), q, k, v, do)
   assert not prefix or not mask.causal
-  _close(out, ref, 1e-5)
+  close(out, ref, 1e-5)
   assert not np.any(np.asarray(out[0])[1, -3:]) or prefix  # padding queries (no visible key) output zeros
   assert np.abs(np.asarray(out[1][0])).max() > 1e-2
 
 
 def _splash_inputs():
-  q, k, v, _, do = _inputs(b=2, t=128, h=4, k=2, e=16, seed=1)
+  q, k, v, _, do = attention_inputs(b=2, t=128, h=4, k=2, e=16, seed=1)
   seg = np.ones((2, 128), np.int32)
   seg[0, 50:] = 2
   seg[0, 90:] = 3
@@ -132,7 +111,7 @@ def test_splash_kernel_equals_blocked_in_the_pallas_interpreter():
   q, k, v, mask, do = _splash_inputs()
   ref = _value_and_grads(lambda *a: attention.attention(*a, mask.dense_BTS, 2), q, k, v, do)
   out = _value_and_grads(lambda *a: attention.splash_attention(*a, mask.segments_BT, interpret=True), q, k, v, do)
-  _close(out, ref, 1e-5)
+  close(out, ref, 1e-5)
 
 
 def test_splash_kernel_sharded_over_batch_and_heads():
@@ -148,7 +127,7 @@ def test_splash_kernel_sharded_over_batch_and_heads():
       return attention.splash_attention(q, k, v, seg, spec_BTHE=spec, mesh=mesh.abstract_mesh, interpret=True)
   out = jax.jit(fn)(q, k, v, seg)
   assert out.sharding.spec == spec
-  _close(out, ref, 1e-5)
+  close(out, ref, 1e-5)
 
 
 def test_tiny_model_with_xla_attention_equals_blocked():
@@ -166,7 +145,7 @@ def test_tiny_model_with_xla_attention_equals_blocked():
     return jnp.sum(jnp.take_along_axis(logp[:, :-1], tok[:, 1:, None], -1)[..., 0] * (seg[:, 1:] > 0)) / 29
   ref = jax.jit(jax.value_and_grad(lambda p: loss(config, p)))(params)
   out = jax.jit(jax.value_and_grad(lambda p: loss(config.replace(attention_impl="xla"), p)))(params)
-  _close(out, ref, 1e-5)
+  close(out, ref, 1e-5)
 
 
 def test_scorer_tree_attention_unaffected():

@@ -13,11 +13,7 @@ import pytest
 
 from labor_jax import attention, labels, losses, model, sharding, train_core
 from labor_jax.config import llama_tiny
-
-
-def _close(a, b, atol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=atol)
+from tests.attention_inputs import attention_inputs, close
 
 
 # ------------------------------------------------------------------ fused head + loss
@@ -36,7 +32,7 @@ def test_linear_cross_entropy_matches_optax(chunk):
   ref = jax.value_and_grad(lambda x, w: losses.reference_cross_entropy(x, w, y, m), argnums=(0, 1))(x, w)
   ours = jax.jit(jax.value_and_grad(lambda x, w: losses.linear_cross_entropy(x, w, y, m, chunk),
                                     argnums=(0, 1)))(x, w)
-  _close(ours, ref, 1e-5)
+  close(ours, ref, 1e-5)
   # the value without differentiation (the eval path) is the same sum
   np.testing.assert_allclose(losses.linear_cross_entropy(x, w, y, m, chunk), ref[0], rtol=1e-6)
 
@@ -45,12 +41,12 @@ def test_linear_cross_entropy_frozen_head_and_cotangent():
   x, w, y, m = _head_inputs(seed=1)
   gx_ref, gw_ref = jax.grad(lambda x, w: 2.5 * losses.reference_cross_entropy(x, w, y, m), argnums=(0, 1))(x, w)
   gx, gw = jax.grad(lambda x, w: 2.5 * losses.linear_cross_entropy(x, w, y, m, 4, False), argnums=(0, 1))(x, w)
-  _close(gx, gx_ref, 1e-5)
+  close(gx, gx_ref, 1e-5)
   assert not np.any(np.asarray(gw)), "weight_grad=False reports a zero head gradient"
   assert np.abs(np.asarray(gw_ref)).max() > 1e-3
 
 
-def test_linear_cross_entropy_bfloat16_is_close():
+def test_linear_cross_entropy_bfloat16_isclose():
   x, w, y, m = _head_inputs(seed=2)
   ref = losses.reference_cross_entropy(x, w, y, m)
   ours, gx = jax.value_and_grad(lambda x: losses.linear_cross_entropy(x.astype(jnp.bfloat16), w, y, m, 4,
@@ -80,41 +76,29 @@ def test_loss_sums_equals_the_logits_path(variant):
 
   ref = jax.value_and_grad(plain)(params)
   ours = jax.value_and_grad(lambda p: train_core.loss_sums(config.replace(loss_chunk=4), p, batch)[0])(params)
-  _close(ours, ref, 2e-5)
+  close(ours, ref, 2e-5)
 
 
 # ------------------------------------------------------------------ attention
-def _attn_inputs(b=2, t=16, h=4, k=2, e=8, prefix=0, seed=0):
-  r = np.random.RandomState(seed)
-  q = jnp.asarray(r.randn(b, t, h, e), jnp.float32)
-  kk = jnp.asarray(r.randn(b, prefix + t, k, e), jnp.float32)
-  v = jnp.asarray(r.randn(b, prefix + t, k, e), jnp.float32)
-  # two packed segments in row 0, right padding (segment 0: fully masked query rows) in row 1
-  seg = np.ones((b, t), np.int32)
-  seg[0, t // 2:] = 2
-  seg[1, -3:] = 0
-  mask = model.attention_mask(jnp.asarray(seg > 0), None if not prefix else jnp.ones((b, prefix)),
-                              None if prefix else jnp.asarray(seg))
-  return q, kk, v, mask
-
-
 @pytest.mark.parametrize("blocks", [1, 2, 4, 8])
 def test_attention_matches_autodiff_reference(blocks):
-  q, k, v, mask = _attn_inputs()
+  q, k, v, pass_mask, _ = attention_inputs()
+  mask = pass_mask.dense_BTS
   do = jnp.asarray(np.random.RandomState(9).randn(*q.shape), jnp.float32)
   ref_out = attention.reference_attention(q, k, v, mask)
   ref = jax.grad(lambda *a: jnp.sum(attention.reference_attention(*a, mask) * do), argnums=(0, 1, 2))(q, k, v)
   out = jax.jit(lambda *a: attention.attention(*a, mask, blocks))(q, k, v)
   grads = jax.jit(jax.grad(lambda *a: jnp.sum(attention.attention(*a, mask, blocks) * do), argnums=(0, 1, 2)))(q, k, v)
   assert np.all(np.isfinite(np.asarray(out)))
-  _close(out, ref_out, 1e-5)
-  _close(grads, ref, 1e-4)
+  close(out, ref_out, 1e-5)
+  close(grads, ref, 1e-4)
 
 
 def test_attention_with_prefix_keys_and_bad_blocks():
-  q, k, v, mask = _attn_inputs(prefix=5)
+  q, k, v, pass_mask, _ = attention_inputs(prefix=5)
+  mask = pass_mask.dense_BTS
   assert mask.shape == (2, 16, 21)
-  _close(attention.attention(q, k, v, mask), attention.reference_attention(q, k, v, mask), 1e-5)
+  close(attention.attention(q, k, v, mask), attention.reference_attention(q, k, v, mask), 1e-5)
   with pytest.raises(ValueError, match="causal_blocks=2"):
     attention.attention(q, k, v, mask, 2)  # a prefix makes S != T: block skipping would be wrong
 
