@@ -31,18 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _reference import cpu_line  # noqa: E402
 from labor_jax import runtime  # noqa: E402
 
 METRICS = ("token_loss", "occupation_perplexity")
-
-
-def cpu() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-  except OSError:
-    return platform.processor()
-  name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-  return f"{name}, {os.cpu_count()} cores, {'AVX-512' if 'avx512f' in out else 'no AVX-512'}"
 
 
 def perplexity_cost(run_dir, calls=5):
@@ -109,7 +101,7 @@ def time_main_job(out: Path, seeds: int) -> None:
     rows[name] = (time.perf_counter() - t0, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     spent.update(next((json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines()
                        if line.startswith("PERPLEXITY ")), {}))
-  print(f"\n{cpu()}; {datetime.date.today().isoformat()}; python {platform.python_version()}")
+  print(f"\n{cpu_line()}; {datetime.date.today().isoformat()}; python {platform.python_version()}")
   print("| main job | wall s | CPU s |\n| --- | ---: | ---: |")
   for name, (wall, cpu_s) in rows.items():
     print(f"| {name} | {wall:.1f} | {cpu_s:.1f} |")
@@ -134,29 +126,20 @@ def main(argv=None) -> int:
     time_main_job(Path(args.out), args.seeds)
     return 0
 
-  from data_pipeline import simulator
-  from data_pipeline.dataset_dir import DatasetDir, build_dataset, build_default
-  from data_pipeline.panel import validate
-  from labor_jax import main as main_job
-  from labor_jax import train_config, trainer
+  from data_pipeline.dataset_dir import DatasetDir, build_default
+  from labor_jax import recipes
 
   out = Path(args.out)
   load0 = f"{os.getloadavg()[0]:.2f}"
   nlsy = DatasetDir(out / "data")
   build_default(nlsy.path)
-  raw = simulator.simulate(main_job.STAGE1_WORKERS, main_job.STAGE1_YEARS, nlsy.titles(), seed=1, start_year=1975,
-                           stay=0.6, neighbours=4, dataset="SYNTHETIC")
-  panel, titles = validate(raw, "simulated panel", nlsy.titles())
   synth = out / "data_stage1"
-  build_dataset(panel, titles, synth, tokenizer_dir=nlsy.tokenizer_dir, source="synthetic careers")
+  recipes.build_stage1_data(synth, nlsy.titles(), nlsy.tokenizer_dir)
 
   def train(recipe, run_dir, **changes):
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = train_config.load(main_job.RECIPES / f"{recipe}.yaml")
-    data = synth if recipe == "stage1" else nlsy.path
-    cfg = train_config.updated(cfg, {"run_dir": str(run_dir), "data.dataset_dir": str(data), **changes})
     t0, c0 = time.perf_counter(), time.process_time()
-    trainer.run(cfg)
+    recipes.train(f"main/{recipe}", run_dir, synth if recipe == "stage1" else nlsy.path, **changes)
     return time.perf_counter() - t0, time.process_time() - c0
 
   stage1 = out / "stage1"
@@ -182,7 +165,7 @@ def main(argv=None) -> int:
   costs = {r: perplexity_cost(d) for r, d in (("stage1", stage1), ("stage2", out / "stage2_occupation_perplexity"))
            if (d / "checkpoints").exists()}
 
-  print(f"\n{cpu()}; {datetime.date.today().isoformat()}; python {platform.python_version()}; "
+  print(f"\n{cpu_line()}; {datetime.date.today().isoformat()}; python {platform.python_version()}; "
         f"load average before {load0}, after {os.getloadavg()[0]:.2f}")
   print("| recipe | token_loss: wall s (CPU s) | occupation_perplexity: wall s (CPU s) | ratio of medians, wall (CPU) |")
   print("| --- | --- | --- | ---: |")
