@@ -36,7 +36,7 @@ setup(
     description="LABOR-LLM in JAX: Llama fine-tuning and occupation scoring for career data",
     packages=find_packages(include=["labor_jax", "labor_jax.*", "data_pipeline", "data_pipeline.*"]),
     # occ1990dd titles, Census crosswalks and their README (sources, citation, spelling fixes).
-    package_data={"data_pipeline": ["resources/*.csv", "resources/occ1990dd/*.csv", "resources/occ1990dd/*.md",
+    package_data={"data_pipeline": ["resources/occ1990dd/*.csv", "resources/occ1990dd/*.md",
                                     "resources/occ1990dd/crosswalks/*.csv"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

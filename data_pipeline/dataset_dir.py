@@ -50,6 +50,7 @@ class DatasetDir:
 
   def __init__(self, path: str | os.PathLike):
     self.path = epath.Path(path)
+    self._copies: dict[str, Path] = {}  # URL -> local copy (_local)
 
   def __repr__(self):
     return f"DatasetDir({str(self.path)!r})"
@@ -91,10 +92,16 @@ class DatasetDir:
     return ResumeTokenizer.from_dir(self._local(self.tokenizer_dir))
 
   def _local(self, path: epath.Path):
-    """``path`` itself when local; a copy in a temporary directory when it is a URL (the
-    tokenizer libraries and pandas' CSV reader take local files)."""
+    """``path`` itself when local; when it is a URL, a copy in a temporary directory, made once
+    per ``DatasetDir`` (the tokenizer libraries and pandas' CSV reader take local files)."""
     if "://" not in str(path):
       return Path(path)
+    if str(path) not in self._copies:
+      self._copies[str(path)] = self._copy(path)
+    return self._copies[str(path)]
+
+  @staticmethod
+  def _copy(path: epath.Path) -> Path:
     local = Path(tempfile.mkdtemp(prefix="labor_jax_")) / path.name
     if path.is_dir():
       local.mkdir()

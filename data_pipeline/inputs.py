@@ -144,9 +144,8 @@ def _tag(df: pd.DataFrame, name: str, path, where: FileRows) -> pd.DataFrame:
 
 def _merge_value_titles(panels, tables, inputs):
   """Panels whose occupation values were their titles: one table over all of them (sorted titles)."""
-  names = sorted({t for table in tables for t in table.titles})
-  merged = TitleTable(tuple(str(i + 1) for i in range(len(names))), tuple(names),
-                      source="occupation values of " + ", ".join(str(inp.path) for inp in inputs))
+  merged = TitleTable.numbered((t for table in tables for t in table.titles),
+                              source="occupation values of " + ", ".join(str(inp.path) for inp in inputs))
   code = dict(zip(merged.titles, merged.codes))
   out = []
   for p, table in zip(panels, tables):

@@ -156,9 +156,8 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
     raise PanelError(path, "missing value", **_at(where, i, "occupation"), value=occ.iloc[i], has_value=True)
   occ = occ.astype(str).str.strip()
   if titles is None:
-    uniq = sorted(occ.unique())
-    titles = TitleTable(tuple(str(i + 1) for i in range(len(uniq))), tuple(uniq), source=f"{path} (titles)")
-    out["occupation"] = occ.map(dict(zip(uniq, titles.codes)))
+    titles = TitleTable.numbered(occ.unique(), source=f"{path} (titles)")
+    out["occupation"] = occ.map(dict(zip(titles.titles, titles.codes)))
   else:
     known = occ.isin(titles.codes)
     if not known.all():

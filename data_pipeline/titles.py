@@ -45,6 +45,13 @@ class TitleTable:
       dup = pd.Series(self.titles)[pd.Series(self.titles).duplicated()].iloc[0]
       raise PanelError(self.source or "titles", f"title {dup!r} appears for two codes; titles must be unique")
 
+  @classmethod
+  def numbered(cls, names, source: str) -> "TitleTable":
+    """The table of a panel whose occupation values are its titles: the distinct ``names`` sorted,
+    coded "1", "2", ... in that order."""
+    names = sorted(set(names))
+    return cls(tuple(str(i + 1) for i in range(len(names))), tuple(names), source=source)
+
   def __len__(self):
     return len(self.codes)
 

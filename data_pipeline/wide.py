@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.errors import PanelError
-from data_pipeline.panel import FileRows
+from data_pipeline.panel import OPTIONAL, REQUIRED, FileRows
 
-FIELDS = ("occupation", "education", "sex", "race", "ethnicity", "region", "birth_year", "industry")
+# The panel columns that can vary by year: every column but the worker's key and survey.
+FIELDS = tuple(c for c in REQUIRED + OPTIONAL if c not in ("person_id", "year", "dataset"))
 LAYOUTS = ("auto", "long", "wide")
 _YEARLY = re.compile(r"(.+)_(\d{4})")
 

@@ -29,7 +29,7 @@ labor_jax.runtime): demo size (2 layers, 8 x 224 tokens, 2 query blocks) 34.1 ->
 against autodiff of the plain softmax; 20M size (4 layers, 8 x 256, 4 blocks) 528 -> 497 ms.
 
 **One entry point per backend.** :func:`attend` runs the implementation that
-``LlamaConfig.attention_impl`` names (:data:`IMPLEMENTATIONS`), chosen by :func:`choose`:
+``LlamaConfig.attention_impl`` names (:data:`labor_jax.config.ATTENTION_IMPLS`), chosen by :func:`choose`:
 
 * ``blocked``: :func:`attention` above (the default on the CPU);
 * ``xla``: :func:`xla_attention`, ``jax.nn.dot_product_attention(implementation="xla")``;
@@ -227,7 +227,6 @@ def tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix_k_BNKE, prefix_v_BNKE, ancesto
 
 
 # ------------------------------------------------------------------ one entry point per backend
-IMPLEMENTATIONS = ATTENTION_IMPLS  # ("auto", "xla", "cudnn", "splash", "blocked")
 SPLASH_BLOCK = 128  # splash tiles queries and keys in blocks of at least this many positions (the TPU lane width)
 
 logger = logging.getLogger(__name__)
@@ -259,8 +258,8 @@ def resolve(requested: str, *, backend: str, device_kind: str = "", dtype=jnp.fl
   ``blocked`` run anywhere. When the wanted kernel cannot run the call, the answer is blocked
   and the reason says why.
   """
-  if requested not in IMPLEMENTATIONS:
-    raise ValueError(f"attention_impl={requested!r} is not one of {IMPLEMENTATIONS}")
+  if requested not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={requested!r} is not one of {ATTENTION_IMPLS}")
   want = requested
   if want == "auto":
     want = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "blocked")
@@ -378,7 +377,7 @@ def attend(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, mask: Mask, 
   Args:
     q_BTHE, k_BSKE, v_BSKE: queries, keys, values after RoPE (H a multiple of K).
     mask: the pass's :class:`Mask`.
-    implementation: one of :data:`IMPLEMENTATIONS` (``LlamaConfig.attention_impl``).
+    implementation: one of :data:`labor_jax.config.ATTENTION_IMPLS` (``LlamaConfig.attention_impl``).
     causal_blocks: query blocks of the ``blocked`` kernel (causal masks only).
     spec_BTHE: PartitionSpec of the activations inside ``model.forward(mesh=...)`` (splash
       shards itself with it); None off a mesh.

@@ -20,6 +20,7 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 
 from data_pipeline.panel import entry_table
+from labor_jax.metrics import true_logp
 
 COVARIATES = ("education", "race", "ethnicity", "region", "sex")  # demographic columns a panel may carry
 
@@ -72,7 +73,7 @@ def informative(features: dict[str, pd.Series]) -> dict[str, list[str]]:
 
 
 def log_likelihood(probs: np.ndarray, y: np.ndarray) -> float:
-  return float(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+  return float(true_logp(probs, y).mean())
 
 
 class EmpiricalFrequency:

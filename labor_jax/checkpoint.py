@@ -119,7 +119,7 @@ def difference(saved: Any, target: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------- damage
-def _damage(e: BaseException, step_dir) -> str | None:
+def _damage(e: BaseException) -> str | None:
   """What is wrong with the step's files when ``e`` says they are missing, truncated or unparsable;
   None for any other error (permissions, I/O, memory), which must not be mistaken for damage."""
   if isinstance(e, json.JSONDecodeError):
@@ -131,7 +131,7 @@ def _damage(e: BaseException, step_dir) -> str | None:
     files = _FILE_IN_MESSAGE.findall(msg)  # the last one named is the most specific
     return f"{msg.split(':', 1)[0].lower().replace('_', ' ')}: {files[-1] if files else msg.splitlines()[0][:200]}"
   cause = e.__cause__ or e.__context__
-  return _damage(cause, step_dir) if cause is not None else None
+  return _damage(cause) if cause is not None else None
 
 
 def _incomplete(step_dir) -> str | None:
@@ -167,7 +167,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter, l
       try:
         saved = mgr.item_metadata(step)["state"]
       except Exception as e:  # noqa: BLE001 - classified below; anything not damage is re-raised
-        why = _damage(e, step_dir)
+        why = _damage(e)
         if why is None:
           raise
       else:
@@ -181,7 +181,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any, data_iter, l
                                                           data=grain.checkpoint.CheckpointRestore(data_iter)))
           return step, out["state"]
         except Exception as e:  # noqa: BLE001
-          why = _damage(e, step_dir)
+          why = _damage(e)
           if why is None:
             raise
     _set_aside(mgr, step, why, log)

@@ -36,7 +36,7 @@ from labor_jax import baselines as bl
 from labor_jax import hf, report, scorer, sharding
 from labor_jax.config import ConfigError
 from labor_jax.career import CareerBaseline
-from labor_jax.metrics import bootstrap_intervals, model_metrics, perplexity
+from labor_jax.metrics import bootstrap_intervals, model_metrics, perplexity, true_logp, worker_keys
 from labor_jax.rundir import RunDir
 
 MAIN_LLM = "LABOR-LLM (this run)"
@@ -114,7 +114,7 @@ def load_model(source: str | Path, *, adapter: str | Path | None = None, mesh: j
   """(config, params, tokenizer, description) of a model to score: a ``labor_jax.train`` run directory
   (its best checkpoint) or a Hugging Face checkpoint directory (with an optional PEFT ``adapter``)."""
   run = RunDir(source)
-  if (run.path / "model_config.json").exists():
+  if run.is_run:
     if adapter is not None:
       raise ConfigError(f"{source}: --adapter applies to Hugging Face checkpoints; a run carries its own adapters")
     config, params, step = run.load_model(mesh=mesh)
@@ -132,8 +132,9 @@ def load_model(source: str | Path, *, adapter: str | Path | None = None, mesh: j
 def check_tokenizer(model_tokenizer: ResumeTokenizer, data: DatasetDir, source) -> None:
   """Stops (one line) when the dataset's tokens were not made by the model's tokenizer."""
   probe = "\n1984 (some college): Clerical and kindred workers\n<END OF DATA>"
-  if (model_tokenizer.vocab_size != data.tokenizer().vocab_size
-          or model_tokenizer.encode_piece(probe) != data.tokenizer().encode_piece(probe)):
+  data_tokenizer = data.tokenizer()
+  if (model_tokenizer.vocab_size != data_tokenizer.vocab_size
+          or model_tokenizer.encode_piece(probe) != data_tokenizer.encode_piece(probe)):
     raise ConfigError(f"{data.path} was tokenised with another tokenizer than {source}'s: rebuild it with "
                       f"python -m data_pipeline.build --tokenizer-dir {source}")
 
@@ -177,7 +178,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
   writer = jax.process_index() == 0
   log = log if writer else (lambda *a: None)
   run = RunDir(model)
-  is_run = (run.path / "model_config.json").exists()
+  is_run = run.is_run
   if data is None:
     if not is_run:
       raise ConfigError(f"{model}: a Hugging Face model needs --data DATASET_DIR")
@@ -231,10 +232,9 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
     metrics["models"][name]["perplexity_raw"] = r
   metrics["bootstrap"] = {"resamples": bootstrap, "seed": seed, "cluster": "worker", "reference": MAIN_LLM}
   if bootstrap:
-    workers = (test["dataset"].astype(str) + "\x00" + test["person_id"].astype(str)).to_numpy()
     y = test["occ"].to_numpy()
-    logp = {name: np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)) for name, p in probs.items()}
-    intervals = bootstrap_intervals(logp, workers, MAIN_LLM, resamples=bootstrap, seed=seed)
+    logp = {name: true_logp(p, y) for name, p in probs.items()}
+    intervals = bootstrap_intervals(logp, worker_keys(test), MAIN_LLM, resamples=bootstrap, seed=seed)
     for name, ci in intervals.items():
       metrics["models"][name].update(ci)
   metrics["labour_force_task"] = "not available: the panel records employed person-years only"

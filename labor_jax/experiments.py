@@ -37,8 +37,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_pipeline.dataset_dir import DatasetDir, build_dataset, build_default, format_summary, load_default
+from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
 from data_pipeline.panel import validate
 from labor_jax import baselines, cli, evaluation, runtime
-from labor_jax.metrics import bootstrap_intervals, perplexity
+from labor_jax.metrics import bootstrap_intervals, perplexity, worker_keys
 from labor_jax.recipes import STAGE1_WORKERS, build_stage1_data, synthetic_careers, train
 
 QUICK_STEPS = 2  # --quick: optimizer steps of every run
@@ -87,8 +85,8 @@ VARIANTS = (
 def build_data(out: Path, stage1_workers: int = STAGE1_WORKERS) -> dict[str, DatasetDir]:
   """Every dataset the variants need, under ``out``; all but the first use the NLSY tokenizer."""
   nlsy = DatasetDir(out / "data")
-  print(format_summary(build_default(nlsy.path)), flush=True)
   panel, titles, source = load_default()
+  print(format_summary(build_dataset(panel, titles, nlsy.path, source=source)), flush=True)  # = build_default
   tok = nlsy.tokenizer_dir
   print(format_summary(build_stage1_data(out / "data_stage1", titles, tok, workers=stage1_workers)), flush=True)
   build_dataset(panel, titles, out / "data_codes", tokenizer_dir=tok, variant="codes",
@@ -142,11 +140,12 @@ def score(data: dict[str, DatasetDir], variants, runs: dict[str, list[Path]], *,
   log-probabilities) minus the first variant's, from a bootstrap over test workers."""
   main = variants[0]
   surveys = data[main.data].datasets
-  ref = transitions_of(data[main.data], surveys)
+  tables = {key: transitions_of(data[key], surveys) for key in dict.fromkeys(v.data for v in variants)}
+  ref = tables[main.data]
   logp, by_seed = {}, {}
   for v in variants:
     d = data[v.data]
-    table = transitions_of(d, surveys)
+    table = tables[v.data]
     check_same_transitions(ref, table, f"{v.name} ({d.path})")
     rows = np.arange(len(table))
     seeds = []
@@ -156,7 +155,7 @@ def score(data: dict[str, DatasetDir], variants, runs: dict[str, list[Path]], *,
       print(f"{v.key}/{run_dir.name} ({what}): perplexity {perplexity(seeds[-1]):.3f}", flush=True)
     by_seed[v.key] = [perplexity(lp) for lp in seeds]
     logp[v.key] = np.mean(seeds, axis=0)
-  workers = (ref["dataset"].astype(str) + "\x00" + ref["person_id"].astype(str)).to_numpy()
+  workers = worker_keys(ref)
   ci = bootstrap_intervals(logp, workers, main.key, resamples=bootstrap, seed=seed) if bootstrap else {}
   rows = {}
   for v in variants:
@@ -206,17 +205,6 @@ def table(result: dict) -> list[str]:
   return lines
 
 
-def machine() -> str:
-  """The CPU model, core count and whether it has AVX-512 (Linux), else the platform's words."""
-  try:
-    info = Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-  model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-  flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-  return f"{model}, {os.cpu_count()} cores, AVX-512 {'yes' if ' avx512f' in flags else 'no'}"
-
-
 def run(out: Path, n_seeds: int, *, quick: bool = False, bootstrap: int = 1000) -> dict:
   """Builds the data, trains every run (reusing finished ones), scores them, writes the table."""
   t0 = time.perf_counter()
@@ -229,7 +217,7 @@ def run(out: Path, n_seeds: int, *, quick: bool = False, bootstrap: int = 1000) 
   runs = train_all(out, data, variants, n_seeds, changes)
   print("\n== scoring every run on the NLSY test split", flush=True)
   result = score(data, variants, runs, bootstrap=bootstrap)
-  result.update(quick=quick, machine=machine(), date=datetime.date.today().isoformat(),
+  result.update(quick=quick, machine=runtime.cpu_description(), date=datetime.date.today().isoformat(),
                 seconds=time.perf_counter() - t0)
   quick_note = " (--quick: 2 steps per run, not results)" if quick else ""
   lines = [(f"NLSY test split, {result['transitions']:,} transitions of {result['workers']:,} workers; "

@@ -43,7 +43,7 @@ in split mode each worker is forecast from their whole observed history. Outputs
   region (values that not every worker shares), with the number of workers per origin;
   ``transitions.png`` and ``transitions_by_subgroup.png``, heatmaps of the same.
 
-Mesh: ``run_forecast(..., mesh=)`` places the parameters by ``model.param_shardings`` and the
+Mesh: ``run_forecast(..., mesh=)`` restores the parameters straight into ``model.param_shardings`` (``RunDir.load_model(mesh=)``), places the
 worker batches over the mesh's batch axes ``("data", "fsdp")`` and lets XLA propagate the
 sharding through the sampler (rows stay worker-major, so a worker's samples share its shard).
 It is a hook, tested for equal results on a small fake-device mesh only; the scorer's own mesh
@@ -269,8 +269,11 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
     if panel.empty:
       raise ValueError(f"{data.path}: split {split!r} has no workers")
     workers = panel_workers(panel, titles, data.variant, education=education)
+  if mesh is not None and batch_workers % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
+                     f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
   tok = run.tokenizer()
-  config, params, step = run.load_model(step)
+  config, params, step = run.load_model(step, mesh=mesh)  # with a mesh: restored straight into its shardings
   tree = scorer.CandidateTree.for_titles(tok, titles, data.variant)
   inputs = encode_workers(tok, workers, years)
   longest = inputs["tokens_BN"].shape[1] + (years - 1) * (tree.tokens_JC.shape[1] + inputs["next_prefix_BYP"].shape[2])
@@ -282,10 +285,6 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
       config, params, tree, tokens_BN, mask_BN, next_prefix_BYP, next_prefix_len_BY, samples, keys_B))
   batch_sharding = None
   if mesh is not None:
-    if batch_workers % (mesh.shape["data"] * mesh.shape["fsdp"]):
-      raise ValueError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
-                       f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
-    params = jax.device_put(params, model.param_shardings(config, mesh))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   else:
     batch_workers = min(batch_workers, len(workers))  # a single history is one row block, not padded to 8

@@ -248,10 +248,7 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
       leaf = flat.pop(key)
       for i in range(config.num_hidden_layers):
         flat[f"layers_{i}/{key[len('layers/'):]}"] = _LayerSlice(leaf, i, cache)
-  want = {ours for ours, _, _ in expected_tensors(config).values()}
-  if set(flat) != want:
-    extra, missing = sorted(set(flat) - want), sorted(want - set(flat))
-    raise CheckpointError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+  _check_names(flat, {ours for ours, _, _ in expected_tensors(config).values()}, "params")
   names = {hf_name(p)[0]: p for p in flat}
   itemsize = np.dtype(config.jnp_param_dtype).itemsize
   split = split_state_dict_into_shards_factory(
@@ -377,6 +374,13 @@ def _per_layer(modules: list[str], n_layers: int) -> list[str] | None:
   return sorted({m.split(".")[-1] for m in modules})
 
 
+def _check_names(flat: dict, want: set, what: str) -> None:
+  """Raises unless the flattened tree ``flat`` holds exactly the paths ``want``."""
+  if set(flat) != want:
+    extra, missing = sorted(set(flat) - want), sorted(want - set(flat))
+    raise CheckpointError(f"{what} do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+
+
 def save_adapter(config: LlamaConfig, params: Any, path: str | os.PathLike, *,
                  base_model_name_or_path: str | None = None) -> Path:
   """Writes the LoRA adapters of ``params`` (selected by the label tree) as a PEFT adapter directory:
@@ -390,17 +394,9 @@ def save_adapter(config: LlamaConfig, params: Any, path: str | os.PathLike, *,
   if not config.lora_rank:
     raise CheckpointError("the model has no LoRA adapters (lora_rank=0): nothing to export")
   adapters = labels.split(params, labels.label_tree(params, labels.ADAPTERS))[0]
-  flat = {p: shard_lib.to_host(x) for p, x in traverse_util.flatten_dict(adapters, sep="/").items()}
-  if config.scan_layers:
-    for key in [k for k in flat if k.startswith("layers/")]:
-      stacked = flat.pop(key)
-      for i in range(config.num_hidden_layers):
-        flat[f"layers_{i}/{key[len('layers/'):]}"] = stacked[i]
-  expected = expected_adapters(config)
-  want = {ours: (name, shape) for name, (ours, shape) in expected.items()}
-  if set(flat) != set(want):
-    extra, missing = sorted(set(flat) - set(want)), sorted(set(want) - set(flat))
-    raise CheckpointError(f"adapters do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+  flat = traverse_util.flatten_dict(model.unstack_layers(jax.tree.map(shard_lib.to_host, adapters)), sep="/")
+  want = {ours: (name, shape) for name, (ours, shape) in expected_adapters(config).items()}
+  _check_names(flat, set(want), "adapters")
   tensors = {}
   for ours, arr in flat.items():
     name, shape = want[ours]

@@ -11,7 +11,7 @@
   ``dx = g @ w.T`` and ``dw += x.T @ g``. Only ``dx`` ([B, T, D]) and ``dw`` ([D, V])
   are kept for the backward pass, so the float32 logits and their gradient never exist
   for the whole batch at once.
-* Measured (``python -m labor_jax.plan``, then ``scripts/memory_plan.py``; llama3_8b_lora recipe, V = 128,256, 8 devices,
+* Measured (with ``scripts/memory_plan.py``, since replaced by ``python -m labor_jax.plan``; llama3_8b_lora recipe, V = 128,256, 8 devices,
   4 x 2048 tokens per device): 19.05 GiB per device against 20.56 GiB with plain logits.
   At 512 tokens per row the two are equal: the decoder blocks' backward pass sets the
   peak there. On this project's 2-core CPU the 20M-parameter training step (V = 32,000)

@@ -19,6 +19,16 @@ def perplexity(logp: np.ndarray) -> float:
   return float(math.exp(-np.mean(logp))) if len(logp) else float("nan")
 
 
+def true_logp(probs_NJ: np.ndarray, y_N: np.ndarray) -> np.ndarray:
+  """log P(true occupation) of each transition [N], probabilities clipped at 1e-12."""
+  return np.log(np.clip(probs_NJ[np.arange(len(y_N)), y_N], 1e-12, None))
+
+
+def worker_keys(table: pd.DataFrame) -> np.ndarray:
+  """The worker of each transition (survey and person id): the clusters of :func:`bootstrap_intervals`."""
+  return (table["dataset"].astype(str) + "\x00" + table["person_id"].astype(str)).to_numpy()
+
+
 def auc(y: np.ndarray, p: np.ndarray) -> float:
   return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
@@ -28,7 +38,7 @@ def model_metrics(probs_NJ: np.ndarray, table: pd.DataFrame) -> dict:
   (P(move) = 1 - P(same occupation)): log-loss and AUC."""
   y = table["occ"].to_numpy()
   rows = np.arange(len(y))
-  lp = np.log(np.clip(probs_NJ[rows, y], 1e-12, None))
+  lp = true_logp(probs_NJ, y)
   stay = (table["prev"].to_numpy() == y)
   p_move = np.clip(1 - probs_NJ[rows, table["prev"].to_numpy()], 1e-6, 1 - 1e-6)
   moved = (~stay).astype(float)

@@ -44,7 +44,7 @@ def predict(model: str | Path, history: str | Path, top_k: int = 5, *, titles: s
   from its dataset) or a Hugging Face checkpoint directory (with a PEFT ``adapter``; ``titles``
   is then required: a ``code,title`` CSV or "occ1990dd"). With a ``mesh`` the model is restored
   into its shardings and the worker's prompt is scored on it (repeated over the mesh's batch axes)."""
-  if (Path(model) / "model_config.json").exists():
+  if RunDir(model).is_run:
     data = RunDir(model).dataset()
     table, variant, dataset = data.titles(), data.variant, (data.datasets or ["worker"])[0]
   elif titles is None:

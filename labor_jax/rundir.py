@@ -83,8 +83,14 @@ class RunDir:
     return self.path / f"eval_{split}"
 
   # ------------------------------------------------------------------ readers
+  @property
+  def is_run(self) -> bool:
+    """Whether the directory is a ``labor_jax.train`` run (else, for the scoring commands, a
+    Hugging Face checkpoint directory)."""
+    return (self.path / MODEL_CONFIG).exists()
+
   def check(self) -> "RunDir":
-    if not (self.path / MODEL_CONFIG).exists():
+    if not self.is_run:
       raise FileNotFoundError(f"{self.path}: no {MODEL_CONFIG} (not a labor_jax.train run directory)")
     return self
 
@@ -114,19 +120,21 @@ class RunDir:
     the run's ``eval_metric``, :meth:`best_metric`; the newest when no step has one) or None for
     the newest."""
     config = self.model_config()
-    label_tree = self.labels(config)
+    shapes = model.param_shapes(config)  # traced once: labels, shardings and the frozen target below
+    label_tree = self.labels(config, shapes)
     if mesh is None:
       dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      shardings = jax.tree.map(lambda _: dev, model.param_shapes(config))
-    else:
-      shardings = model.param_shardings(config, mesh, rules or sharding.DEFAULT_RULES)
+      shardings = jax.tree.map(lambda _: dev, shapes)
+    else:  # = model.param_shardings(config, mesh, rules)
+      shardings = sharding.tree_shardings(shapes, model.param_logical_axes(config), mesh,
+                                          rules or sharding.DEFAULT_RULES)
     # Full fine-tuning saves every parameter in the step; LoRA saves the adapters there and the rest once.
     frozen_dir = self.frozen_dir.exists()
     trainable_sh, frozen_sh = labels.split(shardings, label_tree) if frozen_dir else (shardings, {})
     step, params = checkpoint.restore_params(self.checkpoints, step, trainable_sh, metric=self.best_metric())
     if frozen_dir:
       target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            labels.split(model.param_shapes(config), label_tree)[1], frozen_sh)
+                            labels.split(shapes, label_tree)[1], frozen_sh)
       params = labels.merge(params, checkpoint.restore_frozen(self.frozen_dir, target))
     return config, params, step
 
@@ -137,9 +145,10 @@ class RunDir:
     return selection.key(eval_metric)
 
   @staticmethod
-  def labels(config: LlamaConfig) -> Any:
-    """The run's label tree: the adapters train when the model has them, everything otherwise."""
-    return labels.run_labels(model.param_shapes(config), bool(config.lora_rank))
+  def labels(config: LlamaConfig, shapes: Any = None) -> Any:
+    """The run's label tree: the adapters train when the model has them, everything otherwise
+    (``shapes``: ``model.param_shapes(config)`` when the caller has it)."""
+    return labels.run_labels(model.param_shapes(config) if shapes is None else shapes, bool(config.lora_rank))
 
   def metrics(self) -> list[dict]:
     return [json.loads(line) for line in self.metrics_file.read_text().splitlines()]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
 
 # mallopt parameters from glibc's <malloc.h>.
@@ -51,3 +52,19 @@ def tune_malloc() -> bool:
   _done = all(libc.mallopt(param, value) == 1 for param, value in
               ((M_MMAP_THRESHOLD, THRESHOLD), (M_TRIM_THRESHOLD, THRESHOLD), (M_ARENA_MAX, 1)))
   return _done
+
+
+def cpu_description() -> str:
+  """'AMD EPYC, 2 CPUs, AVX-512': the model name lscpu prints, the CPUs this process may use and
+  whether they have AVX-512 (Linux); elsewhere the platform's words. Benchmarks and the
+  experiments' table name the machine with it."""
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return f"{platform.processor() or platform.machine()}, {cpus} CPUs"
+  model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+  isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+  return f"{model}, {cpus} CPUs, {isa}"

@@ -133,11 +133,9 @@ def adapters_from(path: str, config: LlamaConfig, params, mesh):
   return params
 
 
-def checkpoint_bytes(abstract_state: train_core.TrainState, label_tree) -> tuple[int, int]:
-  """(bytes each checkpoint step writes, bytes of the frozen weights written once)."""
-  saved, frozen = split_state(abstract_state, label_tree)
-  size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
-  return size(saved), size(frozen)
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays (or abstract arrays) of ``tree``."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def split_state(state: train_core.TrainState, label_tree):
@@ -172,7 +170,7 @@ def run(cfg: TrainConfig) -> dict:
   shardings = train_core.state_shardings(config, optimizer, mesh)
   target = train_core.abstract_state(config, optimizer, shardings)
   saved_target, frozen_target = split_state(target, label_tree)
-  step_bytes, frozen_bytes = checkpoint_bytes(target, label_tree)
+  step_bytes, frozen_bytes = tree_bytes(saved_target), tree_bytes(frozen_target)  # per step; once
 
   local_batch = cfg.batch_size // jax.process_count()
   data_kw = dict(seq_len=cfg.data.seq_len, batch_size=local_batch, pack=cfg.data.pack, loss_on=cfg.data.loss_on,

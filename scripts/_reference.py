@@ -1,9 +1,11 @@
-"""Shared set-up of the benchmarks: the allocator and instruction-set flags, the CPU's name,
-and one random Llama in PyTorch transformers and in labor_jax."""
+"""Shared set-up of the benchmarks: the allocator and instruction-set flags, the CPU's name
+(``cpu_line``, from labor_jax.runtime), and one random Llama in PyTorch transformers and in labor_jax."""
 
 import argparse
 import os
 import tempfile
+
+from labor_jax.runtime import cpu_description as cpu_line  # noqa: F401  (the benchmarks import it from here)
 
 # What --max-isa avx2 sets, before JAX or PyTorch is imported: XLA's generated code (fusions,
 # the attention kernel's loops), PyTorch's own kernels, MKL's GEMMs and oneDNN each stop at AVX2,
@@ -28,19 +30,6 @@ def apply_isa_flag(args: argparse.Namespace) -> None:
   if args.max_isa == "avx2":
     for key, value in AVX2_ENV.items():
       os.environ[key] = f"{os.environ[key]} {value}" if key == "XLA_FLAGS" and os.environ.get(key) else value
-
-
-def cpu_line() -> str:
-  """'AMD EPYC, 2 CPUs, AVX-512' from /proc/cpuinfo (the model name lscpu prints)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-  except OSError:
-    return "CPU unknown"
-  model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-  isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-  return f"{model}, {len(os.sched_getaffinity(0))} CPUs, {isa}"
 
 
 def add_malloc_flag(ap: argparse.ArgumentParser) -> None:
