@@ -11,7 +11,7 @@ from typing import Mapping
 
 import jax
 
-from labor_jax.train_config import DistributedConfig
+from labor_jax.training.config import DistributedConfig
 
 # Set by GKE on TPU pods (JAX's GkeTpuCluster reads the first two). Plain Cloud TPU VMs set none
 # of them: JAX finds those by the TPU on the PCI bus, see on_cloud_tpu.

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from data_pipeline.dataset_dir import DatasetDir
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import baselines as bl
-from labor_jax import hf, report, scorer, sharding
+from labor_jax import report, scorer, sharding
+from labor_jax.interop import hf
 from labor_jax.config import ConfigError
 from labor_jax.career import CareerBaseline
 from labor_jax.metrics import bootstrap_intervals, model_metrics, perplexity, true_logp, worker_keys

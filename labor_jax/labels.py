@@ -9,7 +9,7 @@ Every question of that kind is answered here, once:
   adapters alone for LoRA, everything for full fine-tuning) into a tree of TRAIN / FROZEN.
 
 That tree drives ``optax.multi_transform`` (frozen leaves keep no optimizer state, see
-:mod:`labor_jax.train_core`), splits what a checkpoint stores, and selects what an
+:mod:`labor_jax.training.core`), splits what a checkpoint stores, and selects what an
 adapter export writes (:func:`split`, :func:`merge`).
 """
 

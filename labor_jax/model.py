@@ -7,7 +7,7 @@ size or vocabulary (whichever is returned). In the token tree of :func:`forward_
 G prefix groups per row, L tree nodes, A ancestors per node.
 
 Parameter names follow Hugging Face (``q_proj``, ``gate_proj``, ``input_layernorm``)
-so that :mod:`labor_jax.hf` maps them almost one to one. Every parameter carries
+so that :mod:`labor_jax.interop.hf` maps them almost one to one. Every parameter carries
 logical axis names (see :mod:`labor_jax.sharding` for the table that maps them to a
 device mesh); so do the main activations.
 """

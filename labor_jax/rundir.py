@@ -3,7 +3,7 @@
 A ``labor_jax.train`` run directory holds::
 
   RUN/
-    config.yaml         the resolved run config (labor_jax.train_config.TrainConfig)
+    config.yaml         the resolved run config (labor_jax.training.config.TrainConfig)
     model_config.json   the LlamaConfig that was trained (adapters included)
     tokenizer/          the dataset's tokenizer files
     data/               the embedded NLSY dataset, when the config names no data.dataset_dir
@@ -36,7 +36,8 @@ from etils import epath
 
 from data_pipeline.dataset_dir import DatasetDir
 from data_pipeline.tokenizer import ResumeTokenizer
-from labor_jax import checkpoint, labels, model, selection, sharding, train_config
+from labor_jax import checkpoint, labels, model, selection, sharding
+from labor_jax.training import config as train_config
 from labor_jax.config import LlamaConfig
 
 CONFIG = "config.yaml"

@@ -5,7 +5,7 @@ best checkpoint (orbax ``BestN`` while training, ``"best"`` when a run is read b
 
 * ``occupation_perplexity`` (the default): exp(-mean log P(true title | history)) over every
   validation worker's entries after the first, normalised over the titles, as evaluation reports
-  it (:mod:`labor_jax.validation`); recorded as ``val_occupation_ppl``;
+  it (:mod:`labor_jax.training.validation`); recorded as ``val_occupation_ppl``;
 * ``token_loss``: the mean validation token cross-entropy; recorded as ``val_loss``.
 
 Every evaluation records ``val_loss``. A step without the run's metric (checkpoints of runs from

@@ -1,39 +1,8 @@
-"""``python -m labor_jax.train --config configs/demo.yaml [--set optim.lr=1e-4 ...]``
+"""``python -m labor_jax.train``: a shim for the command in :mod:`labor_jax.cli.train` (also ``labor-jax train``)."""
 
-Fine-tunes (or trains from scratch) a Llama-family model on a resume dataset. The run
-directory (layout in labor_jax.rundir) receives the resolved ``config.yaml``, the
-tokenizer, orbax ``checkpoints/``, ``metrics.jsonl`` and TensorBoard events (``tb/``).
-Re-running the same command resumes from the newest readable checkpoint. SIGTERM saves a
-checkpoint and exits 0.
-
-Exit codes: 0 done (or stopped by SIGTERM after saving), 2 configuration error (one line
-on stderr, before anything compiles), 3 non-finite loss (the last good checkpoint is kept).
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-from labor_jax import cli, distributed, runtime, train_config, trainer
-
-EXIT_CONFIG, EXIT_NAN = cli.EXIT_CONFIG, cli.EXIT_NAN
-
-
-def main(argv=None) -> int:
-  runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", required=True, help="YAML run config (see configs/)")
-  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                  help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
-  args = ap.parse_args(argv)
-
-  def train():
-    cfg = train_config.load(args.config, args.set)
-    distributed.initialize(cfg.distributed)
-    trainer.run(cfg)
-  return cli.run_training(train)
-
+from labor_jax.cli.train import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -49,11 +49,11 @@ def random_llama_pair(layers: int, hidden: int, intermediate: int, heads: int, k
   """(transformers LlamaForCausalLM, labor_jax config, labor_jax params) with the same random weights.
 
   The PyTorch model is saved and reloaded, and labor_jax imports the same files
-  (labor_jax.hf.load), so both sides start from identical tensors."""
+  (labor_jax.interop.hf.load), so both sides start from identical tensors."""
   import torch
   import transformers
 
-  from labor_jax import hf
+  from labor_jax.interop import hf
 
   cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

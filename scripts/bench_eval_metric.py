@@ -40,7 +40,8 @@ METRICS = ("token_loss", "occupation_perplexity")
 def perplexity_cost(run_dir, calls=5):
   """(validation workers, seconds to build the function, its first call, a later call, median of ``calls``)
   for a run's best model, as the trainer builds it (batch_size workers per call, one device)."""
-  from labor_jax import sharding, validation
+  from labor_jax import sharding
+  from labor_jax.training import validation
   from labor_jax.rundir import RunDir
   run = RunDir(run_dir)
   cfg = run.train_config()
@@ -67,7 +68,8 @@ OLD_MAIN = ("import sys; from labor_jax import main, train_config; u = train_con
 # The main job as shipped, timing every validation pass of the perplexity (wall and process CPU seconds).
 NEW_MAIN = """
 import json, sys, time
-from labor_jax import main, validation
+from labor_jax.cli import main
+from labor_jax.training import validation
 build, spent = validation.occupation_metrics, {"calls": 0, "wall": 0.0, "cpu": 0.0}
 def timed_build(*a, **k):
   fn = build(*a, **k)
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     return 0
 
   from data_pipeline.dataset_dir import DatasetDir, build_default
-  from labor_jax import recipes
+  from labor_jax.training import recipes
 
   out = Path(args.out)
   load0 = f"{os.getloadavg()[0]:.2f}"

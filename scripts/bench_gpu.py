@@ -85,11 +85,12 @@ def fmt(x, spec=",.0f"):
 
 # ------------------------------------------------------------------ (a), (b): train steps
 def time_train_step(config, batch: int, seq: int, timed: int, trainable=None) -> tuple[float, float]:
-  """(tokens/s, last loss) of labor_jax.train_core's step on one device (median of ``timed`` steps)."""
+  """(tokens/s, last loss) of labor_jax.training.core's step on one device (median of ``timed`` steps)."""
   import jax
   import numpy as np
 
-  from labor_jax import labels, model, sharding, train_core
+  from labor_jax import labels, model, sharding
+  from labor_jax.training import core as train_core
 
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   label_tree = labels.label_tree(model.param_shapes(config), trainable)

@@ -42,7 +42,8 @@ def main():
   from data_pipeline import resume, simulator
   from data_pipeline.titles import synthetic_titles
   from data_pipeline.tokenizer import ResumeTokenizer, train_sentencepiece
-  from labor_jax import hf, model, scorer
+  from labor_jax import model, scorer
+  from labor_jax.interop import hf
   from labor_jax.config import LlamaConfig
 
   torch.set_num_threads(os.cpu_count())

@@ -33,7 +33,8 @@ def main():
   import numpy as np
 
   from data_pipeline.dataset_dir import DatasetDir, build_default
-  from labor_jax import evaluation, model, sharding, train_config
+  from labor_jax import evaluation, model, sharding
+  from labor_jax.training import config as train_config
 
   with tempfile.TemporaryDirectory() as d:
     build_default(f"{d}/nlsy")

@@ -40,7 +40,8 @@ def main():
   import numpy as np
   import torch
 
-  from labor_jax import labels, lora, sharding, train_core
+  from labor_jax import labels, lora, sharding
+  from labor_jax.training import core as train_core
 
   torch.set_num_threads(args.threads)
   layers, d, f, h, k, v, b, t = SIZES[args.size]

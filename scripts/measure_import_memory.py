@@ -1,7 +1,7 @@
-"""Peak host memory of labor_jax.hf.load on a randomly initialised ~1 GB checkpoint.
+"""Peak host memory of labor_jax.interop.hf.load on a randomly initialised ~1 GB checkpoint.
 
 Method: a child process writes a random float32 Llama checkpoint of about --gb GB
-(labor_jax.hf.save). A second, fresh child imports jax and labor_jax, records its
+(labor_jax.interop.hf.save). A second, fresh child imports jax and labor_jax, records its
 resident set size (RSS), calls hf.load, blocks until every array is ready, and reads
 its peak RSS (getrusage ru_maxrss: the high-water mark of the whole process, every
 transient copy included). We report peak RSS minus the pre-load RSS, divided by
@@ -19,7 +19,8 @@ import tempfile
 
 WRITE = r"""
 import sys, jax
-from labor_jax import hf, model
+from labor_jax import model
+from labor_jax.interop import hf
 from labor_jax.config import LlamaConfig
 layers = int(sys.argv[2])
 cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
@@ -30,7 +31,7 @@ print(cfg.num_params())
 
 READ = r"""
 import json, resource, sys, psutil, jax
-from labor_jax import hf
+from labor_jax.interop import hf
 rss0 = psutil.Process().memory_info().rss
 cfg, params = hf.load(sys.argv[1])
 jax.block_until_ready(params)

@@ -5,7 +5,8 @@ not in the library."""
 import sys
 import time
 
-from labor_jax import train, train_core
+from labor_jax.cli import train
+from labor_jax.training import core as train_core
 
 _make_train_step = train_core.make_train_step
 

@@ -8,7 +8,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data_pipeline.dataset_dir import DatasetDir
-from labor_jax import checkpoint, labels, train, train_config, trainer
+from labor_jax import checkpoint, labels
+from labor_jax.cli import train
+from labor_jax.training import config as train_config
+from labor_jax.training import loop as trainer
 from labor_jax.rundir import RunDir
 from tests.runs import final_params, run_train, train_args
 
@@ -79,7 +82,9 @@ def test_lora_checkpoints_hold_no_frozen_leaf_and_resume_exactly(tmp_path, nlsy_
   # Rebuilt from base + adapters, the model equals the resumed one, and its export equals both.
   (_, want, _), (cfg_b, got, _) = RunDir(lora_run).load_model(step=4), RunDir(run_dir).load_model(step=4)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0), want, got)
-  from labor_jax import export, hf, model
+  from labor_jax import model
+  from labor_jax.cli import export
+  from labor_jax.interop import hf
   assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf"), "--step", "latest"]) == 0
   tokens = np.arange(1, 30, dtype=np.int32)[None]
   exported = model.forward(*hf.load(tmp_path / "hf"), tokens)

@@ -93,7 +93,7 @@ def test_prediction_prompt_is_the_training_prefix(nlsy_dataset, tmp_path):
   import pandas as pd
 
   from data_pipeline import resume
-  from labor_jax.predict import load_history, prompt_tokens
+  from labor_jax.cli.predict import load_history, prompt_tokens
   data = DatasetDir(nlsy_dataset)
   panel, titles, tok = data.panel(), data.titles(), data.tokenizer()
   people = {k: g.reset_index(drop=True) for k, g in panel.groupby(["dataset", "person_id"], sort=False)}

@@ -45,7 +45,7 @@ def test_evaluate_writes_report_with_every_baseline(trained_run):
 
 
 def test_predict_cli(trained_run, tmp_path, capsys):
-  from labor_jax import predict
+  from labor_jax.cli import predict
   worker = {"sex": "male", "region": "the south", "birth_year": 1960,
             "history": [{"year": 1980, "education": "high school diploma", "occupation": "Service workers"},
                         {"year": 1981, "education": "high school diploma", "occupation": "6"}]}
@@ -89,7 +89,9 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_more_workers():
 def test_ensemble_of_one_run_equals_the_run_and_hf_scoring_equals_the_run(trained_run, tmp_path, nlsy_dataset):
   """The mixture of one model is that model; the same weights exported to a Hugging Face directory and
   scored with --hf on the run's dataset give the run's numbers; a dataset tokenised otherwise is refused."""
-  from labor_jax import evaluate, evaluation, export
+  from labor_jax import evaluation
+  from labor_jax.cli import evaluate
+  from labor_jax.cli import export
   m = evaluation.evaluate(trained_run, "test", tmp_path / "run_eval", career=False, bootstrap=200,
                           ensembles={"ensemble of 1": [trained_run]})
   main, ens = m["models"][evaluation.MAIN_LLM], m["models"]["ensemble of 1"]

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from data_pipeline.dataset_dir import DatasetDir
-from labor_jax import experiments
+from labor_jax.cli import experiments
 from tests.runs import ROOT
 
 

@@ -4,12 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from labor_jax import flops, labels, model, sharding, train_core
+from labor_jax import flops, labels, model, sharding
+from labor_jax.training import core as train_core
 from labor_jax.config import llama_tiny, preset
 
 
 def _xla_flops_per_token(config, b, t, trainable=None):
-  """XLA's FLOP count of one compiled train step (labor_jax.train_core), per token."""
+  """XLA's FLOP count of one compiled train step (labor_jax.training.core), per token."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   label_tree = labels.label_tree(model.param_shapes(config), trainable)
   opt = train_core.make_optimizer(label_tree, lr=1e-3)

@@ -13,7 +13,8 @@ from data_pipeline.dataset_dir import DatasetDir, build_dataset
 from data_pipeline.panel import validate
 from data_pipeline.resume import render_person
 from data_pipeline.titles import TitleTable
-from labor_jax import forecast, model, scorer, sharding
+from labor_jax import model, scorer, sharding
+from labor_jax.cli import forecast
 from labor_jax.rundir import RunDir
 from tests.runs import run_train
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from labor_jax import hf
+from labor_jax.interop import hf
 from labor_jax.config import ConfigError, llama_tiny
 from labor_jax.model import init_params
 

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from labor_jax import hf, model
+from labor_jax import model
+from labor_jax.interop import hf
 from tests.hf_fixtures import VARIANTS, hf_logits, make_hf_model, padded_batch
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from labor_jax import attention, labels, losses, model, sharding, train_core
+from labor_jax import attention, labels, losses, model, sharding
+from labor_jax.training import core as train_core
 from labor_jax.config import llama_tiny
 from tests.attention_inputs import attention_inputs, close
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from labor_jax import distributed
-from labor_jax.train_config import DistributedConfig
+from labor_jax.training.config import DistributedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "my configs/run 1.yaml"  # a space

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labor_jax import hf, labels, lora, model, sharding, train_core
+from labor_jax import labels, lora, model, sharding
+from labor_jax.interop import hf
+from labor_jax.training import core as train_core
 from labor_jax.config import llama_tiny
 
 CONFIG = llama_tiny(vocab_size=128)

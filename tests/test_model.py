@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from labor_jax import hf, model, sharding
+from labor_jax import model, sharding
+from labor_jax.interop import hf
 from labor_jax.config import llama_tiny
 
 

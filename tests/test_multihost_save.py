@@ -11,8 +11,9 @@ from safetensors.numpy import load_file
 SCRIPT = r"""
 import sys
 import jax
-from labor_jax import distributed, hf, sharding
-from labor_jax.train_config import DistributedConfig
+from labor_jax import distributed, sharding
+from labor_jax.interop import hf
+from labor_jax.training.config import DistributedConfig
 
 src, out, port, pid, scan = sys.argv[1:6]
 distributed.initialize(DistributedConfig(
@@ -36,7 +37,8 @@ def _tensors(path):
 def test_two_process_save_equals_source(tmp_path, scan):
   import jax
 
-  from labor_jax import hf, model
+  from labor_jax import model
+  from labor_jax.interop import hf
   from labor_jax.config import LlamaConfig
   config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from labor_jax import export, hf, labels, lora, model, sharding, train_config, trainer
+from labor_jax import labels, lora, model, sharding
+from labor_jax.cli import export
+from labor_jax.interop import hf
+from labor_jax.training import config as train_config
+from labor_jax.training import loop as trainer
 from labor_jax.config import ConfigError, llama_tiny
 from labor_jax.rundir import RunDir
 from tests.runs import run_train

@@ -12,7 +12,10 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
 from labor_jax import runtime
 runtime.tune_malloc()
 import jax, numpy as np
-from labor_jax import labels, model, plan, sharding, train_config, train_core
+from labor_jax import labels, model, sharding
+from labor_jax.cli import plan
+from labor_jax.training import config as train_config
+from labor_jax.training import core as train_core
 
 class MallInfo2(ctypes.Structure):  # glibc: bytes in use = uordblks (heap) + hblkhd (mmapped)
   _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -84,7 +87,7 @@ def test_verdict_and_exit_code(monkeypatch):
               "--set", "data.vocab_size=32000", "--set", "batch_size=64", "--set", "data.seq_len=1024")
   assert big.returncode == 1, big.stderr[-3000:]
   assert "does not fit" in big.stdout
-  from labor_jax import plan  # a bad mesh stops before any compile: checked in this process
+  from labor_jax.cli import plan
   for var in ("XLA_FLAGS", "JAX_PLATFORMS"):  # plan.main sets them; restored after the test
     monkeypatch.setenv(var, os.environ.get(var, ""))
   assert plan.main(["--config", "configs/demo.yaml", "--devices", "8", "--mesh", "data=3"]) == 2

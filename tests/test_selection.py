@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from labor_jax import checkpoint, evaluation, selection, validation
+from labor_jax import checkpoint, evaluation, selection
+from labor_jax.training import validation
 from labor_jax.rundir import RunDir
 from tests.runs import read_metrics, run_train
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from labor_jax import train
+from labor_jax.cli import train
 from tests.runs import final_params, read_metrics, run_train, spawn_train, train_args
 
 
@@ -121,7 +121,8 @@ def test_two_processes_match_one_and_stop_together(tmp_path, nlsy_dataset):
   same step (JAX's preemption sync point) and exit 0; resumed, the run ends where the uninterrupted one does."""
   import jax
 
-  from labor_jax import hf, model
+  from labor_jax import model
+  from labor_jax.interop import hf
   from labor_jax.config import LlamaConfig
   base = LlamaConfig(vocab_size=640, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, max_position_embeddings=128)
@@ -167,7 +168,8 @@ def test_two_processes_match_one_and_stop_together(tmp_path, nlsy_dataset):
 def test_lora_scanned_run_exports_merged_checkpoint_that_pytorch_loads(tmp_path, nlsy_dataset, torch):
   import transformers
 
-  from labor_jax import export, lora, model
+  from labor_jax import lora, model
+  from labor_jax.cli import export
   from labor_jax.rundir import RunDir
   run_dir = tmp_path / "run"
   code, out, err = run_train(run_dir, nlsy_dataset, "steps=3", "ckpt_every=3", "eval_every=3", "lora.enabled=true",
@@ -206,7 +208,8 @@ def test_keeps_latest_and_best_checkpoints(tmp_path):
 def test_mfu_is_logged_against_the_given_peak(uninterrupted):
   """Every logged step records MFU = positions/s x model FLOPs per position / peak; rows of TINY are all real
   tokens (resumes are cut at 64), so positions/s equals the logged tokens/s."""
-  from labor_jax import flops, train_config
+  from labor_jax import flops
+  from labor_jax.training import config as train_config
   from labor_jax.rundir import RunDir
   run = RunDir(uninterrupted)
   cfg = run.train_config()

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from labor_jax import labels, sharding, train_core
+from labor_jax import labels, sharding
+from labor_jax.training import core as train_core
 from labor_jax.config import llama_tiny
 
 CONFIG = llama_tiny(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,

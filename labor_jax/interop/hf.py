@@ -71,7 +71,7 @@ def hf_name(path: str) -> tuple[str, bool]:
     m = rx.match(path)
     if m:
       return hf.format(**m.groupdict()), transposed
-  raise CheckpointError(f"parameter {path} has no Hugging Face name in labor_jax.hf.KEY_MAP")
+  raise CheckpointError(f"parameter {path} has no Hugging Face name in labor_jax.interop.hf.KEY_MAP")
 
 
 def expected_tensors(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...], bool]]:

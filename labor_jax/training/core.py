@@ -6,7 +6,7 @@ get no weight gradient. The train state is created already sharded (``jax.jit`` 
 initialiser with ``out_shardings``), and the step is jitted once with explicit in/out
 shardings and the state donated.
 
-The trainer around these pieces (config, data, checkpoints, logging) is labor_jax.trainer.
+The trainer around these pieces (config, data, checkpoints, logging) is labor_jax.training.loop.
 Shape suffixes: B batch, T positions, V vocabulary, D hidden size.
 """
 

@@ -3,7 +3,7 @@
 :func:`run` prepares the data (building the embedded NLSY dataset when the config names
 none), builds the model (from scratch, from Hugging Face weights or from an earlier run;
 LoRA adapters on top), the sharded train state and the jitted steps
-(:mod:`labor_jax.train_core`), restores the newest readable checkpoint, and trains with
+(:mod:`labor_jax.training.core`), restores the newest readable checkpoint, and trains with
 progress output, metrics, TensorBoard events, validation (the token loss and, by default, the
 next-occupation perplexity that picks the best checkpoint: :mod:`labor_jax.selection`) and orbax
 checkpoints. The command line around it is ``python -m labor_jax.train``.
@@ -27,10 +27,13 @@ from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir, build_default
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import flops, hf, labels, lora, model, selection, sharding, train_core, validation
+from labor_jax import flops, labels, lora, model, selection, sharding
+from labor_jax.interop import hf
+from labor_jax.training import core as train_core
+from labor_jax.training import validation
 from labor_jax.config import ConfigError, LlamaConfig
 from labor_jax.rundir import RunDir, dataset_of
-from labor_jax.train_config import TrainConfig, check_devices, model_config
+from labor_jax.training.config import TrainConfig, check_devices, model_config
 
 
 class NonFiniteLoss(RuntimeError):

@@ -18,9 +18,10 @@ from data_pipeline import simulator
 from data_pipeline.dataset_dir import build_dataset
 from data_pipeline.panel import validate
 from data_pipeline.titles import TitleTable
-from labor_jax import train_config, trainer
+from labor_jax.training import config as train_config
+from labor_jax.training import loop as trainer
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
 STAGE1_YEARS = 8  # years per synthetic career
 

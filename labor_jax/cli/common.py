@@ -10,9 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from labor_jax import distributed, sharding, trainer
+from labor_jax import distributed, sharding
+from labor_jax.training import loop as trainer
 from labor_jax.config import ConfigError
-from labor_jax.train_config import DistributedConfig
+from labor_jax.training.config import DistributedConfig
 
 EXIT_CONFIG, EXIT_NAN = 2, 3
 

@@ -1,0 +1,76 @@
+"""``python -m labor_jax.export --run RUN --out DIR``: a trained run -> Hugging Face checkpoint.
+
+Restores the best (or ``--step``) checkpoint's parameters and writes one of:
+
+* (default) the model with LoRA adapters folded into the base weights: config.json,
+  generation_config.json, safetensors and the run's tokenizer, loadable by
+  ``transformers.AutoModelForCausalLM.from_pretrained``;
+* ``--adapter-only``: the LoRA adapters alone in PEFT's format (adapter_config.json,
+  adapter_model.safetensors), loadable by ``peft.PeftModel.from_pretrained`` on the base;
+* ``--base-only``: that base (the run's frozen weights, no adapters) as a Hugging Face
+  checkpoint with the tokenizer, for runs whose base is not already one (from scratch,
+  ``model.init_from``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+from labor_jax import labels, lora
+from labor_jax.interop import hf
+from labor_jax.config import ConfigError
+from labor_jax.rundir import RunDir
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
+  ap.add_argument("--out", required=True, help="output directory (created atomically)")
+  ap.add_argument("--step", help="checkpoint step, 'latest', or 'best' (default: lowest of the run's eval_metric)",
+                  default="best")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="tensor dtype (default: the run's)")
+  ap.add_argument("--max-shard-size", default="5GB")
+  what = ap.add_mutually_exclusive_group()
+  what.add_argument("--adapter-only", action="store_true", help="write the LoRA adapters alone, in PEFT's format")
+  what.add_argument("--base-only", action="store_true", help="write the base model without its LoRA adapters")
+  ap.add_argument("--base-model", help="adapter_config.json's base_model_name_or_path (default: the run's "
+                                       "model.hf_path; give the --base-only export's path or a hub name otherwise)")
+  args = ap.parse_args(argv)
+
+  run = RunDir(args.run)
+  try:
+    step_arg = None if args.step == "latest" else args.step if args.step == "best" else int(args.step)
+    config, params, step = run.load_model(step_arg)
+    if (args.adapter_only or args.base_only) and not config.lora_rank:
+      raise ConfigError(f"{args.run} trained without LoRA adapters: --{'adapter' if args.adapter_only else 'base'}"
+                        "-only needs a lora.enabled run")
+    if args.dtype:
+      config = config.replace(param_dtype=args.dtype)
+      params = jax.tree.map(lambda x: x.astype(config.jnp_param_dtype), params)
+    tok = run.tokenizer_dir if run.tokenizer_dir.exists() else None
+    if args.adapter_only:
+      base_name = args.base_model or run.train_config().model.hf_path
+      out = hf.save_adapter(config, params, args.out, base_model_name_or_path=base_name)
+      print(f"exported the LoRA adapters of step {step} of {args.run} (r={config.lora_rank}, "
+            f"alpha={config.lora_alpha:g}) in PEFT format to {out}; base_model_name_or_path: "
+            + (base_name or "unset (give --base-model, e.g. a --base-only export)"))
+      return 0
+    if args.base_only:
+      base = labels.split(params, labels.run_labels(params, lora=True))[1]
+      out = hf.save(lora.merged_config(config), base, args.out, tokenizer_dir=tok, max_shard_size=args.max_shard_size)
+      print(f"exported the base model of {args.run} (frozen weights, no adapters) to {out}")
+      return 0
+    merged_cfg, merged = lora.merge(config, params)
+    out = hf.save(merged_cfg, merged, args.out, tokenizer_dir=tok, max_shard_size=args.max_shard_size)
+  except (FileNotFoundError, ConfigError, hf.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"exported step {step} of {args.run}{' (LoRA merged)' if config.lora_rank else ''} to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
