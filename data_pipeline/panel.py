@@ -205,8 +205,8 @@ def entry_table(panel: pd.DataFrame) -> pd.DataFrame:
   year = p["year"].to_numpy()
   out = p.copy()
   out["t"] = t
-  out["prev_occupation"] = np.where(t >= 1, np.r_[[None], occ[:-1]], None)
-  out["prev2_occupation"] = np.where(t >= 2, np.r_[[None, None], occ[:-2]], None)
+  out["prev_occupation"] = np.where(t >= 1, np.r_[[None], occ][:len(p)], None)  # [:len]: a one-row panel
+  out["prev2_occupation"] = np.where(t >= 2, np.r_[[None, None], occ][:len(p)], None)
   out["gap"] = np.where(t >= 1, year - np.r_[year[:1], year[:-1]] - 1, 0)
   return out
 
