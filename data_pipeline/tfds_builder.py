@@ -52,7 +52,16 @@ class LaborResumes(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, rows):
     for row in rows:
-      yield f"{row['dataset']}/{row['person_id']}", row
+      yield example_key(row["dataset"], row["person_id"]), row
+
+
+def example_key(dataset: str, person_id: str) -> str:
+  """``DATASET/PERSON``, unique per worker: a dataset name holding ``/`` or ``%`` is %-escaped
+  (``a/b`` + ``c`` and ``a`` + ``b/c`` would otherwise share ``a/b/c``). Plain names keep the plain
+  key, so the example order (TFDS hashes the keys) of existing datasets does not change."""
+  if "/" in dataset or "%" in dataset:
+    dataset = dataset.replace("%", "%25").replace("/", "%2F")
+  return f"{dataset}/{person_id}"
 
 
 def write(examples: dict[str, list[dict[str, Any]]], data_dir: str | Path, description: str = "") -> Path:
