@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline.errors import PanelError
-from data_pipeline.titles import TitleTable
+from data_pipeline.titles import TitleTable, text_problem
 
 REQUIRED = ("person_id", "year", "occupation")
 OPTIONAL = ("dataset", "education", "sex", "race", "ethnicity", "region", "birth_year", "industry")
@@ -118,6 +118,14 @@ def _integer_column(df: pd.DataFrame, col: str, path, optional: bool, where=None
   return num.astype("Int64")
 
 
+def _check_text(values: pd.Series, path, col: str, where=None) -> None:
+  """Every present value of a text column can be resume text (:func:`data_pipeline.titles.text_problem`)."""
+  bad = values.map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)) and text_problem(v) is not None)
+  if bad.any():
+    i = _first_bad(bad.to_numpy(dtype=bool))
+    raise PanelError(path, text_problem(values.iloc[i]), **_at(where, i, col), value=values.iloc[i], has_value=True)
+
+
 def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
              dataset: str | None = None, where=None) -> tuple[pd.DataFrame, TitleTable]:
   """Checks a raw panel and returns (clean panel sorted by dataset/person/year, titles).
@@ -139,6 +147,7 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
     i = _first_bad(empty.to_numpy())
     raise PanelError(path, "missing value", **_at(where, i, "person_id"), value=pid.iloc[i], has_value=True)
   out["person_id"] = pid.astype(str).str.strip()
+  _check_text(out["person_id"], path, "person_id", where)
   out["year"] = _integer_column(df, "year", path, optional=False, where=where).astype(np.int64)
   if "dataset" in df.columns:
     ds = df["dataset"].where(df["dataset"].notna() & (df["dataset"].astype(str).str.strip() != ""), None)
@@ -147,6 +156,7 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
       raise PanelError(path, "missing value (and no --dataset default)", **_at(where, i, "dataset"),
                        value=df["dataset"].iloc[i], has_value=True)
     out["dataset"] = ds.fillna(dataset).astype(str).str.strip()
+    _check_text(out["dataset"], path, "dataset", where)
   else:
     out["dataset"] = dataset or Path(path).stem
   occ = df["occupation"]
@@ -155,6 +165,7 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
     i = _first_bad(occ_missing.to_numpy())
     raise PanelError(path, "missing value", **_at(where, i, "occupation"), value=occ.iloc[i], has_value=True)
   occ = occ.astype(str).str.strip()
+  _check_text(occ, path, "occupation", where)
   if titles is None:
     titles = TitleTable.numbered(occ.unique(), source=f"{path} (titles)")
     out["occupation"] = occ.map(dict(zip(titles.titles, titles.codes)))
@@ -173,6 +184,7 @@ def validate(df: pd.DataFrame, path: str | Path, titles: TitleTable | None,
     else:
       v = df[col].where(df[col].notna(), None)
       out[col] = v.map(lambda s: None if s is None or pd.isna(s) or not str(s).strip() else str(s).strip())
+      _check_text(out[col], path, col, where)
   dup = out.duplicated(["dataset", "person_id", "year"], keep="first")
   if dup.any():
     i = _first_bad(dup.to_numpy())

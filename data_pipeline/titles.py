@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -31,6 +32,21 @@ NLSY_GROUPS = {
     "Farm_Laborers_and_Foreman": (8, "Farm laborers and foremen"),
     "Service_Workers": (9, "Service workers"),
 }
+
+
+# What resume text cannot hold: a line break (a resume is one entry per line, and a title ends at the
+# newline the scorer appends to every candidate) and U+2581, SentencePiece's space mark (decoded as a space).
+_BAD_TEXT = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029\u2581]")
+
+
+def text_problem(value) -> str | None:
+  """Why ``value`` cannot be resume text (one line), or None when it can."""
+  m = _BAD_TEXT.search(str(value))
+  if m is None:
+    return None
+  if m[0] == "\u2581":
+    return "holds U+2581 (SentencePiece's space mark, which decodes as a space)"
+  return f"holds a line break ({m[0]!r}); resume text is one entry per line"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +134,8 @@ def _read_titles(f, source: str) -> TitleTable:
       raise PanelError(source, "empty code", row=i, column="code", value=code, has_value=True)
     if not title.strip():
       raise PanelError(source, "empty title", row=i, column="title", value=title, has_value=True)
+    if text_problem(title):
+      raise PanelError(source, text_problem(title), row=i, column="title", value=title, has_value=True)
   dup = df["code"].duplicated()
   if dup.any():
     i = int(dup.to_numpy().nonzero()[0][0]) + 1
