@@ -56,12 +56,28 @@ def read_table(path: str | Path) -> pd.DataFrame:
       df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
   except pd.errors.EmptyDataError:
     raise PanelError(path, "empty file") from None
+  except UnicodeDecodeError:
+    raise _not_utf8(path) from None
   except Exception as e:  # pyarrow / parser errors: report them in one line
     raise PanelError(path, f"cannot read ({e.__class__.__name__}: {e})") from None
   if df.empty:
     raise PanelError(path, "empty file (a header but no rows)")
   df.columns = [str(c).strip() for c in df.columns]
   return df
+
+
+def _not_utf8(path: Path) -> PanelError:
+  """The error for a CSV that is not UTF-8 (a latin-1 export, say), naming its first bad line."""
+  raw = path.read_bytes()
+  try:
+    raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    bad = raw[e.start:e.start + 1]
+    where = {"row": line - 1} if line > 1 else {}
+    return PanelError(path, f"not UTF-8 text (byte 0x{bad.hex()} on line {line}); save the file as UTF-8",
+                      **where)
+  return PanelError(path, "not UTF-8 text; save the file as UTF-8")
 
 
 @dataclasses.dataclass(frozen=True)
