@@ -4,6 +4,9 @@ With no arguments it builds the embedded NLSY panel (545 young men, 1980-1987). 
 ``--panel FILE:DATASET`` build one pooled dataset (one tokenizer, per-dataset splits).
 The output directory's layout is described in :mod:`data_pipeline.dataset_dir`; it
 appears atomically (nothing is written if any step fails).
+
+Exit codes: 0 built; 2 invalid input (one line on stderr naming file, row, column and value);
+3 the output could not be written (one line: what, and why, e.g. the disk is full).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import sys
 from data_pipeline import resume
 from data_pipeline.crosswalk import UNMAPPED, VINTAGES
 from data_pipeline.dataset_dir import build_dataset, format_summary, load_default
-from data_pipeline.errors import PanelError
+from data_pipeline.errors import PanelError, WriteError
 from data_pipeline.inputs import PanelInput, read_inputs
 from data_pipeline.titles import load_titles
 from data_pipeline.wide import LAYOUTS
+
+EXIT_INPUT, EXIT_WRITE = 2, 3
 
 
 def main(argv=None):
@@ -68,7 +73,13 @@ def main(argv=None):
                          seed=args.seed, vocab_size=args.vocab_size, source=source, inputs=inputs)
   except PanelError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_INPUT
+  except WriteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_WRITE
+  except OSError as e:  # creating the output's parent or temporary directory
+    print(f"error: cannot write the dataset {args.out}: {e}".replace("\n", " "), file=sys.stderr)
+    return EXIT_WRITE
   print(format_summary(info))
   print(f"wrote {args.out}")
   return 0

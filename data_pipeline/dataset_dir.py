@@ -33,6 +33,7 @@ import pandas as pd
 from etils import epath
 
 from data_pipeline import nlsy, resume, splits as split_lib, tfds_builder
+from data_pipeline.errors import WriteError, disk_full
 from data_pipeline.panel import summary, validate
 from data_pipeline.titles import TitleTable, load_titles
 from data_pipeline.tokenizer import TOKENIZER_FILES, ResumeTokenizer, train_sentencepiece
@@ -152,7 +153,14 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
     if tokenizer_dir is None:
       train_texts = [r.text for r, s in zip(resumes, person_split) if s == "train"]
       model = train_sentencepiece(train_texts, tmp.tokenizer_dir / "tokenizer", vocab_size=vocab_size)
-      tok = ResumeTokenizer.from_sentencepiece(model)
+      try:
+        tok = ResumeTokenizer.from_sentencepiece(model)
+      except RuntimeError as e:  # SentencePiece does not check its writes: a full disk leaves a truncated file
+        if "could not parse ModelProto" not in str(e):
+          raise
+        raise WriteError(f"cannot write the dataset {out} ({TOKENIZER}/{model.name}): SentencePiece left it truncated "
+                         f"at {model.stat().st_size} bytes (the disk is full or a file size limit was hit?); "
+                         "nothing was written") from None
       tok_source = f"SentencePiece BPE trained on {len(train_texts)} training resumes"
     else:
       for name in TOKENIZER_FILES:
@@ -210,8 +218,13 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
     if out.exists():
       shutil.rmtree(out)
     os.replace(tmp.path, out)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp.path, ignore_errors=True)
+    full = disk_full(e) if isinstance(e, Exception) and not isinstance(e, WriteError) else None
+    if full is not None:
+      why, file = full
+      inside = f" ({os.path.relpath(file, tmp.path)})" if file and file.startswith(str(tmp.path)) else ""
+      raise WriteError(f"cannot write the dataset {out}{inside}: {why}; nothing was written") from e
     raise
   return info
 

@@ -1,4 +1,10 @@
-"""The one error type of the data pipeline: one line naming file, row, column and value."""
+"""The data pipeline's errors, each one line: :class:`PanelError` (bad input: file, row, column,
+value) and :class:`WriteError` (an output that could not be written: a full disk, a file size limit).
+:func:`disk_full` tells the latter apart from other failures (also used for checkpoints)."""
+
+import errno
+import os
+import re
 
 
 class PanelError(ValueError):
@@ -15,3 +21,32 @@ class PanelError(ValueError):
     shown = f" (value {value!r})" if has_value else ""
     super().__init__(f"{where}: {problem}{shown}".replace("\n", " "))
     self.file, self.row, self.column, self.value = file, row, column, value
+
+
+class WriteError(OSError):
+  """An output that could not be written (the disk is full, a file size limit was hit). One line."""
+
+
+_FULL = {errno.ENOSPC: "no space left on device (the disk is full)",
+         errno.EDQUOT: "disk quota exceeded (the disk is full for this user)",
+         errno.EFBIG: "file too large (a file size limit was hit)"}
+_FULL_TEXT = {os.strerror(code).lower(): why for code, why in _FULL.items()}
+_WRITING = re.compile(r'(?:writing|file|path) "?(/[^";,\s]+)')
+
+
+def disk_full(e: BaseException) -> tuple[str, str | None] | None:
+  """(why, the file named if any) when ``e`` or an exception it was raised from says the disk is full
+  or a file size limit was hit (errno ENOSPC, EDQUOT, EFBIG, or their message inside a C++ library's
+  error, e.g. tensorstore's or array_record's); None for any other failure."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _FULL:
+      return _FULL[e.errno], e.filename
+    msg = str(e)
+    for text, why in _FULL_TEXT.items():
+      if text in msg.lower():
+        m = _WRITING.search(msg)
+        return why, m[1] if m else None
+    e = e.__cause__ or e.__context__
+  return None
