@@ -18,6 +18,10 @@ Restoring is strict (:func:`restore_latest`):
   the previous step is tried;
 * any other error (permissions, I/O, memory) propagates: nothing is moved.
 
+Saving on a full disk (or past a file size limit) raises :class:`CheckpointWriteError`, one line
+naming the step and the file: that step's partial files are removed, and the earlier steps are
+untouched, so the next run resumes from the last good one.
+
 Paths may be local or any URL orbax / etils accept (``gs://bucket/run``).
 """
 
@@ -35,6 +39,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from data_pipeline.errors import disk_full
 from labor_jax import selection
 from labor_jax.config import ConfigError
 from labor_jax.labels import path_str
@@ -48,6 +53,60 @@ _FILE_IN_MESSAGE = re.compile(r'(?:local file|file) "([^"]+)"')
 
 class CheckpointMismatch(ConfigError):
   """A checkpoint that holds another model or state than the run builds (exit code 2)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint step that could not be written because the disk is full or a file size limit was hit
+  (one line); its partial files were removed and the earlier steps kept."""
+
+
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager; a save that fails for lack of space (synchronously, or in the background and
+  reported by the next ``save`` or ``wait_until_finished``) raises :class:`CheckpointWriteError`
+  after removing that step's partial files."""
+
+  _pending: int | None = None  # the step whose background save may still fail
+
+  def save(self, step, *args, **kwargs):
+    try:
+      out = super().save(step, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - anything but a full disk is re-raised as it is
+      self._raise_if_full(e, step)
+      raise
+    self._pending = step
+    return out
+
+  def wait_until_finished(self):
+    try:
+      super().wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._raise_if_full(e, self._pending)
+      raise
+
+  def _raise_if_full(self, e: Exception, step: int | None) -> None:
+    full = disk_full(e)
+    if full is None:
+      return
+    why, file = full
+    root = epath.Path(self.directory)
+    failed = sorted(s for s in {self._pending, step} if s is not None and not (root / str(s) / COMMIT_MARKER).exists())
+    if jax.process_index() == 0:
+      for s in failed:
+        for leftover in [root / str(s), *root.glob(f"{s}.orbax-checkpoint-tmp*")]:
+          if leftover.exists():
+            leftover.rmtree()
+    self._pending = None
+    try:
+      self.reload()
+      kept = self.latest_step()
+    except Exception:  # noqa: BLE001 - the report below matters more than the listing
+      kept = None
+    s = failed[0] if failed else step
+    named = f" ({file})" if file else ""
+    after = (f"step {kept} is kept: free space and rerun to resume from it" if kept is not None
+             else "no earlier step exists")
+    raise CheckpointWriteError(f"cannot write checkpoint step {s} in {root}{named}: {why}; its partial files "
+                               f"were removed, {after}") from e
 
 
 def as_path(path) -> epath.Path:
@@ -69,7 +128,7 @@ def manager(directory, keep: int, async_save: bool = True,
   # best_fn makes orbax store each step's metrics.
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
                                          cleanup_tmp_directories=True, best_fn=get, best_mode="min")
-  return ocp.CheckpointManager(as_path(directory), options=options, item_handlers=_handlers())
+  return _Manager(as_path(directory), options=options, item_handlers=_handlers())
 
 
 def _handlers() -> dict:

@@ -10,16 +10,18 @@ from typing import Callable
 
 import numpy as np
 
+from labor_jax import checkpoint as ckpt_lib
 from labor_jax import distributed, sharding
 from labor_jax.training import loop as trainer
 from labor_jax.config import ConfigError
 from labor_jax.training.config import DistributedConfig
 
-EXIT_CONFIG, EXIT_NAN = 2, 3
+EXIT_CONFIG, EXIT_NAN, EXIT_WRITE = 2, 3, 4
 
 
 def run_training(fn: Callable[[], object]) -> int:
-  """Calls ``fn``: exit 0, or a bad config's one line and 2, or a non-finite loss's one line and 3."""
+  """Calls ``fn``: exit 0, or a bad config's one line and 2, or a non-finite loss's one line and 3, or a
+  checkpoint that could not be written (full disk) one line and 4."""
   try:
     fn()
   except ConfigError as e:
@@ -28,6 +30,9 @@ def run_training(fn: Callable[[], object]) -> int:
   except trainer.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_NAN
+  except ckpt_lib.CheckpointWriteError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return EXIT_WRITE
   return 0
 
 

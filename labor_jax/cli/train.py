@@ -7,7 +7,9 @@ Re-running the same command resumes from the newest readable checkpoint. SIGTERM
 checkpoint and exits 0.
 
 Exit codes: 0 done (or stopped by SIGTERM after saving), 2 configuration error (one line
-on stderr, before anything compiles), 3 non-finite loss (the last good checkpoint is kept).
+on stderr, before anything compiles), 3 non-finite loss (the last good checkpoint is kept), 4 a
+checkpoint could not be written, the disk being full (one line; the step's partial files are removed
+and re-running resumes from the last good step).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from labor_jax.cli import common as cli
 from labor_jax.training import config as train_config
 from labor_jax.training import loop as trainer
 
-EXIT_CONFIG, EXIT_NAN = cli.EXIT_CONFIG, cli.EXIT_NAN
+EXIT_CONFIG, EXIT_NAN, EXIT_WRITE = cli.EXIT_CONFIG, cli.EXIT_NAN, cli.EXIT_WRITE
 
 
 def main(argv=None) -> int:
