@@ -33,7 +33,7 @@ import pandas as pd
 from etils import epath
 
 from data_pipeline import nlsy, resume, splits as split_lib, tfds_builder
-from data_pipeline.errors import WriteError, disk_full
+from data_pipeline.errors import PanelError, WriteError, disk_full
 from data_pipeline.panel import summary, validate
 from data_pipeline.titles import TitleTable, load_titles
 from data_pipeline.tokenizer import TOKENIZER_FILES, ResumeTokenizer, train_sentencepiece
@@ -152,6 +152,10 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
     tmp.tokenizer_dir.mkdir()
     if tokenizer_dir is None:
       train_texts = [r.text for r, s in zip(resumes, person_split) if s == "train"]
+      if not train_texts:  # SentencePiece stops with "[!sentences_.empty()]"
+        raise PanelError(source or "panel", f"none of the {len(resumes)} workers is in the training split (seed "
+                         f"{seed}), and the tokenizer is trained on training resumes: give more workers, another "
+                         "--seed, or --tokenizer-dir")
       model = train_sentencepiece(train_texts, tmp.tokenizer_dir / "tokenizer", vocab_size=vocab_size)
       try:
         tok = ResumeTokenizer.from_sentencepiece(model)
