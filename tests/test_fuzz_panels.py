@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
 from data_pipeline import build, resume, splits
 from data_pipeline.dataset_dir import DatasetDir
@@ -44,8 +44,8 @@ DEFECTS = ("missing_column", "bad_year", "huge_year", "negative_year", "nan_year
 
 
 @st.composite
-def panels(draw):
-  """(rows, columns, file format, defect or None, the row (from 1) the defect is on, its column)."""
+def panels(draw, defect=None):
+  """(rows, columns, file format, ``defect`` (None: a valid panel), the row (from 1) it is on, its column)."""
   n_people = draw(st.integers(1, 5))
   pids = draw(st.lists(_text(6), min_size=n_people, max_size=n_people, unique_by=str.strip))
   titles = draw(st.lists(_text(), min_size=1, max_size=5))
@@ -67,7 +67,6 @@ def panels(draw):
   rows = draw(st.permutations(rows))  # unsorted, as files often are
   rows = [dict(r) for r in rows]
   fmt = draw(st.sampled_from(["utf-8", "utf-8-sig", "parquet"]))
-  defect = draw(st.one_of(st.none(), st.none(), st.sampled_from(DEFECTS)))
   at, column = None, None
   if defect is not None:
     i = draw(st.integers(0, len(rows) - 1))
@@ -197,15 +196,11 @@ def check_promises(tok: ResumeTokenizer, r: resume.Resume, ids=None):
     assert list(tok.encode_resume(r.history(t + 1)).ids)[:s] == full[:s]
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # large panels by design
-@given(panels())
-@example(([{"person_id": "1", "year": "1980", "occupation": "Cook"}], ["person_id", "year", "occupation"],
-          "utf-8", None, None, None))  # one person-year: crashed entry_table
-@example(([{"person_id": "b/c", "year": "1980", "occupation": "Cook", "dataset": "a"},
-           {"person_id": "c", "year": "1980", "occupation": "Cook", "dataset": "a/b"}],
-          ["person_id", "year", "occupation", "dataset"], "utf-8", None, None, None))  # one TFDS key for two
-def test_fuzzed_panel_builds_and_round_trips_or_stops_with_one_line(tmp_path_factory, case):
+_FUZZ = dict(deadline=None, derandomize=True, database=None,
+             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # big panels by design
+
+
+def _run(tmp_path_factory, case):
   rows, columns, fmt, defect, at, column = case
   tmp = tmp_path_factory.mktemp("fuzz")
   path = _write(tmp / "panel", rows, columns, fmt)
@@ -216,24 +211,48 @@ def test_fuzzed_panel_builds_and_round_trips_or_stops_with_one_line(tmp_path_fac
   code, err = _build(["--panel", str(path), "--out", str(out), "--vocab-size", "1000"])
   leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(".out.")]
   assert not leftovers, leftovers
-  if defect is None and "none of the" in err:  # a valid panel whose few workers all landed in validation/test
+  return path, out, code, err
+
+
+@settings(max_examples=25, **_FUZZ)
+@given(panels())
+@example(([{"person_id": "1", "year": "1980", "occupation": "Cook"}], ["person_id", "year", "occupation"],
+          "utf-8", None, None, None))  # one person-year: crashed entry_table
+@example(([{"person_id": "b/c", "year": "1980", "occupation": "Cook", "dataset": "a"},
+           {"person_id": "c", "year": "1980", "occupation": "Cook", "dataset": "a/b"}],
+          ["person_id", "year", "occupation", "dataset"], "utf-8", None, None, None))  # one TFDS key for two
+def test_fuzzed_panel_builds_and_round_trips(tmp_path_factory, case):
+  rows, _, fmt, *_ = case
+  event(f"format: {fmt}")
+  path, out, code, err = _run(tmp_path_factory, case)
+  if "none of the" in err:  # a valid panel whose few workers all landed in validation/test
+    event("no training worker")
     people = pd.DataFrame([{"dataset": (r.get("dataset") or "panel").strip(), "person_id": r["person_id"].strip()}
                            for r in rows])
     assert "train" not in set(splits.assign(people, 0)), err
     assert code == build.EXIT_INPUT and err.count("\n") == 1 and "--tokenizer-dir" in err and not out.exists()
     return
-  if defect is None:
-    assert code == 0, err
-    check_round_trip(out, rows, "panel")
-    return
-  assert code == build.EXIT_INPUT, f"{defect}: exit {code}, stderr {err!r}"
-  assert err.count("\n") == 1 and err.startswith(f"error: {path}"), err
-  if at is not None:
-    assert f"row {at}" in err, err
-  if column is not None:
-    assert f"'{column}'" in err, err
-  assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
-  assert (out / "summary.json").read_text() == "{}"
+  assert code == 0, err
+  check_round_trip(out, rows, "panel")
+
+
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_fuzzed_defect_stops_with_one_line_and_writes_nothing(tmp_path_factory, defect):
+  @settings(max_examples=4, **_FUZZ)
+  @given(panels(defect))
+  def probe(case):
+    _, _, fmt, _, at, column = case
+    event(f"format: {fmt}")
+    path, out, code, err = _run(tmp_path_factory, case)
+    assert code == build.EXIT_INPUT, f"{defect}: exit {code}, stderr {err!r}"
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}"), err
+    if at is not None:
+      assert f"row {at}" in err, err
+    if column is not None:
+      assert f"'{column}'" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]
+    assert (out / "summary.json").read_text() == "{}"
+  probe()
 
 
 def test_command_line_stops_a_latin1_panel_with_one_line(tmp_path):
