@@ -201,7 +201,7 @@ _FUZZ = dict(deadline=None, derandomize=True, database=None,
 
 
 def _run(tmp_path_factory, case):
-  rows, columns, fmt, defect, at, column = case
+  rows, columns, fmt, defect, *_ = case
   tmp = tmp_path_factory.mktemp("fuzz")
   path = _write(tmp / "panel", rows, columns, fmt)
   out = tmp / "out"
@@ -224,7 +224,7 @@ def _run(tmp_path_factory, case):
 def test_fuzzed_panel_builds_and_round_trips(tmp_path_factory, case):
   rows, _, fmt, *_ = case
   event(f"format: {fmt}")
-  path, out, code, err = _run(tmp_path_factory, case)
+  _, out, code, err = _run(tmp_path_factory, case)
   if "none of the" in err:  # a valid panel whose few workers all landed in validation/test
     event("no training worker")
     people = pd.DataFrame([{"dataset": (r.get("dataset") or "panel").strip(), "person_id": r["person_id"].strip()}
@@ -337,4 +337,4 @@ def test_every_probe_in_docs_names_a_test_that_exists():
   assert len(named) >= 6
   for file, test in named:
     source = (ROOT / file).read_text()
-    assert re.search(rf"^def {test}\(", source, re.M), f"docs/probes.md names {file}::{test}, which does not exist"
+    assert re.search(rf"^def {test}\(", source, re.MULTILINE), f"docs/probes.md names {file}::{test}, which does not exist"
