@@ -76,7 +76,8 @@ def logical_to_mesh(spec: Sequence[str | None], rules: Rules = DEFAULT_RULES,
   return PartitionSpec(*out)
 
 
-def _axis_size(mesh: Mesh, target) -> int:
+def axis_size(mesh: Mesh, target) -> int:
+  """Devices along ``target``: a mesh axis name, a tuple of them, or None (1)."""
   if target is None:
     return 1
   return int(np.prod([mesh.shape[a] for a in (target if isinstance(target, tuple) else (target,))]))
@@ -87,7 +88,7 @@ def sharding_for(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh
   """NamedSharding for one array; checks that each sharded dimension divides evenly."""
   spec = logical_to_mesh(logical, rules, what)
   for dim, target in zip(shape, spec):
-    size = _axis_size(mesh, target)
+    size = axis_size(mesh, target)
     if dim % size:
       raise ShardingError(f"{what}: dimension {dim} is not divisible by mesh axes {target!r} of size {size}")
   return NamedSharding(mesh, spec)

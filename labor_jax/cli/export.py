@@ -20,7 +20,7 @@ import sys
 import jax
 
 from labor_jax import labels, lora
-from labor_jax.interop import hf
+from labor_jax.interop import hf, peft
 from labor_jax.config import ConfigError
 from labor_jax.rundir import RunDir
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     tok = run.tokenizer_dir if run.tokenizer_dir.exists() else None
     if args.adapter_only:
       base_name = args.base_model or run.train_config().model.hf_path
-      out = hf.save_adapter(config, params, args.out, base_model_name_or_path=base_name)
+      out = peft.save_adapter(config, params, args.out, base_model_name_or_path=base_name)
       print(f"exported the LoRA adapters of step {step} of {args.run} (r={config.lora_rank}, "
             f"alpha={config.lora_alpha:g}) in PEFT format to {out}; base_model_name_or_path: "
             + (base_name or "unset (give --base-model, e.g. a --base-only export)"))
