@@ -50,9 +50,15 @@ class ResumeTokenizer:
     path = Path(path)
     cfg = {}
     if (path / "tokenizer_config.json").exists():
-      cfg = json.loads((path / "tokenizer_config.json").read_text())
+      try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PanelError(path / "tokenizer_config.json", f"cannot read the tokenizer config ({e})") from None
     if (path / "tokenizer.json").exists():
-      tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+      try:
+        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+      except Exception as e:  # the tokenizers library raises plain Exceptions for files it cannot parse
+        raise PanelError(path / "tokenizer.json", f"not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
 
       def tid(name):
         v = cfg.get(name)
@@ -67,7 +73,10 @@ class ResumeTokenizer:
 
   @classmethod
   def from_sentencepiece(cls, model_file: str | Path) -> "ResumeTokenizer":
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    try:
+      sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as e:
+      raise PanelError(model_file, f"not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
     opt = lambda i: i if i >= 0 else None  # noqa: E731
     pad = sp.pad_id() if sp.pad_id() >= 0 else max(sp.eos_id(), 0)
     return cls(sp, opt(sp.bos_id()), opt(sp.eos_id()), pad, str(model_file))

@@ -31,6 +31,7 @@ from data_pipeline.dataset_dir import DatasetDir
 from labor_jax import baselines as bl
 from labor_jax import inference, report
 from labor_jax.config import ConfigError
+from labor_jax.fileio import atomic_dir
 from labor_jax.career import CareerBaseline
 from labor_jax.metrics import bootstrap_intervals, model_metrics, perplexity, true_logp, worker_keys
 from labor_jax.rundir import RunDir
@@ -108,8 +109,6 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
       raise ConfigError(f"{model}: name an output directory (--out) for a Hugging Face model")
     out_dir = run.eval_dir(split)
   out_dir = Path(out_dir)
-  if writer:
-    out_dir.mkdir(parents=True, exist_ok=True)
   titles = data.titles()
   panel = data.panel()
   table = bl.transition_table(panel, titles.index)
@@ -157,7 +156,8 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
       metrics["models"][name].update(ci)
   metrics["labour_force_task"] = "not available: the panel records employed person-years only"
   if writer:
-    write_report(out_dir, metrics, probs, test, titles, data.summary)
+    with atomic_dir(out_dir) as tmp:  # the directory appears whole; a failure or a second writer leaves no mix
+      write_report(tmp, metrics, probs, test, titles, data.summary)
   return metrics
 
 

@@ -15,12 +15,10 @@ shards of a large export, ``transformers`` writes ``config.json`` and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +32,7 @@ from safetensors.numpy import save_file
 
 from data_pipeline.tokenizer import TOKENIZER_FILES
 from labor_jax import model
+from labor_jax.fileio import atomic_dir
 from labor_jax import sharding as shard_lib
 from labor_jax.config import LlamaConfig
 
@@ -296,22 +295,3 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
       if not copied:
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
   return path
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path, writer: bool = True) -> Iterator[Path | None]:
-  """A temporary sibling of ``path`` that replaces ``path`` when the block ends without error
-  (and is removed when it raises). Yields None on processes that do not write."""
-  if not writer:
-    yield None
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-  try:
-    yield tmp
-    if path.exists():
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise

@@ -25,7 +25,8 @@ from safetensors.numpy import save_file
 from labor_jax import labels, model
 from labor_jax import sharding as shard_lib
 from labor_jax.config import ConfigError, LlamaConfig
-from labor_jax.interop.hf import CheckpointError, atomic_dir, check_names, expected_tensors, hf_name
+from labor_jax.fileio import atomic_dir
+from labor_jax.interop.hf import CheckpointError, check_names, expected_tensors, hf_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
