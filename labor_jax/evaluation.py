@@ -77,6 +77,20 @@ def score_transitions(source: str | Path, data: DatasetDir, table: pd.DataFrame,
   return np.stack(merged["llm_norm"].to_numpy()), np.stack(merged["llm_raw"].to_numpy()), what
 
 
+def transitions_of(data: DatasetDir, datasets: list[str]) -> pd.DataFrame:
+  """The test split's transitions of the surveys ``datasets`` (the order is the panel's)."""
+  t = bl.transition_table(data.panel(), data.titles().index)
+  return t[(t["split"] == "test") & t["dataset"].isin(datasets)].reset_index(drop=True)
+
+
+def check_same_transitions(ref: pd.DataFrame, table: pd.DataFrame, what: str) -> None:
+  """Stops unless ``table`` holds the transitions of ``ref`` (same workers, years, occupations)."""
+  cols = ["dataset", "person_id", "year", "t", "occ", "prev", "gap"]
+  if len(table) != len(ref) or not table[cols].equals(ref[cols]):
+    raise RuntimeError(f"{what}: its test split holds other transitions than the main dataset's ({len(table)} vs "
+                       f"{len(ref)}); the paired comparison needs the same workers")
+
+
 def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
              data: str | Path | DatasetDir | None = None, adapter: str | Path | None = None, career: bool = True,
              extra_llms: dict | None = None, ensembles: dict | None = None, log=print,

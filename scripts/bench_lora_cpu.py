@@ -126,11 +126,11 @@ def torch_scores(model, examples, candidates):
         prefix = torch.from_numpy(np.asarray(e["tokens"][:start], np.int64))[None]
         o = model(input_ids=prefix, use_cache=True)
         first = torch.log_softmax(o.logits[0, -1].float(), -1)[cand[:, 0]]
-        cache = o.past_key_values
+        cache = o.cache if getattr(o, "cache", None) is not None else o.past_key_values
         cache.batch_repeat_interleave(j)
         mask = torch.cat([torch.ones((j, prefix.shape[1]), dtype=torch.long), cmask[:, :-1]], dim=1)
         pos = torch.arange(prefix.shape[1], prefix.shape[1] + c - 1)[None].expand(j, -1)
-        lo = model(input_ids=cand[:, :-1], attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+        lo = model(input_ids=cand[:, :-1], attention_mask=mask, position_ids=pos, cache=cache).logits
         logp = torch.log_softmax(lo.float(), -1).gather(-1, cand[:, 1:, None])[..., 0]
         rest = (logp * cmask[:, 1:]).sum(-1)
         rows.append((first + rest).numpy())

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from data_pipeline.dataset_dir import DatasetDir
+from labor_jax import evaluation
 from labor_jax.cli import experiments
 from tests.runs import ROOT
 
@@ -64,12 +65,12 @@ def test_quick_differences_are_paired_log_perplexities(quick):
 def test_transitions_must_match(quick):
   out, _ = quick
   main = DatasetDir(out / "data")
-  ref = experiments.transitions_of(main, main.datasets)
-  pooled = experiments.transitions_of(DatasetDir(out / "data_pooled"), main.datasets)
-  experiments.check_same_transitions(ref, pooled, "pooled")  # NLSY's workers keep their split when pooled
+  ref = evaluation.transitions_of(main, main.datasets)
+  pooled = evaluation.transitions_of(DatasetDir(out / "data_pooled"), main.datasets)
+  evaluation.check_same_transitions(ref, pooled, "pooled")  # NLSY's workers keep their split when pooled
   with pytest.raises(RuntimeError, match="other transitions"):
-    experiments.check_same_transitions(ref, ref.iloc[1:].reset_index(drop=True), "one transition short")
+    evaluation.check_same_transitions(ref, ref.iloc[1:].reset_index(drop=True), "one transition short")
   moved = ref.copy()
   moved.loc[0, "occ"] = (moved.loc[0, "occ"] + 1) % 9
   with pytest.raises(RuntimeError, match="other transitions"):
-    experiments.check_same_transitions(ref, moved, "another occupation")
+    evaluation.check_same_transitions(ref, moved, "another occupation")

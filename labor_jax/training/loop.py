@@ -24,7 +24,7 @@ from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir, build_default
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import labels, lora, model, selection, sharding
+from labor_jax import inference, labels, lora, model, selection, sharding
 from labor_jax.interop import hf, peft
 from labor_jax.training import core as train_core
 from labor_jax.training import hooks as hooks_lib
@@ -74,7 +74,7 @@ def model_config_of(cfg: TrainConfig, tok: ResumeTokenizer) -> LlamaConfig:
     base = lora.merged_config(RunDir(m.init_from).model_config())
     config, source, hint = model_config(cfg, base), "model.init_from", ""
   elif m.hf_path:
-    config = model_config(cfg, LlamaConfig.from_hf_file(f"{m.hf_path}/config.json"))
+    config = model_config(cfg, LlamaConfig.from_hf_file(inference.hf_dir(m.hf_path) / "config.json"))
     source, hint = "model.hf_path", f"; build the dataset with --tokenizer-dir {m.hf_path}"
   else:
     return model_config(cfg, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -93,7 +93,7 @@ def initial_params(cfg: TrainConfig, config: LlamaConfig, mesh, rng):
     params = lora.merge(base_cfg, params)[1]
     print(f"initialised from {m.init_from} (step {step})", flush=True)
   elif m.hf_path:
-    params = hf.load_params(m.hf_path, base, mesh=mesh)
+    params = hf.load_params(inference.hf_dir(m.hf_path), base, mesh=mesh)  # a .gguf file is converted once
   elif config.lora_rank:  # a random base for the adapters, born sharded
     params = jax.jit(lambda r: model.init_params(base, r), out_shardings=model.param_shardings(base, mesh))(
         jax.random.fold_in(rng, 1))
