@@ -214,10 +214,8 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
 
   Full [.., V] logits are only formed at the T title positions of each resume and, for the
   log-normaliser of each tree node, LOGITS_PER_CHUNK at a time; the candidates' own tokens
-  are scored as E distinct (node, token) dot products. Measured on a 20M-parameter model
-  (V = 32,000; 8 workers x 8 steps x 330 random titles, 848 tree nodes, chunk 2): XLA's
-  temporary memory 0.38 GiB against 1.83 GiB when every node's logits were formed, and
-  4.71 against 5.43 s on 2 CPU cores. At the benchmark's tiny vocabulary it is about 9% slower.
+  are scored as E distinct (node, token) dot products: far less temporary memory than forming
+  every node's logits at a large vocabulary (figures in docs/benchmarks.md).
   """
   tokens_BN = jnp.asarray(tokens_BN)
   b, n = tokens_BN.shape

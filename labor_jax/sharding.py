@@ -117,9 +117,8 @@ def scoring_mesh(spec: str | None, param_bytes: int, devices=None, device_bytes:
   """The mesh for inference: ``spec`` ("data=N,fsdp=M,tensor=K") when given; otherwise every device
   on ``data`` when the parameters take at most a quarter of one device's memory (``device_bytes``, by
   default what the runtime reports; unknown on the CPU: assumed to fit), else every device on ``fsdp``.
-  A quarter leaves room for the scorer's caches and tree pass: in the scoring plans Llama-2-7B
-  (12.6 GiB) fits one 80 GB device with 16 workers a batch, Llama-2-13B (24.2 GiB) does not, and on
-  8 devices with ``fsdp`` it takes 26.8 GiB a device."""
+  A quarter leaves room for the scorer's caches and tree pass (the scoring plans of Llama-2-7B and
+  13B that set it are in docs/training.md)."""
   devices = jax.devices() if devices is None else list(devices)
   if spec:
     return make_mesh(**parse_mesh(spec), devices=devices)
