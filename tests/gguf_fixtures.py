@@ -1,4 +1,4 @@
-"""Tiny random GGUF files written with gguf.GGUFWriter (no downloads), and a truncated copy of a real one."""
+"""Tiny random GGUF files written with gguf.GGUFWriter (no downloads)."""
 
 from __future__ import annotations
 
@@ -118,26 +118,3 @@ def write_tiny(path: Path, vocab: dict, *, kv_heads: int = 2, tied: bool = True,
   w.close()
   return path
 
-
-def truncate_layers(src: Path, dst: Path, layers: int) -> Path:
-  """A copy of the GGUF ``src`` keeping its metadata (block_count set to ``layers``) and the raw,
-  still quantised tensors of the first ``layers`` blocks."""
-  import gguf
-  r = gguf.GGUFReader(src)
-  arch = r.fields["general.architecture"].contents()
-  w = gguf.GGUFWriter(str(dst), arch)
-  for key, f in r.fields.items():
-    if key.startswith("GGUF.") or key == "general.architecture":
-      continue
-    value = layers if key == f"{arch}.block_count" else f.contents()
-    sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-    w.add_key_value(key, value, f.types[0], sub_type=sub)
-  for t in r.tensors:
-    if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= layers:
-      continue
-    w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return dst
