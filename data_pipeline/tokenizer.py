@@ -162,9 +162,9 @@ class ResumeTokenizer:
     text = self.decode(ids[start:end])
     if text != resume.text:
       at = next((i for i, (a, b) in enumerate(zip(text, resume.text)) if a != b), min(len(text), len(resume.text)))
-      raise TokenizerError(f"{self.source}: resume {resume.person_id} does not decode back to its text (first difference "
-                       f"at character {at}: {resume.text[at:at + 20]!r} came back as {text[at:at + 20]!r}); "
-                       "this tokenizer cannot give resume entry boundaries")
+      raise TokenizerError(f"{self.source}: resume {resume.person_id} does not decode back to its text "
+                           f"(first difference at character {at}: {resume.text[at:at + 20]!r} came back as "
+                           f"{text[at:at + 20]!r}); this tokenizer cannot give resume entry boundaries")
 
   def candidate_tokens(self, candidates: Iterable[str]) -> list[list[int]]:
     """Each candidate title's tokens followed by the entry terminator (a newline)."""

@@ -24,7 +24,8 @@ def gpt2_vocab() -> dict:
   from tokenizers import models, pre_tokenizers, trainers
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+  specials = ["<|begin_of_text|>", "<|end_of_text|>"]
+  tok.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   model = json.loads(tok.to_str())["model"]
   tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]

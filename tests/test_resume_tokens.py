@@ -94,6 +94,22 @@ def test_a_normalizing_tokenizer_is_refused_in_one_line(sim, tmp_path):
     ResumeTokenizer.from_dir(tmp_path)
 
 
+def test_build_check_refuses_a_tokenizer_that_changes_resume_text(sim, bpe_tokenizer, tmp_path):
+  import tokenizers
+  from tokenizers import normalizers
+  from data_pipeline.tokenizer import TokenizerError
+  _, _, resumes = sim
+  tok = tokenizers.Tokenizer.from_str(bpe_tokenizer.backend.to_str())
+  tok.normalizer = normalizers.Replace("history", "story")  # not in the sentinel probes' text: passes them
+  tok.save(str(tmp_path / "tokenizer.json"))
+  rt = ResumeTokenizer.from_dir(tmp_path)
+  r = resumes[0]
+  with pytest.raises(TokenizerError, match=rf"resume {r.person_id} does not decode back to its text \(first "
+                                           r"difference at character \d+: 'history.*' came back as 'story.*'\); "
+                                           r"this tokenizer cannot give resume entry boundaries$"):
+    rt.verify(r, rt.encode_resume(r))
+
+
 def test_template_example(sim):
   _, titles, resumes = sim
   text = resumes[0].text

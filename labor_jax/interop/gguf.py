@@ -10,9 +10,10 @@ The config comes from the ``{arch}.*`` metadata and the tokenizer from ``tokeniz
 (:mod:`data_pipeline.gguf_tokenizer`). Tied embeddings stay tied: a file without
 ``output.weight`` gets no ``lm_head.weight`` and ``tie_word_embeddings: true``.
 
-Memory: the file is memory-mapped and tensors are dequantised and written one at a time into
-a safetensors file whose header is written first, so host memory holds one tensor (plus the
-mapped pages of the file), never a second copy of the model. Nothing here imports PyTorch.
+Memory: the file is memory-mapped and tensors are dequantised and written in blocks of rows
+(a query/key matrix whole) into a safetensors file whose header is written first, so host memory
+holds a few MiB of float32 (plus the mapped pages of the file), never a copy of the model.
+Nothing here imports PyTorch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import struct
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -59,6 +60,7 @@ TENSOR_MAP = (
 _PATTERNS = [(re.compile(re.escape(g).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), h, p) for g, h, p in TENSOR_MAP]
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HASHED_BYTES = 4 << 20  # bytes of a file hashed into its cache key (with its size and mtime)
+_CHUNK_VALUES = 1 << 22  # values dequantised and written at a time (rows of one tensor): 16 MiB of float32
 
 
 def smollm2_path() -> Path:
@@ -151,8 +153,9 @@ def unpermute(w_RC: np.ndarray, heads: int) -> np.ndarray:
   return w_RC.reshape(heads, rows // heads // 2, 2, *w_RC.shape[1:]).swapaxes(1, 2).reshape(w_RC.shape)
 
 
-def _plan(reader, cfg: dict) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray], str]]:
-  """(HF name, HF shape, dequantiser, GGUF type) per tensor, after checking every name, type and shape."""
+def _plan(reader, cfg: dict) -> list[tuple[str, tuple[int, ...], Callable[[], Iterator[np.ndarray]], str]]:
+  """(HF name, HF shape, dequantiser, GGUF type) per tensor, after checking every name, type and shape.
+  A dequantiser yields the float32 tensor in row blocks of about ``_CHUNK_VALUES`` values."""
   from gguf import quants  # noqa: PLC0415 (the reader module imported it already)
 
   src = reader.source
@@ -176,8 +179,13 @@ def _plan(reader, cfg: dict) -> list[tuple[str, tuple[int, ...], Callable[[], np
     heads = {"q": cfg["num_attention_heads"], "k": cfg["num_key_value_heads"], None: 0}[permuted]
 
     def load(t=t, shape=shape, heads=heads):
-      arr = quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
-      return unpermute(arr, heads) if heads else arr
+      if heads:  # the permutation mixes rows within a head: dequantise the (small) q/k matrix whole
+        yield unpermute(quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False), heads)
+        return
+      step = max(1, _CHUNK_VALUES // int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else shape[0]
+      for r in range(0, shape[0], step):
+        block = quants.dequantize(t.data[r:r + step], t.tensor_type)
+        yield block.reshape(-1, *shape[1:]).astype(np.float32, copy=False)
     plan.append((name, shape, load, kind))
     seen.add(name)
   missing = [n for n in expected if n not in seen]
@@ -199,11 +207,14 @@ def _write_safetensors(path: Path, plan) -> None:
   blob += b" " * (-len(blob) % 8)
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)) + blob)
-    for _, shape, load, _ in plan:
-      arr = np.ascontiguousarray(load(), dtype=np.float32)
-      assert arr.shape == shape, (arr.shape, shape)
-      f.write(memoryview(arr).cast("B"))
-      del arr
+    for name, shape, load, _ in plan:
+      rows = 0
+      for chunk in load():
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        assert chunk.shape[1:] == shape[1:], (name, chunk.shape, shape)
+        f.write(memoryview(chunk).cast("B"))
+        rows += chunk.shape[0]
+      assert rows == shape[0], (name, rows, shape)
 
 
 def convert(path: str | os.PathLike, out: str | os.PathLike) -> dict:
