@@ -84,8 +84,9 @@ def test_smollm2_logits_match_transformers_gguf_load(smollm2, smollm2_logits, to
   tokens, ref_model, config, params = smollm2_logits
   ref = _logits(torch, ref_model, tokens)
   ours = np.asarray(model.forward(config, params, tokens))
-  # 30 float32 layers: measured 4.1e-4 on logits up to ~36 (transformers itself is 1e-4 from float64).
-  assert np.abs(ours - ref).max() <= 1e-3
+  # Measured 6.5e-5 here (logits up to 31; AMD EPYC, 2026-12-04). Arbitrary ids (arange * 997) give up to
+  # 4.1e-4 on logits up to 36, where transformers' own float32 run is 1.0e-4 from float64 and ours 3.1e-4.
+  assert np.abs(ours - ref).max() <= 1e-4
   assert (ours.argmax(-1) == ref.argmax(-1)).all()
   import transformers
   ours_in_torch = transformers.AutoModelForCausalLM.from_pretrained(smollm2[1], dtype=torch.float32).eval()
