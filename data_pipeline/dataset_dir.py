@@ -8,7 +8,8 @@ then renamed; nothing is left if any step fails)::
     lengths.npz           per split: tokens per resume and where each entry ends (truncation checks)
     panel.parquet         the validated panel with a `split` column (for the baselines)
     titles.csv            code,title in candidate order
-    tokenizer/            tokenizer.model (trained here) or the model's tokenizer files
+    tokenizer/            tokenizer.model (trained here), the model's tokenizer files, or tokenizer.json +
+                          tokenizer_config.json rebuilt from a .gguf file's metadata
     labor_resumes/1.0.0/  the TFDS dataset (array_record), one example per worker
 
 Everything that reads a dataset (the trainer, evaluation, prediction, the loader) goes
