@@ -92,6 +92,8 @@ class ResumeTokenizer:
         v = v.get("content") if isinstance(v, dict) else v
         return tok.token_to_id(v) if v else None
       bos, eos = tid("bos_token"), tid("eos_token")
+      if cfg.get("add_bos_token") is False:  # the tokenizer's own choice (SmolLM2's): no BOS before a text
+        bos = None
       pad = tid("pad_token")
       return cls(tok, bos, eos, pad if pad is not None else (eos or 0), str(path / "tokenizer.json"))
     if (path / "tokenizer.model").exists():

@@ -15,6 +15,7 @@ COMMANDS = {  # command -> what it does (its module is labor_jax.cli.<command>)
     "predict": "top-k next occupations of one worker",
     "forecast": "sample future career paths",
     "export": "a run as a Hugging Face checkpoint or a PEFT adapter",
+    "gguf": "a GGUF file as a Hugging Face directory",
     "plan": "will a run fit on a chip? compiled ahead of time on fake devices",
     "experiments": "the paper's ablations in one command",
     "main": "the main job on the embedded NLSY data",

@@ -33,7 +33,8 @@ import numpy as np
 
 from data_pipeline.gguf_tokenizer import GGUFError, build_tokenizer, field, open_gguf
 from labor_jax.config import ConfigError, LlamaConfig
-from labor_jax.interop.hf import SAFETENSORS_SINGLE, _atomic_dir
+from labor_jax.fileio import atomic_dir
+from labor_jax.interop.hf import SAFETENSORS_SINGLE
 
 __all__ = ["GGUFError", "convert", "resolve", "smollm2_path", "hf_config", "SUPPORTED_TYPES"]
 
@@ -239,7 +240,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike) -> dict:
                     f"{cfg['vocab_size']} rows of token_embd.weight")
   plan = _plan(reader, cfg)
   out = Path(out)
-  with _atomic_dir(out) as tmp:
+  with atomic_dir(out) as tmp:
     _write_safetensors(tmp / SAFETENSORS_SINGLE, plan)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}
