@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from data_pipeline.errors import PanelError
+from data_pipeline.gguf_tokenizer import GGUFError
 from labor_jax import distributed, inference, sharding
 from labor_jax.training import hooks
 from labor_jax.config import ConfigError
@@ -19,14 +20,14 @@ from labor_jax.training.config import DistributedConfig
 
 EXIT_CONFIG, EXIT_NAN = 2, 3
 # What a bad model source, dataset, mesh or input file raises: one line on stderr and exit 2.
-INPUT_ERRORS = (FileNotFoundError, ConfigError, sharding.ShardingError, hf.CheckpointError, PanelError)
+INPUT_ERRORS = (FileNotFoundError, ConfigError, sharding.ShardingError, hf.CheckpointError, PanelError, GGUFError)
 
 
 def run_training(fn: Callable[[], object]) -> int:
   """Calls ``fn``: exit 0, or a bad config's one line and 2, or a non-finite loss's one line and 3."""
   try:
     fn()
-  except ConfigError as e:
+  except (ConfigError, GGUFError, hf.CheckpointError) as e:  # GGUF / HF sources named by model.hf_path
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_CONFIG
   except hooks.NonFiniteLoss as e:
