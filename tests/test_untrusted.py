@@ -213,3 +213,12 @@ def test_two_evaluations_into_one_directory_leave_one_whole_report(hf_pair, nlsy
   pred = pd.read_csv(out / "predictions.csv")
   assert np.exp(-pred["logprob"].mean()) == pytest.approx(metrics["perplexity"], rel=1e-4)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
+
+
+def test_every_test_docs_probes_names_exists():
+  """docs/probes.md stays true: each test it names is defined in the file it names."""
+  import re
+  named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", (ROOT / "docs" / "probes.md").read_text())
+  assert len(named) >= 12
+  for path, name in named:
+    assert f"def {name}(" in (ROOT / "tests" / path).read_text(), (path, name)
