@@ -88,8 +88,12 @@ def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset
   config = llama_tiny(vocab_size=data.tokenizer().vocab_size)
   hf.save(config, model.init_params(config, jax.random.key(0)), tmp_path / "hf", tokenizer_dir=data.tokenizer_dir)
   out = tmp_path / "foundation"
-  assert experiments.main(["foundation", "--quick", "--model", str(tmp_path / "hf"), "--out", str(out),
-                           "--bootstrap", "50"]) == 0
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "labor_jax.experiments", "foundation", "--quick", "--model",
+                      str(tmp_path / "hf"), "--out", str(out), "--bootstrap", "50"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, check=False)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "foundation experiment: 100%" in p.stdout
   summary = json.loads((out / "summary.json").read_text())
   rows = summary["rows"]
   assert set(rows) == {"zero_shot", "lora_titles_seed0", "lora_codes_seed0", "tiny_llm", "multinomial_logit",

@@ -68,9 +68,9 @@ def _worker_probs(config, params, tree, tok, workers):
 
 def _sample(config, params, tree, tok, workers, years, samples, seed):
   inp = forecasting.encode_workers(tok, workers, years)
-  sampler = _jitted(f"sample {samples}", lambda p, key, **kw: sampler.sample_paths(config, p, tree, samples=samples,
-                                                                                     rng=key, **kw))
-  out = sampler(params, jax.random.key(seed), **inp)
+  sample = _jitted(f"sample {samples}", lambda p, key, **kw: sampler.sample_paths(config, p, tree, samples=samples,
+                                                                                    rng=key, **kw))
+  out = sample(params, jax.random.key(seed), **inp)
   return np.asarray(out.titles_BSY), np.asarray(out.probs_BSYJ)
 
 

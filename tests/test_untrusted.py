@@ -40,11 +40,13 @@ def hf_pair(tmp_path_factory, nlsy_dataset):
   return root
 
 
-def _evaluate(model_dir, data, out, *extra):
-  return subprocess.run([sys.executable, "-m", "labor_jax.evaluate", "--hf", str(model_dir), "--data", str(data),
-                         "--out", str(out), "--no-career", "--bootstrap", "0", "--no-progress", *extra],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+def _evaluate(capsys, model_dir, data, out, *extra):
+  """(exit code, stderr) of ``labor_jax.evaluate --hf`` in this process."""
+  from labor_jax.cli import evaluate
+  capsys.readouterr()
+  code = evaluate.main(["--hf", str(model_dir), "--data", str(data), "--out", str(out), "--no-career",
+                        "--bootstrap", "0", "--no-progress", "--mesh", "data=8", *extra])
+  return code, capsys.readouterr().err
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -104,12 +106,12 @@ MODEL_PROBES = {"pickle only": _pickle_only, "tokenizer.json does not parse": _b
 
 
 @pytest.mark.parametrize("probe", sorted(MODEL_PROBES))
-def test_bad_model_files_stop_in_one_line_and_write_nothing(probe, hf_pair, nlsy_dataset, tmp_path):
+def test_bad_model_files_stop_in_one_line_and_write_nothing(probe, hf_pair, nlsy_dataset, tmp_path, capsys):
   model_dir, needles = MODEL_PROBES[probe](tmp_path, hf_pair / "hf")
   out = tmp_path / "out"
-  r = _evaluate(model_dir, nlsy_dataset, out)
-  err = r.stderr.strip()
-  assert r.returncode == 2 and err.count("\n") == 0, r.stderr[-3000:]
+  code, err = _evaluate(capsys, model_dir, nlsy_dataset, out)
+  err = err.strip()
+  assert code == 2 and err.count("\n") == 0, err[-3000:]
   assert all(n in err for n in needles), err
   assert not out.exists() and not (tmp_path / "UNPICKLED").exists()
 
@@ -150,12 +152,12 @@ ADAPTER_PROBES = {"adapter rank does not fit": _adapter_rank, "adapter targets u
 
 
 @pytest.mark.parametrize("probe", sorted(ADAPTER_PROBES))
-def test_bad_adapters_stop_in_one_line_and_write_nothing(probe, hf_pair, nlsy_dataset, tmp_path):
+def test_bad_adapters_stop_in_one_line_and_write_nothing(probe, hf_pair, nlsy_dataset, tmp_path, capsys):
   adapter, needles = ADAPTER_PROBES[probe](tmp_path, hf_pair / "adapter")
   out = tmp_path / "out"
-  r = _evaluate(hf_pair / "hf", nlsy_dataset, out, "--adapter", str(adapter))
-  err = r.stderr.strip()
-  assert r.returncode == 2 and err.count("\n") == 0, r.stderr[-3000:]
+  code, err = _evaluate(capsys, hf_pair / "hf", nlsy_dataset, out, "--adapter", str(adapter))
+  err = err.strip()
+  assert code == 2 and err.count("\n") == 0, err[-3000:]
   assert all(n in err for n in needles), err
   assert not out.exists() and not (tmp_path / "UNPICKLED").exists()
 
