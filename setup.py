@@ -40,6 +40,7 @@ setup(
     package_data={"data_pipeline": ["resources/occ1990dd/*.csv", "resources/occ1990dd/*.md",
                                     "resources/occ1990dd/crosswalks/*.csv"]},
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["labor-jax = labor_jax.cli:run"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # Parity tests and PyTorch baselines only: training and scoring never import torch.

@@ -18,8 +18,10 @@ from data_pipeline import resume
 from data_pipeline.crosswalk import UNMAPPED, VINTAGES
 from data_pipeline.dataset_dir import build_dataset, format_summary, load_default
 from data_pipeline.errors import PanelError, WriteError
+from data_pipeline.gguf_tokenizer import GGUFError
 from data_pipeline.inputs import PanelInput, read_inputs
 from data_pipeline.titles import load_titles
+from data_pipeline.tokenizer import TokenizerError
 from data_pipeline.wide import LAYOUTS
 
 EXIT_INPUT, EXIT_WRITE = 2, 3
@@ -41,7 +43,8 @@ def main(argv=None):
                   help="long (a row per person-year), wide (a row per person, occupation_1980, ...), or auto")
   ap.add_argument("--dataset", help="dataset name for rows without a `dataset` column (default: file stem)")
   ap.add_argument("--out", default="runs/data/nlsy", help="output directory")
-  ap.add_argument("--tokenizer-dir", help="use this model's tokenizer instead of training SentencePiece")
+  ap.add_argument("--tokenizer-dir", help="use this model's tokenizer (a Hugging Face directory or a .gguf "
+                  "file) instead of training SentencePiece")
   ap.add_argument("--variant", choices=resume.VARIANTS, default="titles", help="titles, or codes (ablation)")
   ap.add_argument("--seed", type=int, default=0, help="split seed")
   ap.add_argument("--vocab-size", type=int, default=1024, help="SentencePiece vocabulary when training one")
@@ -71,7 +74,7 @@ def main(argv=None):
       panel, titles, source = load_default()
     info = build_dataset(panel, titles, args.out, tokenizer_dir=args.tokenizer_dir, variant=args.variant,
                          seed=args.seed, vocab_size=args.vocab_size, source=source, inputs=inputs)
-  except PanelError as e:
+  except (PanelError, GGUFError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_INPUT
   except WriteError as e:

@@ -8,7 +8,8 @@ then renamed; nothing is left if any step fails)::
     lengths.npz           per split: tokens per resume and where each entry ends (truncation checks)
     panel.parquet         the validated panel with a `split` column (for the baselines)
     titles.csv            code,title in candidate order
-    tokenizer/            tokenizer.model (trained here) or the model's tokenizer files
+    tokenizer/            tokenizer.model (trained here), the model's tokenizer files, or tokenizer.json +
+                          tokenizer_config.json rebuilt from a .gguf file's metadata
     labor_resumes/1.0.0/  the TFDS dataset (array_record), one example per worker
 
 Everything that reads a dataset (the trainer, evaluation, prediction, the loader) goes
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 from etils import epath
 
-from data_pipeline import nlsy, resume, splits as split_lib, tfds_builder
+from data_pipeline import gguf_tokenizer, nlsy, resume, splits as split_lib, tfds_builder
 from data_pipeline.errors import PanelError, WriteError, disk_full
 from data_pipeline.panel import summary, validate
 from data_pipeline.titles import TitleTable, load_titles
@@ -159,13 +160,17 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
       model = train_sentencepiece(train_texts, tmp.tokenizer_dir / "tokenizer", vocab_size=vocab_size)
       try:
         tok = ResumeTokenizer.from_sentencepiece(model)
-      except RuntimeError as e:  # SentencePiece does not check its writes: a full disk leaves a truncated file
+      except PanelError as e:  # SentencePiece does not check its writes: a full disk leaves a truncated file
         if "could not parse ModelProto" not in str(e):
           raise
         raise WriteError(f"cannot write the dataset {out} ({TOKENIZER}/{model.name}): SentencePiece left it truncated "
                          f"at {model.stat().st_size} bytes (the disk is full or a file size limit was hit?); "
                          "nothing was written") from None
       tok_source = f"SentencePiece BPE trained on {len(train_texts)} training resumes"
+    elif str(tokenizer_dir).endswith(".gguf"):  # a llama.cpp file: its tokenizer only, no weights
+      gguf_tokenizer.write_tokenizer(tokenizer_dir, tmp.tokenizer_dir)
+      tok = tmp.tokenizer()
+      tok_source = f"rebuilt from the metadata of {tokenizer_dir}"
     else:
       for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
@@ -178,6 +183,7 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
     n_tokens = 0
     for r, s in zip(resumes, person_split):
       tr = tok.encode_resume(r)
+      tok.verify(r, tr)
       n_tokens += len(tr.ids)
       examples[s].append({
           "dataset": r.dataset, "person_id": r.person_id, "text": r.text, "tokens": tr.ids,

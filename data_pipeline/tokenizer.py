@@ -2,13 +2,23 @@
 or a SentencePiece model trained here on the training resumes.
 
 Resume tokens are the concatenation of each segment's tokens (see resume.py), where a
-segment is encoded as a *continuation*: ``encode("\\n" + text)`` minus the tokens of
-``"\\n"``. This removes tokenizer artefacts at segment starts (SentencePiece's dummy
+segment is encoded as a *continuation*: ``encode(sentinel + text)`` minus the tokens of the
+sentinel. This removes tokenizer artefacts at segment starts (SentencePiece's dummy
 prefix) and makes two promises the scorer relies on:
 
 * at every entry boundary, the tokens of a resume prefix are exactly a prefix of the
   whole resume's tokens (true by construction, checked in tests);
 * each entry's title is a known token span, identical to the title encoded alone.
+
+The sentinel is chosen per tokenizer: the first of :data:`SENTINELS` that keeps its own tokens
+in front of every kind of segment (a newline, an entry prefix, a title, the end marker, a
+header). ``"\\n"`` comes first and serves SentencePiece models (the newline is never merged);
+byte-level BPE vocabularies that learned ``"\\n\\n"`` (GPT-2, Llama-3, SmolLM) merge a newline
+sentinel with a newline segment, so they get ``"a"``, which their pre-tokenizers always split
+from what follows here. For such tokenizers, whose pre-tokenizer also splits at every segment
+boundary (GPT-2's and SmolLM's regex), the resume's tokens equal the whole text's tokens;
+Llama-3's regex glues a newline to punctuation before it (``".\\n"``), so a title ending in
+punctuation is tokenized apart from its newline there (the promises still hold).
 
 Library roles: ``tokenizers`` reads tokenizer.json, ``sentencepiece`` reads and trains
 tokenizer.model files.
@@ -29,10 +39,17 @@ import tokenizers
 from data_pipeline.errors import PanelError
 from data_pipeline.resume import END_OF_DATA, NEWLINE, Resume
 
-_SENTINEL = "\n"
+# Texts a segment may be encoded after, in order of preference (see the module docstring).
+SENTINELS = ("\n", "a", "\u00a7")
+# One of each kind of segment a resume is made of (resume.py); a sentinel must survive before all.
+_PROBES = (NEWLINE, "1980 (some college):", " Service workers", END_OF_DATA, "<NLSY79 resume>\nThe worker.")
 # Files that make up a model's tokenizer (copied with datasets and exported checkpoints).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
+
+
+class TokenizerError(ValueError):
+  """A tokenizer that cannot keep resume entry boundaries; ``str()`` is one line saying why."""
 
 
 class ResumeTokenizer:
@@ -40,8 +57,18 @@ class ResumeTokenizer:
 
   def __init__(self, backend, bos_id: int | None, eos_id: int | None, pad_id: int, source: str):
     self.backend, self.bos_id, self.eos_id, self.pad_id, self.source = backend, bos_id, eos_id, pad_id, source
-    self._sentinel = self._raw(_SENTINEL)
+    self.sentinel = self._choose_sentinel()
+    self._sentinel = self._raw(self.sentinel)
     self._cache: dict[str, list[int]] = {}
+
+  def _choose_sentinel(self) -> str:
+    for s in SENTINELS:
+      n = len(self._raw(s))
+      if all(self._raw(s + p)[:n] == self._raw(s) and self.decode(self._raw(s + p)) == s + p for p in _PROBES):
+        return s
+    raise TokenizerError(f"{self.source}: no sentinel {SENTINELS} keeps its own tokens before every kind of resume "
+                     "segment (this tokenizer merges across segment starts or does not decode back to the text), "
+                     "so resume entries would have no token boundary")
 
   # ------------------------------------------------------------------ loading
   @classmethod
@@ -50,15 +77,23 @@ class ResumeTokenizer:
     path = Path(path)
     cfg = {}
     if (path / "tokenizer_config.json").exists():
-      cfg = json.loads((path / "tokenizer_config.json").read_text())
+      try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+      except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PanelError(path / "tokenizer_config.json", f"cannot read the tokenizer config ({e})") from None
     if (path / "tokenizer.json").exists():
-      tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+      try:
+        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+      except Exception as e:  # the tokenizers library raises plain Exceptions for files it cannot parse
+        raise PanelError(path / "tokenizer.json", f"not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
 
       def tid(name):
         v = cfg.get(name)
         v = v.get("content") if isinstance(v, dict) else v
         return tok.token_to_id(v) if v else None
       bos, eos = tid("bos_token"), tid("eos_token")
+      if cfg.get("add_bos_token") is False:  # the tokenizer's own choice (SmolLM2's): no BOS before a text
+        bos = None
       pad = tid("pad_token")
       return cls(tok, bos, eos, pad if pad is not None else (eos or 0), str(path / "tokenizer.json"))
     if (path / "tokenizer.model").exists():
@@ -67,7 +102,10 @@ class ResumeTokenizer:
 
   @classmethod
   def from_sentencepiece(cls, model_file: str | Path) -> "ResumeTokenizer":
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    try:
+      sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as e:
+      raise PanelError(model_file, f"not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
     opt = lambda i: i if i >= 0 else None  # noqa: E731
     pad = sp.pad_id() if sp.pad_id() >= 0 else max(sp.eos_id(), 0)
     return cls(sp, opt(sp.bos_id()), opt(sp.eos_id()), pad, str(model_file))
@@ -94,11 +132,11 @@ class ResumeTokenizer:
     hit = self._cache.get(text)
     if hit is not None:
       return hit
-    ids = self._raw(_SENTINEL + text)
+    ids = self._raw(self.sentinel + text)
     n = len(self._sentinel)
     if ids[:n] != self._sentinel:
-      raise ValueError(f"{self.source}: tokenizer merges a newline with the text that follows "
-                       f"({text[:30]!r}); resume segments need a newline token boundary")
+      raise TokenizerError(f"{self.source}: tokenizer merges the segment sentinel {self.sentinel!r} with the text that "
+                       f"follows ({text[:30]!r}); resume segments need a token boundary there")
     out = ids[n:]
     if len(self._cache) < 200_000:
       self._cache[text] = out
@@ -125,6 +163,19 @@ class ResumeTokenizer:
         ids.append(self.eos_id)
     return TokenizedResume(np.asarray(ids, np.int32), np.asarray(title_spans, np.int32).reshape(-1, 2),
                            np.asarray(entry_starts, np.int32))
+
+  def verify(self, resume: Resume, tokenized: "TokenizedResume") -> None:
+    """Raises TokenizerError (one line) unless ``tokenized`` decodes back to the resume's text: a tokenizer
+    that normalises text (lower case, Unicode forms) cannot keep the entry boundaries of a resume."""
+    ids = list(tokenized.ids)
+    start = 1 if self.bos_id is not None else 0
+    end = len(ids) - (resume.next_prefix is None and self.eos_id is not None)
+    text = self.decode(ids[start:end])
+    if text != resume.text:
+      at = next((i for i, (a, b) in enumerate(zip(text, resume.text)) if a != b), min(len(text), len(resume.text)))
+      raise TokenizerError(f"{self.source}: resume {resume.person_id} does not decode back to its text "
+                           f"(first difference at character {at}: {resume.text[at:at + 20]!r} came back as "
+                           f"{text[at:at + 20]!r}); this tokenizer cannot give resume entry boundaries")
 
   def candidate_tokens(self, candidates: Iterable[str]) -> list[list[int]]:
     """Each candidate title's tokens followed by the entry terminator (a newline)."""

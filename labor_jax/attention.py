@@ -24,9 +24,7 @@ Shape suffixes: B batch, T queries, S keys, H query heads, K key/value heads, G 
 query heads per key/value head (in :func:`tree_attention`: G prefix groups per row), E head
 dim; L tree nodes, A ancestors per node, N cached prefix keys.
 
-Measured on this project's 2-core CPU (whole training step, allocator tuned, see
-labor_jax.runtime): demo size (2 layers, 8 x 224 tokens, 2 query blocks) 34.1 -> 29.2 ms
-against autodiff of the plain softmax; 20M size (4 layers, 8 x 256, 4 blocks) 528 -> 497 ms.
+Its training-step times against autodiff of the plain softmax are in docs/benchmarks.md.
 
 **One entry point per backend.** :func:`attend` runs the implementation that
 ``LlamaConfig.attention_impl`` names (:data:`labor_jax.config.ATTENTION_IMPLS`), chosen by :func:`choose`:
@@ -195,8 +193,8 @@ def tree_attention(q_BTHE, k_BTKE, v_BTKE, prefix_k_BNKE, prefix_v_BNKE, ancesto
   nodes ``ancestors_LA[l, a]`` where ``ancestor_ok_LA[l, a]`` (its path from the root, itself
   last). Plain softmax (no custom gradient): the scorer runs it at inference or under ``grad``.
   The keys and values of the root paths are gathered one depth at a time (``lax.map`` over
-  the A depths), so no [B, G, L, A, K, E] copy of them exists: for Llama-2-7B with 335 titles
-  that copy was 12 GiB per worker in the scoring plan.
+  the A depths), so no [B, G, L, A, K, E] copy of them exists (for Llama-2-7B with 335 titles it
+  would dominate the scoring plan's memory: docs/training.md).
   """
   b, t, h, e = q_BTHE.shape
   k = k_BTKE.shape[2]

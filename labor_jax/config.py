@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 class LlamaConfig:
   """Architecture of a Llama-family decoder plus labor_jax's numeric policy."""
 
-  vocab_size: int = 32000  # tokens in the vocabulary (rows of embed_tokens)
+  vocab_size: int = 32000  # tokens in the vocabulary
+  padded_vocab_size: int | None = None  # rows of embed_tokens and columns of lm_head when padded past vocab_size to divide a mesh's tensor axis (labor_jax.inference); logits of padded rows are -inf; None: vocab_size
   hidden_size: int = 4096  # residual stream width D
   intermediate_size: int = 11008  # SwiGLU hidden width F
   num_hidden_layers: int = 32  # decoder blocks L
@@ -76,6 +77,11 @@ class LlamaConfig:
       raise ConfigError(f"attention_query_block: must be >= 0, got {self.attention_query_block}")
     if self.loss_chunk is not None and self.loss_chunk <= 0:
       raise ConfigError(f"loss_chunk: must be positive or null, got {self.loss_chunk}")
+
+  @property
+  def embedding_rows(self) -> int:
+    """Rows of ``embed_tokens`` (= columns of ``lm_head``): ``vocab_size``, or the padded size."""
+    return self.padded_vocab_size or self.vocab_size
 
   @property
   def jnp_dtype(self):

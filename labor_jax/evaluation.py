@@ -21,21 +21,17 @@ run on; the report says so. Shape suffixes: B workers, N tokens, T entries, J ti
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pandas as pd
-from jax.sharding import NamedSharding
-from tqdm import tqdm
 
 from data_pipeline.dataset_dir import DatasetDir
-from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import baselines as bl
-from labor_jax import report, scorer, sharding
-from labor_jax.interop import hf
+from labor_jax import inference, report
 from labor_jax.config import ConfigError
+from labor_jax.fileio import atomic_dir
 from labor_jax.career import CareerBaseline
 from labor_jax.metrics import bootstrap_intervals, model_metrics, perplexity, true_logp, worker_keys
 from labor_jax.rundir import RunDir
@@ -43,120 +39,56 @@ from labor_jax.rundir import RunDir
 MAIN_LLM = "LABOR-LLM (this run)"
 
 
-LARGE_MODEL = 1e9  # parameters above which the tree pass runs one worker per batch device at a time
-
-
-def default_chunk(config, mesh: jax.sharding.Mesh | None, batch_workers: int) -> int:
-  """Workers per tree pass when ``--chunk`` is not given: the whole batch for small models (fastest), one
-  worker per device of the batch axes for large ones. With the default 16 workers per batch this keeps
-  Llama-2-7B scoring (335 titles, resumes of 512 tokens, 20 entries) within one 80 GB device: the
-  scoring plan in the README, 57 GiB."""
-  if config.num_params() < LARGE_MODEL:
-    return batch_workers
-  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def llm_scores(config, params, tokenizer, titles, variant: str, dataset: DatasetDir, split: str, *,
-               mesh: jax.sharding.Mesh | None = None, batch_workers: int = 16, chunk: int | None = None,
-               progress: bool = False) -> pd.DataFrame:
-  """Normalised and raw log-probs [J] for every entry (t >= 0) of every worker of ``split``.
-
-  Workers go through the fused scorer ``batch_workers`` at a time (``chunk`` per tree pass).
-  With a ``mesh`` (params placed by :func:`labor_jax.model.param_shardings`, e.g. through
-  ``RunDir.load_model(mesh=...)``) each batch is split over the mesh's batch axes, every
-  process computing its devices' share; every process receives all scores.
-  """
+def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetDir, split: str, *,
+               batch_workers: int = 16, chunk: int | None = None, progress: bool = False) -> pd.DataFrame:
+  """Normalised and raw log-probs [J] for every entry (t >= 0) of every worker of ``split``, from the
+  scoring step of the inference layer (:func:`labor_jax.inference.score_examples`): ``batch_workers``
+  workers a call, split over the mesh's batch axes; every process receives all scores."""
   src = dataset.source(split)
   examples = [src[i] for i in range(len(src))]
-  tree = scorer.CandidateTree.for_titles(tokenizer, titles, variant)
-  chunk = chunk or default_chunk(config, mesh, batch_workers)
-  n_max = max(len(e["tokens"]) for e in examples)
-  t_max = max(len(e["years"]) for e in examples)
-
-  def both(params, tokens_BN, mask_BN, ends_BT):
-    raw_BTJ = scorer.score(config, params, tree, tokens_BN, mask_BN, ends_BT, chunk=chunk, mesh=mesh)
-    return jax.nn.log_softmax(raw_BTJ, -1), raw_BTJ
-
-  if mesh is None:
-    fn, put = jax.jit(both), (lambda x: x)
-  else:
-    split_over = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_workers % split_over:
-      raise ConfigError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = {split_over}")
-    batch_sh = NamedSharding(mesh, sharding.logical_to_mesh(("batch", "length"), what="workers"))
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    fn = jax.jit(both, in_shardings=(param_sh, batch_sh, batch_sh, batch_sh))
-
-    def put(x):  # every process holds the whole batch on the host and supplies its devices' rows
-      return jax.make_array_from_callback(x.shape, batch_sh, lambda idx: x[idx])
+  scores = inference.score_examples(loaded, titles, variant, [(e["tokens"], e["title_spans"][:, 0]) for e in examples],
+                                    batch_workers=batch_workers, chunk=chunk, progress=progress,
+                                    desc=f"scoring {split}")
   rows = []
-  bar = tqdm(total=len(examples), unit="worker", desc=f"scoring {split}", dynamic_ncols=True, file=sys.stdout,
-             disable=not (progress and jax.process_index() == 0))
-  for s in range(0, len(examples), batch_workers):
-    chunk_ex = examples[s:s + batch_workers]
-    b = batch_workers
-    tokens_BN = np.zeros((b, n_max), np.int32)
-    mask_BN = np.zeros_like(tokens_BN)
-    ends_BT = np.ones((b, t_max), np.int32)
-    for i, e in enumerate(chunk_ex):
-      tokens_BN[i, :len(e["tokens"])], mask_BN[i, :len(e["tokens"])] = e["tokens"], 1
-      ends_BT[i, :len(e["years"])] = e["title_spans"][:, 0]
-    norm, raw = (sharding.to_host(x) for x in fn(params, put(tokens_BN), put(mask_BN), put(ends_BT)))
-    for i, e in enumerate(chunk_ex):
-      for t in range(len(e["years"])):
-        rows.append({"dataset": e["dataset"].decode(), "person_id": e["person_id"].decode(), "t": t,
-                     "llm_norm": norm[i, t], "llm_raw": raw[i, t]})
-    bar.update(len(chunk_ex))
-  bar.close()
+  for e, (norm, raw) in zip(examples, scores):
+    for t in range(len(e["years"])):
+      rows.append({"dataset": e["dataset"].decode(), "person_id": e["person_id"].decode(), "t": t,
+                   "llm_norm": norm[t], "llm_raw": raw[t]})
   return pd.DataFrame(rows)
-
-
-def load_model(source: str | Path, *, adapter: str | Path | None = None, mesh: jax.sharding.Mesh | None = None):
-  """(config, params, tokenizer, description) of a model to score: a ``labor_jax.train`` run directory
-  (its best checkpoint) or a Hugging Face checkpoint directory (with an optional PEFT ``adapter``)."""
-  run = RunDir(source)
-  if run.is_run:
-    if adapter is not None:
-      raise ConfigError(f"{source}: --adapter applies to Hugging Face checkpoints; a run carries its own adapters")
-    config, params, step = run.load_model(mesh=mesh)
-    return config, params, run.tokenizer(), f"step {step}"
-  if not (Path(source) / "config.json").exists():
-    raise FileNotFoundError(f"{source}: neither a labor_jax.train run (model_config.json) nor a Hugging Face "
-                            "checkpoint (config.json)")
-  config, params = hf.load(source, mesh=mesh)
-  if adapter is not None:
-    config, params = hf.load_adapter(adapter, config, params, mesh=mesh)
-  return config, params, ResumeTokenizer.from_dir(source), f"Hugging Face {source}" + (
-      f" + adapter {adapter}" if adapter else "")
-
-
-def check_tokenizer(model_tokenizer: ResumeTokenizer, data: DatasetDir, source) -> None:
-  """Stops (one line) when the dataset's tokens were not made by the model's tokenizer."""
-  probe = "\n1984 (some college): Clerical and kindred workers\n<END OF DATA>"
-  data_tokenizer = data.tokenizer()
-  if (model_tokenizer.vocab_size != data_tokenizer.vocab_size
-          or model_tokenizer.encode_piece(probe) != data_tokenizer.encode_piece(probe)):
-    raise ConfigError(f"{data.path} was tokenised with another tokenizer than {source}'s: rebuild it with "
-                      f"python -m data_pipeline.build --tokenizer-dir {source}")
 
 
 def score_transitions(source: str | Path, data: DatasetDir, table: pd.DataFrame, split: str, *,
                       adapter: str | Path | None = None, mesh: jax.sharding.Mesh | None = None,
                       batch_workers: int = 16, chunk: int | None = None,
                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
-  """(normalised log-probs, raw log-probs, what was loaded) of the model ``source``
-  (see :func:`load_model`) for each row of ``table``: transitions of ``split`` of ``data``
-  (:func:`labor_jax.baselines.transition_table`, any subset of them): [len(table), J] each, in
-  ``table``'s order."""
-  config, params, tok, what = load_model(source, adapter=adapter, mesh=mesh)
-  check_tokenizer(tok, data, source)
-  scores = llm_scores(config, params, tok, data.titles(), data.variant, data, split, mesh=mesh,
-                      batch_workers=batch_workers, chunk=chunk, progress=progress)
-  del params
+  """(normalised log-probs, raw log-probs, what was loaded) of the model ``source`` (any source
+  :func:`labor_jax.inference.open_model` opens) for each row of ``table``: transitions of ``split``
+  of ``data`` (:func:`labor_jax.baselines.transition_table`, any subset of them): [len(table), J]
+  each, in ``table``'s order."""
+  loaded = inference.open_model(source, adapter=adapter, mesh=mesh)
+  loaded.check_dataset(data)
+  scores = llm_scores(loaded, data.titles(), data.variant, data, split, batch_workers=batch_workers, chunk=chunk,
+                      progress=progress)
+  what = loaded.description
+  del loaded
   merged = table.merge(scores, on=["dataset", "person_id", "t"], how="left", validate="one_to_one")
   if merged["llm_norm"].isna().any():
     raise RuntimeError("some transitions have no LLM score")
   return np.stack(merged["llm_norm"].to_numpy()), np.stack(merged["llm_raw"].to_numpy()), what
+
+
+def transitions_of(data: DatasetDir, datasets: list[str]) -> pd.DataFrame:
+  """The test split's transitions of the surveys ``datasets`` (the order is the panel's)."""
+  t = bl.transition_table(data.panel(), data.titles().index)
+  return t[(t["split"] == "test") & t["dataset"].isin(datasets)].reset_index(drop=True)
+
+
+def check_same_transitions(ref: pd.DataFrame, table: pd.DataFrame, what: str) -> None:
+  """Stops unless ``table`` holds the transitions of ``ref`` (same workers, years, occupations)."""
+  cols = ["dataset", "person_id", "year", "t", "occ", "prev", "gap"]
+  if len(table) != len(ref) or not table[cols].equals(ref[cols]):
+    raise RuntimeError(f"{what}: its test split holds other transitions than the main dataset's ({len(table)} vs "
+                       f"{len(ref)}); the paired comparison needs the same workers")
 
 
 def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None = None, *,
@@ -179,7 +111,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
   writer = jax.process_index() == 0
   log = log if writer else (lambda *a: None)
   run = RunDir(model)
-  is_run = run.is_run
+  is_run = inference.source_kind(model) == inference.RUN
   if data is None:
     if not is_run:
       raise ConfigError(f"{model}: a Hugging Face model needs --data DATASET_DIR")
@@ -191,8 +123,6 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
       raise ConfigError(f"{model}: name an output directory (--out) for a Hugging Face model")
     out_dir = run.eval_dir(split)
   out_dir = Path(out_dir)
-  if writer:
-    out_dir.mkdir(parents=True, exist_ok=True)
   titles = data.titles()
   panel = data.panel()
   table = bl.transition_table(panel, titles.index)
@@ -240,7 +170,8 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
       metrics["models"][name].update(ci)
   metrics["labour_force_task"] = "not available: the panel records employed person-years only"
   if writer:
-    write_report(out_dir, metrics, probs, test, titles, data.summary)
+    with atomic_dir(out_dir) as tmp:  # the directory appears whole; a failure or a second writer leaves no mix
+      write_report(tmp, metrics, probs, test, titles, data.summary)
   return metrics
 
 

@@ -11,12 +11,9 @@
   ``dx = g @ w.T`` and ``dw += x.T @ g``. Only ``dx`` ([B, T, D]) and ``dw`` ([D, V])
   are kept for the backward pass, so the float32 logits and their gradient never exist
   for the whole batch at once.
-* Measured (with ``scripts/memory_plan.py``, since replaced by ``python -m labor_jax.plan``; llama3_8b_lora recipe, V = 128,256, 8 devices,
-  4 x 2048 tokens per device): 19.05 GiB per device against 20.56 GiB with plain logits.
-  At 512 tokens per row the two are equal: the decoder blocks' backward pass sets the
-  peak there. On this project's 2-core CPU the 20M-parameter training step (V = 32,000)
-  runs at the same speed either way (about 465 ms); chunks much under 2^24 logits are
-  slower there (16 positions of 8 x 32,000: 540 ms).
+* It lowers the peak memory of long rows at a large vocabulary and costs no speed at the
+  default chunk; much smaller chunks are slower (the plans and timings are in
+  docs/benchmarks.md).
 
 ``weight_grad=False`` (a frozen head, as in LoRA) skips the ``dw`` matmul entirely.
 Matmuls run in ``dtype`` (the model's compute dtype) with float32 accumulation; the

@@ -64,8 +64,8 @@ def _matmul(x_NI, w_IO):
   """``x @ w`` over the last axis of ``x``, with the leading axes flattened into one.
 
   XLA:CPU runs a 2-D matmul and, above all, its weight gradient (a contraction over the
-  token axis) much faster than the same product with [B, T] leading axes: 3.8 versus
-  5.7 ms for one MLP block's forward and backward at the demo size."""
+  token axis) much faster than the same product with [B, T] leading axes (figures in
+  docs/benchmarks.md)."""
   lead = x_NI.shape[:-1]
   return jnp.dot(x_NI.reshape(-1, x_NI.shape[-1]), w_IO).reshape(*lead, w_IO.shape[-1])
 
@@ -227,7 +227,7 @@ class Llama(nn.Module):
   def __call__(self, tokens_BT, positions_BT, mask: attention_lib.Mask, prefix: Cache | None,
                tree: Tree | None = None, head: bool = True):
     cfg = self.cfg
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=cfg.jnp_dtype,
+    embed = nn.Embed(cfg.embedding_rows, cfg.hidden_size, name="embed_tokens", dtype=cfg.jnp_dtype,
                      param_dtype=cfg.jnp_param_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                  ("vocab", "embed")))
@@ -258,9 +258,17 @@ class Llama(nn.Module):
     if cfg.tie_word_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:
-      logits_BTV = _dense(cfg.vocab_size, "lm_head", ("embed", "vocab"), cfg)(x_BTD)
+      logits_BTV = _dense(cfg.embedding_rows, "lm_head", ("embed", "vocab"), cfg)(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "act_vocab"))
-    return logits_BTV.astype(jnp.float32), kvs
+    return mask_padded_vocab(cfg, logits_BTV.astype(jnp.float32)), kvs
+
+
+def mask_padded_vocab(config: LlamaConfig, logits_NV: jax.Array) -> jax.Array:
+  """``logits`` with the padded vocabulary rows (``config.padded_vocab_size``) at -inf: they never
+  receive probability."""
+  if config.embedding_rows == config.vocab_size:
+    return logits_NV
+  return jnp.where(jnp.arange(logits_NV.shape[-1]) < config.vocab_size, logits_NV, -jnp.inf)
 
 
 def head_weight(config: LlamaConfig, params: Params) -> jax.Array | None:

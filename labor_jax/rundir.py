@@ -13,6 +13,7 @@ A ``labor_jax.train`` run directory holds::
                         validation loss and occupation perplexity)
     tb/                 TensorBoard events
     summary.json        final step, losses, parameter counts
+    train.lock          while a labor_jax.train process writes the run: its pid and host (:meth:`RunDir.lock`)
     eval_<split>/       written by labor_jax.evaluate
 
 The trainer writes it through :class:`RunDir`; evaluation, prediction, export and the main
@@ -25,10 +26,13 @@ Paths are ``etils.epath`` paths: a run directory may be local or a URL orbax acc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any
+import socket
+import sys
+from typing import Any, Iterator
 
 import jax
 import yaml
@@ -38,7 +42,7 @@ from data_pipeline.dataset_dir import DatasetDir
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import checkpoint, labels, model, selection, sharding
 from labor_jax.training import config as train_config
-from labor_jax.config import LlamaConfig
+from labor_jax.config import ConfigError, LlamaConfig
 
 CONFIG = "config.yaml"
 MODEL_CONFIG = "model_config.json"
@@ -49,6 +53,11 @@ FROZEN = "frozen"
 METRICS = "metrics.jsonl"
 EVENTS = "tb"
 SUMMARY = "summary.json"
+LOCK = "train.lock"
+
+
+class RunLocked(ConfigError):
+  """Another live process is training this run directory."""
 
 
 class RunDir:
@@ -155,6 +164,46 @@ class RunDir:
     return [json.loads(line) for line in self.metrics_file.read_text().splitlines()]
 
   # ------------------------------------------------------------------ writers
+  @contextlib.contextmanager
+  def lock(self) -> Iterator[None]:
+    """One writer per run directory: ``RUN/train.lock`` names this process (pid, host) while the block
+    runs. A lock held by another live process on this host (or by any process on another host,
+    whose life cannot be checked from here) raises :class:`RunLocked` with its pid; a lock left by a
+    dead process on this host is taken over with a warning. Only process 0 of a multi-process run
+    locks (the others belong to the same run); object-store run directories are not locked."""
+    if jax.process_index() != 0 or "://" in str(self.path):
+      yield
+      return
+    self.path.mkdir(parents=True, exist_ok=True)
+    path = os.fspath(self.path / LOCK)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    tmp = f"{path}.{me['pid']}"
+    with open(tmp, "w") as f:  # the lock appears whole: written aside, then linked (fails if it exists)
+      json.dump(me, f)
+    try:
+      while True:
+        try:
+          os.link(tmp, path)
+          break
+        except FileExistsError:
+          other = _read_lock(path)
+          if other is None:  # removed in between: try again
+            continue
+          if other and (other.get("host") != me["host"] or _alive(other.get("pid"))):
+            raise RunLocked(f"{self.path} is being trained by process {other.get('pid')} on {other.get('host')} "
+                            f"(lock {path}); wait for it to finish, or remove the lock if that process is gone") from None
+          print(f"warning: {path} was left by process {other.get('pid', '?')}, which is no longer running: "
+                "taking it over", file=sys.stderr, flush=True)
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    finally:
+      os.remove(tmp)
+    try:
+      yield
+    finally:
+      if _read_lock(path) == me:
+        os.remove(path)
+
   def write_config(self, cfg: train_config.TrainConfig) -> None:
     self.path.mkdir(parents=True, exist_ok=True)
     (self.path / CONFIG).write_text(yaml.safe_dump(train_config.to_dict(cfg), sort_keys=False))
@@ -178,6 +227,35 @@ class RunDir:
 
   def write_summary(self, summary: dict) -> None:
     (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _read_lock(path: str) -> dict | None:
+  """The lock's holder; {} when the file is damaged (not JSON), None when there is none."""
+  try:
+    with open(path) as f:
+      found = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return {}
+  return found if isinstance(found, dict) else {}
+
+
+def _alive(pid) -> bool:
+  """Whether process ``pid`` runs on this host (a zombie counts as gone)."""
+  if not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return True
 
 
 def dataset_of(cfg: train_config.TrainConfig, run_dir: str | os.PathLike) -> DatasetDir:

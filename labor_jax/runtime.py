@@ -4,13 +4,12 @@ XLA:CPU allocates each executable's temporary buffer (tens to hundreds of MB for
 training step) with ``posix_memalign`` on one of its worker threads and frees it when the
 step ends. Under glibc's defaults that buffer is larger than a per-thread arena's heap
 (64 MiB) or than the mmap threshold, so every step maps fresh memory and then unmaps it;
-the kernel zero-fills each page on first touch. On this project's 2-core machine that is
-20,000 page faults and about 30 ms of system time per demo training step (of about 50 ms).
+the kernel zero-fills each page on first touch: page faults and system time in every step.
 
 :func:`tune_malloc` makes all threads share the main arena (``M_ARENA_MAX=1``) and raises
-the mmap and trim thresholds to 1 GiB, so the buffer is reused from the heap: the demo step
-drops from about 50 to 30 ms and the 20M step from about 580 to 480 ms. The price is that
-freed memory up to 1 GiB stays with the process instead of going back to the OS.
+the mmap and trim thresholds to 1 GiB, so the buffer is reused from the heap (the step times
+with and without are in docs/benchmarks.md). The price is that freed memory up to 1 GiB stays
+with the process instead of going back to the OS.
 
 It has to run before XLA's thread pools exist (before the first JAX computation), so the
 command-line entry points (train, evaluate, predict, the main job, the benchmarks) call it

@@ -109,19 +109,20 @@ class CandidateTree:
 LOGITS_PER_CHUNK = 2 ** 24  # bounds the logits held at once by the log-normaliser (64 MiB in float32)
 
 
-def _logits(x_ND, w_DV):
-  return jnp.dot(x_ND, w_DV.astype(x_ND.dtype), preferred_element_type=jnp.float32)
+def _logits(config: LlamaConfig, x_ND, w_DV):
+  """``x @ w`` in float32, padded vocabulary rows at -inf."""
+  return model.mask_padded_vocab(config, jnp.dot(x_ND, w_DV.astype(x_ND.dtype), preferred_element_type=jnp.float32))
 
 
-def _log_normalizer(x_RD, w_DV):
+def _log_normalizer(config: LlamaConfig, x_RD, w_DV):
   """logsumexp over the vocabulary of ``x @ w``, [R], holding at most LOGITS_PER_CHUNK logits at a time."""
   r, d = x_RD.shape
   rows = max(1, min(r, LOGITS_PER_CHUNK // w_DV.shape[1]))
   if rows >= r:
-    return jax.nn.logsumexp(_logits(x_RD, w_DV), axis=-1)
+    return jax.nn.logsumexp(_logits(config, x_RD, w_DV), axis=-1)
   n = -(-r // rows)
   x_CRD = jnp.pad(x_RD, ((0, n * rows - r), (0, 0))).reshape(n, rows, d)
-  return jax.lax.map(lambda x: jax.nn.logsumexp(_logits(x, w_DV), axis=-1), x_CRD).reshape(-1)[:r]
+  return jax.lax.map(lambda x: jax.nn.logsumexp(_logits(config, x, w_DV), axis=-1), x_CRD).reshape(-1)[:r]
 
 
 def head_weight(config: LlamaConfig, params: Any) -> jax.Array:
@@ -155,7 +156,7 @@ def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, 
     normalize, chunk, mesh, rules: as in :func:`score`.
   """
   w_DV = head_weight(config, params)
-  logits_BTV = _logits(hidden_BTD, w_DV)
+  logits_BTV = _logits(config, hidden_BTD, w_DV)
   first_BTJ = logits_BTV[:, :, tree.first_J] - jax.nn.logsumexp(logits_BTV, axis=-1)[:, :, None]
   w_edges_DE = w_DV[:, tree.edge_token_E]
 
@@ -164,7 +165,7 @@ def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, 
     x_CTLD = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c,
                                 return_hidden=True, mesh=mesh, rules=rules)
     c, t, l, d = x_CTLD.shape
-    logz_CTL = _log_normalizer(x_CTLD.reshape(c * t * l, d), w_DV).reshape(c, t, l)
+    logz_CTL = _log_normalizer(config, x_CTLD.reshape(c * t * l, d), w_DV).reshape(c, t, l)
     edge_CTE = jnp.einsum("cted,de->cte", x_CTLD[:, :, tree.edge_node_E], w_edges_DE.astype(x_CTLD.dtype),
                           preferred_element_type=jnp.float32)
     picked_CTJK = edge_CTE[:, :, tree.edge_JK] - logz_CTL[:, :, tree.path_JK]
@@ -189,8 +190,10 @@ def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, 
 
 def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.Array, mask_BN: jax.Array,
           prefix_ends_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None,
-          mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
-  """log P(candidate j | the first ``prefix_ends_BT[b, t]`` tokens of resume b): [B, T, J] float32.
+          mesh: jax.sharding.Mesh | None = None, rules=None, return_hidden: bool = False):
+  """log P(candidate j | the first ``prefix_ends_BT[b, t]`` tokens of resume b): [B, T, J] float32
+  (and, with ``return_hidden``, the resumes' final normed hidden states [B, N, D], from which a token
+  loss of the same pass can be read).
 
   :func:`encode` followed by :func:`score_from_cache` at every step's title position.
 
@@ -211,17 +214,16 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
 
   Full [.., V] logits are only formed at the T title positions of each resume and, for the
   log-normaliser of each tree node, LOGITS_PER_CHUNK at a time; the candidates' own tokens
-  are scored as E distinct (node, token) dot products. Measured on a 20M-parameter model
-  (V = 32,000; 8 workers x 8 steps x 330 random titles, 848 tree nodes, chunk 2): XLA's
-  temporary memory 0.38 GiB against 1.83 GiB when every node's logits were formed, and
-  4.71 against 5.43 s on 2 CPU cores. At the benchmark's tiny vocabulary it is about 9% slower.
+  are scored as E distinct (node, token) dot products: far less temporary memory than forming
+  every node's logits at a large vocabulary (figures in docs/benchmarks.md).
   """
   tokens_BN = jnp.asarray(tokens_BN)
   b, n = tokens_BN.shape
   x_BND, kv = encode(config, params, tokens_BN, mask_BN, mesh=mesh, rules=rules)
   last_BT = jnp.clip(prefix_ends_BT - 1, 0, n - 1)
-  return score_from_cache(config, params, tree, kv, x_BND[jnp.arange(b)[:, None], last_BT], prefix_ends_BT,
-                          normalize=normalize, chunk=chunk, mesh=mesh, rules=rules)
+  logp_BTJ = score_from_cache(config, params, tree, kv, x_BND[jnp.arange(b)[:, None], last_BT], prefix_ends_BT,
+                              normalize=normalize, chunk=chunk, mesh=mesh, rules=rules)
+  return (logp_BTJ, x_BND) if return_hidden else logp_BTJ
 
 
 @functools.lru_cache(maxsize=8)

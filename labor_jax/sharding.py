@@ -76,7 +76,8 @@ def logical_to_mesh(spec: Sequence[str | None], rules: Rules = DEFAULT_RULES,
   return PartitionSpec(*out)
 
 
-def _axis_size(mesh: Mesh, target) -> int:
+def axis_size(mesh: Mesh, target) -> int:
+  """Devices along ``target``: a mesh axis name, a tuple of them, or None (1)."""
   if target is None:
     return 1
   return int(np.prod([mesh.shape[a] for a in (target if isinstance(target, tuple) else (target,))]))
@@ -87,7 +88,7 @@ def sharding_for(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh
   """NamedSharding for one array; checks that each sharded dimension divides evenly."""
   spec = logical_to_mesh(logical, rules, what)
   for dim, target in zip(shape, spec):
-    size = _axis_size(mesh, target)
+    size = axis_size(mesh, target)
     if dim % size:
       raise ShardingError(f"{what}: dimension {dim} is not divisible by mesh axes {target!r} of size {size}")
   return NamedSharding(mesh, spec)
@@ -116,9 +117,8 @@ def scoring_mesh(spec: str | None, param_bytes: int, devices=None, device_bytes:
   """The mesh for inference: ``spec`` ("data=N,fsdp=M,tensor=K") when given; otherwise every device
   on ``data`` when the parameters take at most a quarter of one device's memory (``device_bytes``, by
   default what the runtime reports; unknown on the CPU: assumed to fit), else every device on ``fsdp``.
-  A quarter leaves room for the scorer's caches and tree pass: in the scoring plans Llama-2-7B
-  (12.6 GiB) fits one 80 GB device with 16 workers a batch, Llama-2-13B (24.2 GiB) does not, and on
-  8 devices with ``fsdp`` it takes 26.8 GiB a device."""
+  A quarter leaves room for the scorer's caches and tree pass (the scoring plans of Llama-2-7B and
+  13B that set it are in docs/training.md)."""
   devices = jax.devices() if devices is None else list(devices)
   if spec:
     return make_mesh(**parse_mesh(spec), devices=devices)

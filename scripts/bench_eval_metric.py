@@ -62,7 +62,8 @@ def perplexity_cost(run_dir, calls=5):
   return len(data.source("validation")), t1 - t0, t2 - t1, statistics.median(later)
 
 
-OLD_MAIN = ("import sys; from labor_jax import main, train_config; u = train_config.updated; "
+OLD_MAIN = ("import sys; from labor_jax.cli import main; from labor_jax.training import config as train_config; "
+            "u = train_config.updated; "
             "train_config.updated = lambda cfg, ch: u(cfg, {**ch, 'eval_metric': 'token_loss'}); "
             "sys.exit(main.main(sys.argv[1:]))")
 # The main job as shipped, timing every validation pass of the perplexity (wall and process CPU seconds).

@@ -2,7 +2,7 @@
 
 Builds the embedded NLSY dataset, a randomly initialised demo-size Llama (configs/demo.yaml's
 sizes; the weights do not change the work), and scores the test split's workers with
-``evaluation.llm_scores`` on one device and on ``--devices`` devices (``data=N``), in one process,
+``evaluation.llm_scores`` (the inference layer's scoring step) on one device and on ``--devices`` devices (``data=N``), in one process,
 each after a warm-up pass that compiles. Reports workers/s and the ratio, and the largest
 log-probability difference between the two.
 
@@ -33,7 +33,7 @@ def main():
   import numpy as np
 
   from data_pipeline.dataset_dir import DatasetDir, build_default
-  from labor_jax import evaluation, model, sharding
+  from labor_jax import evaluation, inference, model, sharding
   from labor_jax.training import config as train_config
 
   with tempfile.TemporaryDirectory() as d:
@@ -47,11 +47,11 @@ def main():
     results = {}
     for name, mesh in [("1 device", None), (f"data={args.devices}", sharding.make_mesh(data=args.devices))]:
       params = jax.device_put(host) if mesh is None else jax.device_put(host, model.param_shardings(config, mesh))
+      loaded = inference.Loaded(config, params, tok, "random init", inference.HF, "demo-size random model", mesh)
 
       def once():
         t0 = time.perf_counter()
-        df = evaluation.llm_scores(config, params, tok, titles, data.variant, data, "test", mesh=mesh,
-                                   batch_workers=args.batch_workers)
+        df = evaluation.llm_scores(loaded, titles, data.variant, data, "test", batch_workers=args.batch_workers)
         return time.perf_counter() - t0, np.stack(df["llm_norm"].to_numpy())
       once()  # compiles
       best, scores = min((once() for _ in range(args.repeats)), key=lambda r: r[0])

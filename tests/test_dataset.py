@@ -93,7 +93,8 @@ def test_prediction_prompt_is_the_training_prefix(nlsy_dataset, tmp_path):
   import pandas as pd
 
   from data_pipeline import resume
-  from labor_jax.cli.predict import load_history, prompt_tokens
+  from data_pipeline.history import load_history
+  from labor_jax.api import prompt_tokens
   data = DatasetDir(nlsy_dataset)
   panel, titles, tok = data.panel(), data.titles(), data.tokenizer()
   people = {k: g.reset_index(drop=True) for k, g in panel.groupby(["dataset", "person_id"], sort=False)}
@@ -118,7 +119,7 @@ def test_prediction_prompt_is_the_training_prefix(nlsy_dataset, tmp_path):
         f = tmp_path / "worker.json"
         f.write_text(json.dumps(doc))
         history, next_year, next_edu = load_history(f, titles, "unused")
-        got = prompt_tokens(history, titles, data.variant, tok, next_year, next_edu)
+        got = prompt_tokens(history, tok, next_year, next_edu, titles=titles, variant=data.variant)
       np.testing.assert_array_equal(got, want)
       checked += 1
   assert checked == len(src) * 8 > 0

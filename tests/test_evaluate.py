@@ -113,3 +113,47 @@ def test_ensemble_of_one_run_equals_the_run_and_hf_scoring_equals_the_run(traine
   build_default(other, vocab_size=500)
   with pytest.raises(evaluation.ConfigError, match="another tokenizer"):
     evaluation.evaluate(tmp_path / "hf", "test", tmp_path / "x", data=other, career=False, bootstrap=0)
+
+
+def test_python_api_scores_a_run_and_its_hf_export_like_evaluate(trained_run, tmp_path, nlsy_dataset):
+  """labor_jax.load(run).score(test panel) gives evaluate's predictions.csv log-probabilities; the run exported
+  to a Hugging Face directory gives the same through labor_jax.load(hf, titles=...); next_distribution of a
+  history equals score's row for the entry that follows it, and predict's top-k."""
+  import labor_jax
+  from data_pipeline.dataset_dir import DatasetDir
+  from labor_jax import evaluation
+  from labor_jax.cli import export, predict
+  evaluation.evaluate(trained_run, "test", tmp_path / "eval", career=False, bootstrap=0)
+  want = pd.read_csv(tmp_path / "eval" / "predictions.csv", dtype={"person_id": str})
+  data = DatasetDir(nlsy_dataset)
+  panel = data.panel()
+  test = panel[panel["split"] == "test"].drop(columns="split")
+  m = labor_jax.load(trained_run)
+  got = m.score(test, top_k=3)
+  assert len(got) == len(want) and set(got.columns) >= {"person_id", "year", "title", "prob", "logprob", "top3"}
+  merged = want.merge(got, on=["dataset", "person_id", "year"], validate="one_to_one")
+  assert len(merged) == len(want)
+  np.testing.assert_allclose(merged["logprob_x"], merged["logprob_y"], atol=1e-5)
+  assert (merged["true_occupation"] == merged["title"]).all()
+  assert (merged["top5"].str.split(" \\(").str[0] == merged["top1"]).mean() > 0.99  # ties may reorder
+
+  assert export.main(["--run", str(trained_run), "--out", str(tmp_path / "hf")]) == 0
+  hf_model = labor_jax.load(tmp_path / "hf", titles=data.titles())
+  np.testing.assert_allclose(hf_model.score(test)["logprob"], got["logprob"], atol=1e-5)
+
+  pid = got["person_id"].iloc[0]
+  rows = test[test["person_id"] == pid].reset_index(drop=True)
+  history, nxt = rows.iloc[:2], rows.iloc[2]
+  dist = m.next_distribution(history, next_year=int(nxt["year"]), next_education=nxt["education"])
+  assert dist.shape == (1, len(data.titles())) and dist.index.tolist() == [pid]
+  assert dist.sum(axis=1).iloc[0] == pytest.approx(1.0, abs=1e-9)
+  row = got[(got["person_id"] == pid) & (got["year"] == nxt["year"])].iloc[0]
+  assert dist.loc[pid, row["title"]] == pytest.approx(row["prob"], rel=1e-4)
+  hist_file = tmp_path / "h.csv"
+  history.assign(occupation=history["occupation"]).to_csv(hist_file, index=False)
+  top = predict.predict(trained_run, hist_file, top_k=4)
+  nxt_default = m.next_distribution(history).iloc[0].sort_values(ascending=False, kind="stable")[:4]
+  assert [t for t, _ in top] == list(nxt_default.index)
+  np.testing.assert_allclose([p for _, p in top], nxt_default.to_numpy(), rtol=1e-6)
+  with pytest.raises(labor_jax.api.PanelError, match="occupation"):
+    m.score(test.assign(occupation="not a title"))

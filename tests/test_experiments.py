@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from data_pipeline.dataset_dir import DatasetDir
+from labor_jax import evaluation
 from labor_jax.cli import experiments
 from tests.runs import ROOT
 
@@ -64,12 +65,41 @@ def test_quick_differences_are_paired_log_perplexities(quick):
 def test_transitions_must_match(quick):
   out, _ = quick
   main = DatasetDir(out / "data")
-  ref = experiments.transitions_of(main, main.datasets)
-  pooled = experiments.transitions_of(DatasetDir(out / "data_pooled"), main.datasets)
-  experiments.check_same_transitions(ref, pooled, "pooled")  # NLSY's workers keep their split when pooled
+  ref = evaluation.transitions_of(main, main.datasets)
+  pooled = evaluation.transitions_of(DatasetDir(out / "data_pooled"), main.datasets)
+  evaluation.check_same_transitions(ref, pooled, "pooled")  # NLSY's workers keep their split when pooled
   with pytest.raises(RuntimeError, match="other transitions"):
-    experiments.check_same_transitions(ref, ref.iloc[1:].reset_index(drop=True), "one transition short")
+    evaluation.check_same_transitions(ref, ref.iloc[1:].reset_index(drop=True), "one transition short")
   moved = ref.copy()
   moved.loc[0, "occ"] = (moved.loc[0, "occ"] + 1) % 9
   with pytest.raises(RuntimeError, match="other transitions"):
-    experiments.check_same_transitions(ref, moved, "another occupation")
+    evaluation.check_same_transitions(ref, moved, "another occupation")
+
+
+def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset):
+  """experiments foundation --quick on a tiny random Hugging Face model (the dataset's tokenizer): the data,
+  the LoRA runs on titles and codes, the tiny LLM, scoring and the table with an interval per row."""
+  import jax
+
+  from labor_jax import model
+  from labor_jax.config import llama_tiny
+  from labor_jax.interop import hf
+  data = DatasetDir(nlsy_dataset)
+  config = llama_tiny(vocab_size=data.tokenizer().vocab_size)
+  hf.save(config, model.init_params(config, jax.random.key(0)), tmp_path / "hf", tokenizer_dir=data.tokenizer_dir)
+  out = tmp_path / "foundation"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "labor_jax.experiments", "foundation", "--quick", "--model",
+                      str(tmp_path / "hf"), "--out", str(out), "--bootstrap", "50"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, check=False)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "foundation experiment: 100%" in p.stdout
+  summary = json.loads((out / "summary.json").read_text())
+  rows = summary["rows"]
+  assert set(rows) == {"zero_shot", "lora_titles_seed0", "lora_codes_seed0", "tiny_llm", "multinomial_logit",
+                       "first-order_Markov", "empirical_frequencies", "career"}
+  assert "log_ppl_diff_ci" not in rows["multinomial_logit"]
+  assert all(len(r["log_ppl_diff_ci"]) == 2 for k, r in rows.items() if k != "multinomial_logit")
+  table = (out / "table.md").read_text()
+  assert "| multinomial logit | 4.028 | (reference) |" in table and "zero-shot" in table
+  assert (out / "lora_codes" / "seed0" / "summary.json").exists()

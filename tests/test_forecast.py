@@ -14,6 +14,7 @@ from data_pipeline.panel import validate
 from data_pipeline.resume import render_person
 from data_pipeline.titles import TitleTable
 from labor_jax import model, scorer, sharding
+from labor_jax import forecasting, sampler
 from labor_jax.cli import forecast
 from labor_jax.rundir import RunDir
 from tests.runs import run_train
@@ -44,7 +45,7 @@ def _worker(occupations, education="high school diploma", start=1990):
   rows = pd.DataFrame({"dataset": "SIMULATED", "person_id": "w", "year": start + np.arange(len(occupations)),
                        "occupation": [TITLES.codes[o] for o in occupations], "education": education, "sex": "female",
                        "race": "white", "region": "the south", "birth_year": 1965})
-  return forecast.panel_workers(rows, TITLES, "titles")[0]
+  return forecasting.panel_workers(rows, TITLES, "titles")[0]
 
 
 _JITTED = {}
@@ -61,15 +62,15 @@ def _next_probs(config, params, tree, tokens_BN, mask_BN):
 
 
 def _worker_probs(config, params, tree, tok, workers):
-  inp = forecast.encode_workers(tok, workers, 1)
+  inp = forecasting.encode_workers(tok, workers, 1)
   return _next_probs(config, params, tree, inp["tokens_BN"], inp["mask_BN"])
 
 
 def _sample(config, params, tree, tok, workers, years, samples, seed):
-  inp = forecast.encode_workers(tok, workers, years)
-  sampler = _jitted(f"sample {samples}", lambda p, key, **kw: forecast.sample_paths(config, p, tree, samples=samples,
-                                                                                     rng=key, **kw))
-  out = sampler(params, jax.random.key(seed), **inp)
+  inp = forecasting.encode_workers(tok, workers, years)
+  sample = _jitted(f"sample {samples}", lambda p, key, **kw: sampler.sample_paths(config, p, tree, samples=samples,
+                                                                                    rng=key, **kw))
+  out = sample(params, jax.random.key(seed), **inp)
   return np.asarray(out.titles_BSY), np.asarray(out.probs_BSYJ)
 
 
@@ -132,18 +133,18 @@ def test_cache_append_equals_re_encoding(markov):
   _, config, params, tok, tree = markov
   workers = [_worker([0, 0, 4]), _worker([3, 3, 3, 1, 1, 1], education=None)]
   years = 3
-  inp = forecast.encode_workers(tok, workers, years)
+  inp = forecasting.encode_workers(tok, workers, years)
   n = inp["tokens_BN"].shape[1]
   w = tree.tokens_JC.shape[1] + inp["next_prefix_BYP"].shape[2]
-  cache = forecast.init_cache(config, params, inp["tokens_BN"], inp["mask_BN"], n + (years - 1) * w)
-  append = _jitted("append", lambda p, c, t, k: forecast.append(config, p, c, t, k))
-  next_logprobs = _jitted("next", lambda p, c: forecast.next_logprobs(config, p, tree, c))
+  cache = sampler.init_cache(config, params, inp["tokens_BN"], inp["mask_BN"], n + (years - 1) * w)
+  append = _jitted("append", lambda p, c, t, k: sampler.append(config, p, c, t, k))
+  next_logprobs = _jitted("next", lambda p, c: sampler.next_logprobs(config, p, tree, c))
   forward = _jitted("forward", lambda p, t, m: model.forward(config, p, t, mask_BT=m, return_kv=True,
                                                              return_hidden=True))
   picks = [(4, 2), (1, 3)]  # titles sampled in the first two future years, per worker
   for k in range(years - 1):
     j_B = np.asarray([p[k] for p in picks])
-    tokens_BW, count_B = forecast.continuation(tree, j_B, inp["next_prefix_BYP"][:, k], inp["next_prefix_len_BY"][:, k])
+    tokens_BW, count_B = sampler.continuation(tree, j_B, inp["next_prefix_BYP"][:, k], inp["next_prefix_len_BY"][:, k])
     cache = append(params, cache, tokens_BW, count_B)
     texts = []
     for b, wk in enumerate(workers):  # the sampled history, rendered and tokenised as in training
@@ -210,7 +211,7 @@ def test_cli_outputs_and_errors(markov, tmp_path, capsys):
   # (one key per worker), the same distributions.
   split = ["--split", "validation", "--years", "2", "--samples", "8"]
   assert forecast.main(args[:2] + split + ["--out", str(tmp_path / "a")]) == 0
-  forecast.run_forecast(run_dir, tmp_path / "b", data_dir=data.path, split="validation", years=2, samples=8,
+  forecasting.run_forecast(run_dir, tmp_path / "b", data_dir=data.path, split="validation", years=2, samples=8,
                         batch_workers=16, mesh=sharding.make_mesh(data=4, fsdp=2), progress=False)
   a, b = (pd.read_csv(tmp_path / d / "paths.csv") for d in "ab")
   pd.testing.assert_frame_equal(a, b)

@@ -1,4 +1,4 @@
-"""Full disks (issue #21 item 3): a dataset build or a checkpoint save that runs out of space.
+"""Full disks (issue #21 item 3): a dataset build, a checkpoint save or an export that runs out of space.
 
 The disk is filled with a file size limit (``RLIMIT_FSIZE`` in the subprocess, SIGXFSZ ignored so a
 write past it fails with EFBIG, as one on a full disk fails with ENOSPC): portable, no root, no mount.
@@ -7,22 +7,18 @@ left, and (training) the last good checkpoint stays readable and the next run re
 """
 
 import os
-import resource
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from labor_jax.cli import train
+from labor_jax.cli import export, train
 from tests.runs import ROOT, read_metrics, run_train, train_args
 
 
-def _limit_files_to(nbytes):
-  def preexec():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited through exec: writes fail with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
-  return preexec
+def _limited(nbytes, module, *args):
+  """The command line of ``python -m module args`` under a file size limit of ``nbytes`` (tests/limited.py)."""
+  return [sys.executable, "-m", "tests.limited", str(nbytes), module, *args]
 
 
 @pytest.mark.parametrize("limit, victim", [(3_000, "tokenizer/tokenizer.model"),
@@ -35,9 +31,8 @@ def test_build_on_a_full_disk_says_so_in_one_line_and_leaves_the_old_dataset(tmp
   out = tmp_path / "out"
   out.mkdir()
   (out / "summary.json").write_text('{"old": true}')  # an earlier dataset: it must survive the failed build
-  p = subprocess.run([sys.executable, "-m", "data_pipeline.build", "--panel", str(panel), "--out", str(out),
-                      "--vocab-size", "400"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                     preexec_fn=_limit_files_to(limit))
+  p = subprocess.run(_limited(limit, "data_pipeline.build", "--panel", str(panel), "--out", str(out),
+                              "--vocab-size", "400"), cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 3, p.stderr[-2000:]
   lines = p.stderr.splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"error: cannot write the dataset {out} ("), p.stderr
@@ -74,3 +69,16 @@ def test_checkpoint_save_on_a_full_disk_stops_cleanly_and_the_rerun_resumes(tmp_
   assert sorted(x.name for x in (run_dir / "checkpoints").iterdir()) == ["2", "4"]
   assert restore_params(run_dir / "checkpoints")[0] == 4
   assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 3, 4]
+
+  # An export of that run onto a full disk: exit 3, one line, the earlier export at --out kept whole.
+  export_args = ["--run", str(run_dir), "--out", str(tmp_path / "hf")]
+  assert export.main(export_args) == 0
+  before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+  p = subprocess.run(_limited(20_000, "labor_jax.export", *export_args, "--step", "2"), cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == export.EXIT_WRITE, p.stderr[-3000:]
+  lines = p.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: cannot write the export {tmp_path / 'hf'}"), p.stderr
+  assert "file size limit" in lines[0] and "nothing was written" in lines[0]
+  assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before
+  assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".")) == []  # no temporary sibling

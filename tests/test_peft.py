@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 from labor_jax import labels, lora, model, sharding
 from labor_jax.cli import export
 from labor_jax.interop import hf
+from labor_jax.interop import peft as peft_io
 from labor_jax.training import config as train_config
 from labor_jax.training import loop as trainer
 from labor_jax.config import ConfigError, llama_tiny
@@ -59,11 +60,11 @@ def _peft_logits(torch, base_dir, adapter_dir):
 def test_peft_loads_the_exported_adapters_on_the_base_export(exported, torch, capsys):
   run_dir, base_dir, adapter_dir = exported
   config, params, _ = RunDir(run_dir).load_model()
-  meta = json.loads((adapter_dir / hf.ADAPTER_CONFIG).read_text())
+  meta = json.loads((adapter_dir / peft_io.ADAPTER_CONFIG).read_text())
   assert (meta["r"], meta["lora_alpha"], meta["peft_type"]) == (4, 8, "LORA")
   assert meta["target_modules"] == ["down_proj", "q_proj", "v_proj"]
   assert meta["base_model_name_or_path"] == str(base_dir)
-  names = load_file(str(adapter_dir / hf.ADAPTER_WEIGHTS))
+  names = load_file(str(adapter_dir / peft_io.ADAPTER_WEIGHTS))
   assert names["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, 64)
   assert names["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (16, 4)
   assert len(names) == 2 * 3 * 2
@@ -78,9 +79,9 @@ def test_load_adapter_reads_the_export_back_bitwise(exported):
   config, params, _ = RunDir(run_dir).load_model()
   mesh = sharding.make_mesh(fsdp=8)
   base_cfg, base = hf.load(base_dir, mesh)
-  cfg, loaded = hf.load_adapter(adapter_dir, base_cfg, base, mesh)
+  cfg, loaded = peft_io.load_adapter(adapter_dir, base_cfg, base, mesh)
   assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) == (config.lora_rank, config.lora_alpha, config.lora_dropout)
-  assert hf.adapter_modules(cfg) == hf.adapter_modules(config)
+  assert peft_io.adapter_modules(cfg) == peft_io.adapter_modules(config)
   _assert_bitwise(_adapters(loaded), _adapters(params))
   _assert_bitwise(labels.split(loaded, labels.run_labels(loaded, True))[1],
                   labels.split(params, labels.run_labels(params, True))[1])
@@ -141,13 +142,13 @@ def test_scanned_layers_and_lm_head_round_trip_through_peft(torch, tmp_path):
       lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(len(labels.path_str(p))), x.shape)
       if labels.path_str(p).endswith("lora_b") else x, params)
   hf.save(config, base, tmp_path / "base")
-  hf.save_adapter(cfg, params, tmp_path / "adapter")
-  assert json.loads((tmp_path / "adapter" / hf.ADAPTER_CONFIG).read_text())["target_modules"] == [
+  peft_io.save_adapter(cfg, params, tmp_path / "adapter")
+  assert json.loads((tmp_path / "adapter" / peft_io.ADAPTER_CONFIG).read_text())["target_modules"] == [
       "gate_proj", "k_proj", "lm_head", "up_proj"]
   ours = np.asarray(model.forward(cfg, params, TOKENS))
   theirs, _ = _peft_logits(torch, tmp_path / "base", tmp_path / "adapter")
   assert np.abs(ours - theirs).max() < 1e-4
-  cfg2, loaded = hf.load_adapter(tmp_path / "adapter", config, base)
+  cfg2, loaded = peft_io.load_adapter(tmp_path / "adapter", config, base)
   assert cfg2.replace(lora_targets=cfg.lora_targets) == cfg
   _assert_bitwise(loaded, params)
 
@@ -160,8 +161,8 @@ def test_scanned_layers_and_lm_head_round_trip_through_peft(torch, tmp_path):
         p.normal_(0, 0.05)
     theirs = pm(torch.tensor(TOKENS)).logits.numpy()
   pm.save_pretrained(tmp_path / "from_peft")
-  assert "base_model.model.lm_head.base_layer.weight" in load_file(str(tmp_path / "from_peft" / hf.ADAPTER_WEIGHTS))
-  cfg3, loaded = hf.load_adapter(tmp_path / "from_peft", config, base)
+  assert "base_model.model.lm_head.base_layer.weight" in load_file(str(tmp_path / "from_peft" / peft_io.ADAPTER_WEIGHTS))
+  cfg3, loaded = peft_io.load_adapter(tmp_path / "from_peft", config, base)
   assert (cfg3.lora_rank, cfg3.lora_alpha) == (3, 6.0)
   assert np.abs(np.asarray(model.forward(cfg3, loaded, TOKENS)) - theirs).max() < 1e-4
 
@@ -171,7 +172,7 @@ def small_adapter(tmp_path_factory):
   config = llama_tiny(vocab_size=64)
   base = model.init_params(config, jax.random.key(0))
   cfg, params = lora.add_adapters(config, base, jax.random.key(1), rank=4, targets=r"self_attn/(q|v)_proj")
-  return config, base, hf.save_adapter(cfg, params, tmp_path_factory.mktemp("small") / "adapter")
+  return config, base, peft_io.save_adapter(cfg, params, tmp_path_factory.mktemp("small") / "adapter")
 
 
 @pytest.fixture()
@@ -182,15 +183,15 @@ def adapter_dir(small_adapter, tmp_path):
 
 
 def _edit_config(d, **changes):
-  meta = json.loads((d / hf.ADAPTER_CONFIG).read_text())
+  meta = json.loads((d / peft_io.ADAPTER_CONFIG).read_text())
   meta.update(changes)
-  (d / hf.ADAPTER_CONFIG).write_text(json.dumps(meta))
+  (d / peft_io.ADAPTER_CONFIG).write_text(json.dumps(meta))
 
 
 def _edit_tensors(d, fn):
-  tensors = load_file(str(d / hf.ADAPTER_WEIGHTS))
+  tensors = load_file(str(d / peft_io.ADAPTER_WEIGHTS))
   fn(tensors)
-  save_file(tensors, str(d / hf.ADAPTER_WEIGHTS))
+  save_file(tensors, str(d / peft_io.ADAPTER_WEIGHTS))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -209,7 +210,7 @@ def test_unsupported_adapter_configs_stop_in_one_line(adapter_dir, change, messa
   config, base, d = adapter_dir
   _edit_config(d, **change)
   with pytest.raises(ConfigError) as e:
-    hf.load_adapter(d, config, base)
+    peft_io.load_adapter(d, config, base)
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -226,14 +227,14 @@ def test_missing_misshapen_or_unexpected_tensors_stop_in_one_line(adapter_dir, t
     copy = shutil.copytree(d, tmp_path / f"case{i}")
     _edit_tensors(copy, edit)
     with pytest.raises(hf.CheckpointError) as e:
-      hf.load_adapter(copy, config, base)
+      peft_io.load_adapter(copy, config, base)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_adapter_export_needs_adapters(adapter_dir, tmp_path):
   config, base, _ = adapter_dir
   with pytest.raises(hf.CheckpointError, match="no LoRA adapters"):
-    hf.save_adapter(config, base, tmp_path / "none")
+    peft_io.save_adapter(config, base, tmp_path / "none")
   assert not (tmp_path / "none").exists()
   assert export.main(["--run", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "x"), "--adapter-only"]) == 2
 
@@ -241,13 +242,13 @@ def test_adapter_export_needs_adapters(adapter_dir, tmp_path):
 def test_adapters_on_some_layers_round_trip_as_a_regex(small_adapter, tmp_path):
   config, base, _ = small_adapter
   cfg, params = lora.add_adapters(config, base, jax.random.key(1), rank=2, targets=r"layers_1/self_attn/q_proj")
-  d = hf.save_adapter(cfg, params, tmp_path / "adapter")
-  assert json.loads((d / hf.ADAPTER_CONFIG).read_text())["target_modules"] == r"model\.layers\.1\.self_attn\.q_proj"
-  cfg2, loaded = hf.load_adapter(d, config, base)
-  assert hf.adapter_modules(cfg2) == ["model.layers.1.self_attn.q_proj"]
+  d = peft_io.save_adapter(cfg, params, tmp_path / "adapter")
+  assert json.loads((d / peft_io.ADAPTER_CONFIG).read_text())["target_modules"] == r"model\.layers\.1\.self_attn\.q_proj"
+  cfg2, loaded = peft_io.load_adapter(d, config, base)
+  assert peft_io.adapter_modules(cfg2) == ["model.layers.1.self_attn.q_proj"]
   _assert_bitwise(loaded, params)
   with pytest.raises(ConfigError, match="adapts some layers only; a scan_layers model"):
-    hf.load_adapter(d, config.replace(scan_layers=True), model.stack_layers(base, config.num_hidden_layers))
+    peft_io.load_adapter(d, config.replace(scan_layers=True), model.stack_layers(base, config.num_hidden_layers))
 
 
 def test_evaluate_hf_with_an_adapter_equals_the_run(exported, nlsy_dataset, tmp_path):

@@ -13,7 +13,7 @@ from labor_jax import runtime
 runtime.tune_malloc()
 import jax, numpy as np
 from labor_jax import labels, model, sharding
-from labor_jax.cli import plan
+from labor_jax import planning
 from labor_jax.training import config as train_config
 from labor_jax.training import core as train_core
 
@@ -28,7 +28,7 @@ def in_use():
 
 cfg = train_config.load("configs/demo.yaml", ["data.vocab_size=1024"])
 config, mesh = train_config.model_config(cfg), sharding.make_mesh()
-planned = plan.train_plan(cfg, config, mesh)
+planned = planning.train_plan(cfg, config, mesh)
 label_tree = labels.run_labels(model.param_shapes(config), False)
 opt = train_core.make_optimizer(label_tree, lr=1e-4, clip_norm=1.0)
 sh = train_core.state_shardings(config, opt, mesh)

@@ -51,6 +51,65 @@ def bpe_tokenizer(sim, tmp_path_factory):
   return ResumeTokenizer.from_dir(d)
 
 
+@pytest.fixture(scope="module")
+def llama3_tokenizer(sim, tmp_path_factory):
+  """A byte-level BPE with Llama-3's pre-tokenizer (digits in groups of 3, punctuation glued to the
+  newlines after it) that learned "\\n\\n", so a newline sentinel would merge with a newline segment."""
+  import tokenizers
+  from data_pipeline.gguf_tokenizer import _LLAMA3_SPLIT
+  from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+  _, _, resumes = sim
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  texts = [r.text for r in resumes] + [r.text.replace("\n", "\n\n") for r in resumes]
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=700, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  d = tmp_path_factory.mktemp("llama3")
+  tok.save(str(d / "tokenizer.json"))
+  (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                       "eos_token": "<|end_of_text|>"}))
+  return ResumeTokenizer.from_dir(d)
+
+
+def test_sentinel_is_a_newline_unless_the_tokenizer_merges_newlines(sp_tokenizer, bpe_tokenizer, llama3_tokenizer):
+  assert sp_tokenizer.sentinel == "\n" and bpe_tokenizer.sentinel == "\n"
+  assert len(llama3_tokenizer._raw("\n\n")) == 1  # "\n\n" is one token: "\n" cannot be the sentinel
+  assert llama3_tokenizer.sentinel == "a"
+  assert llama3_tokenizer.encode_piece("\n") == llama3_tokenizer._raw("\n")
+
+
+def test_a_normalizing_tokenizer_is_refused_in_one_line(sim, tmp_path):
+  import tokenizers
+  from tokenizers import models, normalizers, pre_tokenizers
+  from data_pipeline.tokenizer import TokenizerError
+  tok = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+  tok.normalizer = normalizers.Lowercase()
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  with pytest.raises(TokenizerError, match=r"tokenizer.json: no sentinel .* so resume entries would have no token "
+                                           r"boundary$"):
+    ResumeTokenizer.from_dir(tmp_path)
+
+
+def test_build_check_refuses_a_tokenizer_that_changes_resume_text(sim, bpe_tokenizer, tmp_path):
+  import tokenizers
+  from tokenizers import normalizers
+  from data_pipeline.tokenizer import TokenizerError
+  _, _, resumes = sim
+  tok = tokenizers.Tokenizer.from_str(bpe_tokenizer.backend.to_str())
+  tok.normalizer = normalizers.Replace("history", "story")  # not in the sentinel probes' text: passes them
+  tok.save(str(tmp_path / "tokenizer.json"))
+  rt = ResumeTokenizer.from_dir(tmp_path)
+  r = resumes[0]
+  with pytest.raises(TokenizerError, match=rf"resume {r.person_id} does not decode back to its text \(first "
+                                           r"difference at character \d+: 'history.*' came back as 'story.*'\); "
+                                           r"this tokenizer cannot give resume entry boundaries$"):
+    rt.verify(r, rt.encode_resume(r))
+
+
 def test_template_example(sim):
   _, titles, resumes = sim
   text = resumes[0].text
@@ -76,7 +135,7 @@ def test_codes_variant(sim):
   assert not any(t in coded[0].text for t in titles.titles)
 
 
-@pytest.mark.parametrize("which", ["sp_tokenizer", "bpe_tokenizer"])
+@pytest.mark.parametrize("which", ["sp_tokenizer", "bpe_tokenizer", "llama3_tokenizer"])
 def test_prefix_property_and_title_spans(which, request, sim):
   tok = request.getfixturevalue(which)
   _, titles, resumes = sim

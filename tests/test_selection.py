@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from labor_jax import checkpoint, evaluation, selection
+from labor_jax import checkpoint, evaluation, inference, selection
 from labor_jax.training import validation
 from labor_jax.rundir import RunDir
 from tests.runs import read_metrics, run_train
@@ -48,10 +48,9 @@ def _kept(run_dir):
 
 def _reference_perplexity(run_dir, step) -> float:
   """exp(-mean log P) of the true titles of the validation transitions (t >= 1), from evaluation.llm_scores."""
-  run = RunDir(run_dir)
-  config, params, _ = run.load_model(step=step)
-  data = run.dataset()
-  scores = evaluation.llm_scores(config, params, run.tokenizer(), data.titles(), data.variant, data, "validation")
+  loaded = inference.open_model(run_dir, step=step)
+  data = loaded.dataset()
+  scores = evaluation.llm_scores(loaded, data.titles(), data.variant, data, "validation")
   src = data.source("validation")
   occ = {(e["dataset"].decode(), e["person_id"].decode()): e["occupations"] for e in (src[i] for i in range(len(src)))}
   logp = [r.llm_norm[occ[(r.dataset, r.person_id)][r.t]] for r in scores.itertuples() if r.t >= 1]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labor_jax import evaluation, sharding
+from labor_jax import evaluation, inference, sharding
 from labor_jax.rundir import RunDir
 from tests.runs import ROOT, run_train
 
@@ -28,12 +28,11 @@ def fsdp_run(tmp_path_factory, nlsy_dataset):
 
 
 def _scores(run_dir, mesh_spec):
-  run = RunDir(run_dir)
   mesh = None if mesh_spec is None else sharding.make_mesh(**sharding.parse_mesh(mesh_spec))
-  config, params, _ = run.load_model(mesh=mesh)
-  data = run.dataset()
-  df = evaluation.llm_scores(config, params, run.tokenizer(), data.titles(), data.variant, data, "test", mesh=mesh,
-                             batch_workers=16, chunk=8 if mesh_spec == "data=8" else None)
+  loaded = inference.open_model(run_dir, mesh=mesh)
+  data = loaded.dataset()
+  df = evaluation.llm_scores(loaded, data.titles(), data.variant, data, "test", batch_workers=16,
+                             chunk=8 if mesh_spec == "data=8" else None)
   return np.stack(df["llm_norm"].to_numpy()), np.stack(df["llm_raw"].to_numpy())
 
 
@@ -91,3 +90,55 @@ def test_two_processes_evaluate_like_one(tmp_path, fsdp_run):
   np.testing.assert_allclose(pa["logprob"], pb["logprob"], atol=1e-5)
   assert (pa["top5"].str.replace(r" \(\d\.\d+\)", "", regex=True) ==
           pb["top5"].str.replace(r" \(\d\.\d+\)", "", regex=True)).all()
+
+
+@pytest.fixture(scope="module")
+def odd_vocab_hf(tmp_path_factory, nlsy_dataset):
+  """A random tiny Llama with an odd vocabulary (the dataset tokenizer's size, made odd) and 2 KV heads,
+  saved as a Hugging Face directory with the dataset's tokenizer."""
+  from data_pipeline.dataset_dir import DatasetDir
+  from labor_jax import model
+  from labor_jax.config import llama_tiny
+  from labor_jax.interop import hf
+  data = DatasetDir(nlsy_dataset)
+  v = data.tokenizer().vocab_size
+  config = llama_tiny(vocab_size=v + (v + 1) % 2, num_attention_heads=4, num_key_value_heads=2)
+  assert config.vocab_size % 2 == 1
+  out = tmp_path_factory.mktemp("odd") / "hf"
+  hf.save(config, model.init_params(config, jax.random.key(3)), out, tokenizer_dir=data.tokenizer_dir)
+  return out
+
+
+def test_a_vocabulary_the_tensor_axis_does_not_divide_is_padded_and_scores_like_one_device(odd_vocab_hf, nlsy_dataset):
+  """open_model pads the vocabulary to the tensor axis (never refuses it); the padded rows get -inf logits, so
+  the log-probs equal one device's; through the command line, --mesh fsdp=4,tensor=2 gives --mesh data=8's
+  perplexities (before, it stopped: "dimension ... is not divisible by mesh axes 'tensor' of size 2")."""
+  from data_pipeline.dataset_dir import DatasetDir
+  from labor_jax import model
+  from labor_jax.cli import evaluate
+  data = DatasetDir(nlsy_dataset)
+  one = inference.open_model(odd_vocab_hf)
+  mesh = sharding.make_mesh(fsdp=2, tensor=2, devices=jax.devices()[:4])
+  padded = inference.open_model(odd_vocab_hf, mesh=mesh)
+  v = one.config.vocab_size
+  assert one.config.padded_vocab_size is None and padded.config.padded_vocab_size == v + 1
+  embed = padded.params["embed_tokens"]["embedding"]
+  assert embed.shape[0] == v + 1 and embed.sharding.spec[0] == "tensor"
+  assert f"vocabulary padded {v} -> {v + 1}" in padded.description
+  src = data.source("validation")
+  rows = [(src[i]["tokens"], src[i]["title_spans"][:, 0]) for i in range(8)]
+  a = inference.score_examples(one, data.titles(), data.variant, rows, batch_workers=4)
+  b = inference.score_examples(padded, data.titles(), data.variant, rows, batch_workers=4)
+  for (na, ra), (nb, rb) in zip(a, b):
+    assert np.abs(na - nb).max() <= 1e-5 and np.abs(ra - rb).max() <= 1e-5
+  tokens = np.asarray(rows[0][0])[None]
+  logits = model.forward(padded.config, padded.params, tokens, mask_BT=np.ones_like(tokens))
+  assert np.all(np.asarray(logits)[..., v:] == -np.inf) and np.isfinite(np.asarray(logits)[..., :v]).all()
+
+  common = ["--hf", str(odd_vocab_hf), "--data", str(nlsy_dataset), "--no-career", "--bootstrap", "0", "--no-progress"]
+  tmp = odd_vocab_hf.parent
+  assert evaluate.main(common + ["--out", str(tmp / "data8"), "--mesh", "data=8"]) == 0
+  assert evaluate.main(common + ["--out", str(tmp / "tensor2"), "--mesh", "fsdp=4,tensor=2"]) == 0
+  x, y = (json.loads((tmp / d / "metrics.json").read_text())["models"][evaluation.MAIN_LLM] for d in ("data8", "tensor2"))
+  assert y["perplexity"] == pytest.approx(x["perplexity"], rel=1e-5)
+  assert y["perplexity_raw"] == pytest.approx(x["perplexity_raw"], rel=1e-5)

@@ -50,6 +50,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, nlsy_dataset, 
   code, out, err = run_train(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4")
   assert code == 0, err
   assert "resumed from step 4" in out
+  assert f"process {p.pid}, which is no longer running: taking it over" in err  # its train.lock
   step_a, want = final_params(uninterrupted)
   step_b, got = final_params(run_dir)
   assert step_a == step_b == 8

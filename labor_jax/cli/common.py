@@ -1,6 +1,6 @@
 """What the command lines share: the training commands' exit codes (train, main, experiments), and
-the inference commands' flags (evaluate, predict): the device mesh, batching and multi-process
-start-up, parsed into library arguments."""
+the inference commands' flags (evaluate, predict, forecast, export): the checkpoint step, the device
+mesh, batching and multi-process start-up, parsed into library arguments."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ from typing import Callable
 
 import numpy as np
 
+from data_pipeline.errors import PanelError
+from data_pipeline.gguf_tokenizer import GGUFError
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import distributed, sharding
-from labor_jax.training import loop as trainer
+from labor_jax import distributed, inference, sharding
+from labor_jax.training import hooks
 from labor_jax.config import ConfigError
+from labor_jax.interop import hf
 from labor_jax.training.config import DistributedConfig
 
 EXIT_CONFIG, EXIT_NAN, EXIT_WRITE = 2, 3, 4
+# What a bad model source, dataset, mesh or input file raises: one line on stderr and exit 2.
+INPUT_ERRORS = (FileNotFoundError, ConfigError, sharding.ShardingError, hf.CheckpointError, PanelError, GGUFError)
 
 
 def run_training(fn: Callable[[], object]) -> int:
@@ -24,10 +29,10 @@ def run_training(fn: Callable[[], object]) -> int:
   checkpoint that could not be written (full disk) one line and 4."""
   try:
     fn()
-  except ConfigError as e:
+  except (ConfigError, GGUFError, hf.CheckpointError) as e:  # GGUF / HF sources named by model.hf_path
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_CONFIG
-  except trainer.NonFiniteLoss as e:
+  except hooks.NonFiniteLoss as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_NAN
   except ckpt_lib.CheckpointWriteError as e:
@@ -60,6 +65,17 @@ def start(args: argparse.Namespace) -> None:
       process_id=args.process_id))
 
 
-def mesh(args: argparse.Namespace, config) -> "sharding.Mesh":
-  """The mesh of ``--mesh``, or the default for a model of ``config``'s size."""
+def mesh(args: argparse.Namespace, source) -> "sharding.Mesh":
+  """The mesh of ``--mesh``, or the default for the size of the model ``source`` (read without its weights)."""
+  config = inference.model_config(source)
   return sharding.scoring_mesh(args.mesh, config.num_params() * np.dtype(config.jnp_param_dtype).itemsize)
+
+
+def add_step_flag(ap: argparse.ArgumentParser) -> None:
+  ap.add_argument("--step", default="best", help="a run's checkpoint: 'best' (lowest value of the run's eval_metric), "
+                                                 "'last' (also 'latest') or a step number")
+
+
+def step(args: argparse.Namespace) -> int | str:
+  """``--step`` as :func:`labor_jax.inference.open_model` takes it."""
+  return int(args.step) if str(args.step).isdigit() else args.step

@@ -19,10 +19,8 @@ import jax
 
 from labor_jax import evaluation, report, runtime
 from labor_jax.cli import common as cli
-from labor_jax.interop import hf
-from labor_jax.config import ConfigError, LlamaConfig
+from labor_jax.config import ConfigError
 from labor_jax.rundir import RunDir
-from labor_jax.sharding import ShardingError
 
 
 def _named(items: list[str]) -> dict[str, str]:
@@ -40,7 +38,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   which = ap.add_mutually_exclusive_group(required=True)
   which.add_argument("--run", help="run directory of labor_jax.train (scored at its best checkpoint)")
-  which.add_argument("--hf", help="a Hugging Face checkpoint directory that was never a labor_jax run")
+  which.add_argument("--hf", help="a Hugging Face checkpoint directory (or a .gguf file) that was never a labor_jax run")
   ap.add_argument("--adapter", help="with --hf: a PEFT LoRA adapter directory applied to it")
   ap.add_argument("--data", help="dataset directory (data_pipeline.build); default: the run's own; required with --hf")
   ap.add_argument("--split", default="test", choices=("train", "validation", "test"))
@@ -60,14 +58,13 @@ def main(argv=None) -> int:
     if args.adapter and not args.hf:
       raise ConfigError("--adapter applies to --hf models")
     cli.start(args)
-    config = RunDir(model).model_config() if args.run else LlamaConfig.from_hf_file(Path(model) / "config.json")
     ensembles = {f"ensemble of {1 + len(args.ensemble)} models": [model, *args.ensemble]} if args.ensemble else None
     metrics = evaluation.evaluate(
         model, args.split, args.out, data=args.data, adapter=args.adapter, career=not args.no_career,
-        extra_llms=_named(args.compare_hf), ensembles=ensembles, mesh=cli.mesh(args, config),
+        extra_llms=_named(args.compare_hf), ensembles=ensembles, mesh=cli.mesh(args, model),
         batch_workers=args.batch_workers, chunk=args.chunk, progress=not args.no_progress,
         bootstrap=args.bootstrap, seed=args.seed)
-  except (FileNotFoundError, ConfigError, ShardingError, hf.CheckpointError) as e:
+  except cli.INPUT_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index():

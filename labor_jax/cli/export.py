@@ -10,6 +10,10 @@ Restores the best (or ``--step``) checkpoint's parameters and writes one of:
 * ``--base-only``: that base (the run's frozen weights, no adapters) as a Hugging Face
   checkpoint with the tokenizer, for runs whose base is not already one (from scratch,
   ``model.init_from``).
+
+Exit codes: 0 written; 2 a bad run, step or option (one line); 3 the output could not be written, the
+disk being full or a file size limit hit (one line naming the file; nothing is left at ``--out``, an
+earlier export there is kept).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import sys
 
 import jax
 
+from data_pipeline.errors import disk_full
 from labor_jax import labels, lora
-from labor_jax.interop import hf
+from labor_jax.interop import hf, peft
 from labor_jax.config import ConfigError
 from labor_jax.rundir import RunDir
+
+EXIT_INPUT, EXIT_WRITE = 2, 3
 
 
 def main(argv=None) -> int:
@@ -53,7 +60,7 @@ def main(argv=None) -> int:
     tok = run.tokenizer_dir if run.tokenizer_dir.exists() else None
     if args.adapter_only:
       base_name = args.base_model or run.train_config().model.hf_path
-      out = hf.save_adapter(config, params, args.out, base_model_name_or_path=base_name)
+      out = peft.save_adapter(config, params, args.out, base_model_name_or_path=base_name)
       print(f"exported the LoRA adapters of step {step} of {args.run} (r={config.lora_rank}, "
             f"alpha={config.lora_alpha:g}) in PEFT format to {out}; base_model_name_or_path: "
             + (base_name or "unset (give --base-model, e.g. a --base-only export)"))
@@ -67,7 +74,15 @@ def main(argv=None) -> int:
     out = hf.save(merged_cfg, merged, args.out, tokenizer_dir=tok, max_shard_size=args.max_shard_size)
   except (FileNotFoundError, ConfigError, hf.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return EXIT_INPUT
+  except Exception as e:  # noqa: BLE001 - only a full disk is reported in one line; anything else propagates
+    full = disk_full(e)
+    if full is None:
+      raise
+    why, file = full
+    print(f"error: cannot write the export {args.out}{f' ({file})' if file else ''}: {why}; nothing was written",
+          file=sys.stderr)
+    return EXIT_WRITE
   print(f"exported step {step} of {args.run}{' (LoRA merged)' if config.lora_rank else ''} to {out}")
   return 0
 

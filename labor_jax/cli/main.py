@@ -45,7 +45,7 @@ def main(argv=None) -> int:
   runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default="runs/main", help="directory for every stage's run")
-  ap.add_argument("--seeds", type=int, default=3, help="seeds of stages 3 and 4 (each seed adds about 75 s on 2 cores)")
+  ap.add_argument("--seeds", type=int, default=3, help="seeds of stages 3 and 4 (each adds two runs; timings in docs/benchmarks.md)")
   args = ap.parse_args(argv)
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")

@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "TrainConfig", "load", "model_config", "updated", "che
 
 @dataclasses.dataclass
 class ModelConfig:
-  hf_path: str | None = None  # local HF checkpoint directory to fine-tune; None trains from scratch
+  hf_path: str | None = None  # local HF checkpoint directory (or .gguf file) to fine-tune; None trains from scratch
   init_from: str | None = None  # a labor_jax.train run directory whose best checkpoint initialises the weights
   adapter_path: str | None = None  # PEFT adapter directory to start LoRA from (its r, alpha, modules must equal lora.*)
   hidden_size: int = 64  # from scratch: residual width

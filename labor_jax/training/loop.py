@@ -1,43 +1,37 @@
 """The training loop: a typed run config in, a run directory out.
 
-:func:`run` prepares the data (building the embedded NLSY dataset when the config names
-none), builds the model (from scratch, from Hugging Face weights or from an earlier run;
-LoRA adapters on top), the sharded train state and the jitted steps
-(:mod:`labor_jax.training.core`), restores the newest readable checkpoint, and trains with
-progress output, metrics, TensorBoard events, validation (the token loss and, by default, the
-next-occupation perplexity that picks the best checkpoint: :mod:`labor_jax.selection`) and orbax
-checkpoints. The command line around it is ``python -m labor_jax.train``.
+:func:`setup` prepares a :class:`Trainer`: the data (building the embedded NLSY dataset when
+the config names none), the model (from scratch, from Hugging Face weights or from an earlier
+run; LoRA adapters on top), the sharded train state and the jitted steps
+(:mod:`labor_jax.training.core`), restored from the newest readable checkpoint. :func:`train` is
+the loop: the pure train step, then the hooks of :mod:`labor_jax.training.hooks` (progress,
+metrics, TensorBoard, validation with the next-occupation perplexity that picks the best
+checkpoint, preemption, orbax checkpoints, MFU), each at its own cadence. :func:`run` is both.
+The command line around it is ``python -m labor_jax.train``.
 """
 
 from __future__ import annotations
 
-import math
-import signal
+import dataclasses
 import sys
 import time
-import zlib
+from typing import Any, Callable
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir, build_default
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import flops, labels, lora, model, selection, sharding
-from labor_jax.interop import hf
+from labor_jax import inference, labels, lora, model, selection, sharding
+from labor_jax.interop import hf, peft
 from labor_jax.training import core as train_core
+from labor_jax.training import hooks as hooks_lib
 from labor_jax.training import validation
 from labor_jax.config import ConfigError, LlamaConfig
 from labor_jax.rundir import RunDir, dataset_of
 from labor_jax.training.config import TrainConfig, check_devices, model_config
-
-
-class NonFiniteLoss(RuntimeError):
-  """The training loss became NaN or infinite."""
 
 
 def _warn(*args):
@@ -80,7 +74,7 @@ def model_config_of(cfg: TrainConfig, tok: ResumeTokenizer) -> LlamaConfig:
     base = lora.merged_config(RunDir(m.init_from).model_config())
     config, source, hint = model_config(cfg, base), "model.init_from", ""
   elif m.hf_path:
-    config = model_config(cfg, LlamaConfig.from_hf_file(f"{m.hf_path}/config.json"))
+    config = model_config(cfg, LlamaConfig.from_hf_file(inference.hf_dir(m.hf_path) / "config.json"))
     source, hint = "model.hf_path", f"; build the dataset with --tokenizer-dir {m.hf_path}"
   else:
     return model_config(cfg, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -99,7 +93,7 @@ def initial_params(cfg: TrainConfig, config: LlamaConfig, mesh, rng):
     params = lora.merge(base_cfg, params)[1]
     print(f"initialised from {m.init_from} (step {step})", flush=True)
   elif m.hf_path:
-    params = hf.load_params(m.hf_path, base, mesh=mesh)
+    params = hf.load_params(inference.hf_dir(m.hf_path), base, mesh=mesh)  # a .gguf file is converted once
   elif config.lora_rank:  # a random base for the adapters, born sharded
     params = jax.jit(lambda r: model.init_params(base, r), out_shardings=model.param_shardings(base, mesh))(
         jax.random.fold_in(rng, 1))
@@ -121,10 +115,10 @@ def adapters_from(path: str, config: LlamaConfig, params, mesh):
   """``params`` (the base) with the PEFT adapter at ``path``, which must have ``config``'s rank, alpha and
   adapted modules (ConfigError naming the difference); the run's ``lora.dropout`` applies in training."""
   try:
-    found, params = hf.load_adapter(path, config.replace(lora_rank=0), params, mesh)
+    found, params = peft.load_adapter(path, config.replace(lora_rank=0), params, mesh)
   except hf.CheckpointError as e:
     raise ConfigError(f"model.adapter_path: {e}") from None
-  theirs, ours = hf.adapter_modules(found), hf.adapter_modules(config)
+  theirs, ours = peft.adapter_modules(found), peft.adapter_modules(config)
   named = lambda ms: f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in ms}))} ({len(ms)} modules)"  # noqa: E731
   for key, a, b in (("rank", found.lora_rank, config.lora_rank), ("alpha", found.lora_alpha, config.lora_alpha),
                     ("targets", theirs, ours)):
@@ -147,11 +141,83 @@ def split_state(state: train_core.TrainState, label_tree):
   return state.replace(params=trainable), frozen
 
 
-def run(cfg: TrainConfig) -> dict:
-  """Trains (or resumes) the run ``cfg`` describes; returns the last step's metrics record."""
+@dataclasses.dataclass
+class Trainer:
+  """A run's prepared pieces (:func:`setup`): what the loop steps and what the hooks watch."""
+  cfg: TrainConfig  # the resolved run config
+  run_dir: RunDir  # where everything is written
+  data: DatasetDir  # the dataset trained on
+  config: LlamaConfig  # the model trained
+  mesh: jax.sharding.Mesh  # the devices
+  state: train_core.TrainState  # parameters, optimizer state, step, RNG (sharded)
+  start: int  # the step the loop continues from (0 for a fresh run)
+  train_step: Callable  # jitted (state, batch) -> (state, metrics)
+  eval_step: Callable  # jitted (params, batch) -> (loss sum, tokens)
+  data_iter: Any  # the training batches (grain, checkpointed with the state)
+  data_kw: dict  # loader arguments (validation reuses them)
+  batch_sh: Any  # the batch sharding
+  mgr: Any  # the orbax CheckpointManager
+  label_tree: Any  # trainable / frozen / adapter label of every parameter
+  occupation: Callable | None  # params -> validation occupation perplexity (and token loss), or None
+  metric: str  # the recorded key whose lowest value is the best checkpoint
+  sizes: dict  # parameter counts and bytes (summary.json)
+  last_save: float = dataclasses.field(default_factory=time.monotonic)  # monotonic time of the last save
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  @property
+  def multi(self) -> bool:
+    return jax.process_count() > 1
+
+  def global_batch(self, local):
+    """This process's host batch as a slice of the global batch on the mesh."""
+    if self.multi:
+      return jax.make_array_from_process_local_data(self.batch_sh, local)
+    return jax.device_put(local, self.batch_sh)
+
+  def save(self, step: int, metrics: dict | None = None, wait: bool = False) -> None:
+    """Checkpoints the trainable state (and the data iterator) at ``step``."""
+    ckpt_lib.save(self.mgr, step, split_state(self.state, self.label_tree)[0], self.data_iter, metrics, wait=wait)
+    self.last_save = time.monotonic()
+
+
+def run(cfg: TrainConfig, hooks: list[hooks_lib.Hook] | None = None) -> dict:
+  """Trains (or resumes) the run ``cfg`` describes with ``hooks`` (default: :func:`hooks.default_hooks`);
+  returns the last step's metrics record. One process trains a run directory at a time (:meth:`RunDir.lock`)."""
+  with RunDir(cfg.run_dir).lock():
+    return train(setup(cfg), hooks_lib.default_hooks() if hooks is None else hooks)
+
+
+def train(trainer: Trainer, hooks: list[hooks_lib.Hook]) -> dict:
+  """The loop: the pure train step, then every hook, until the last step or a hook stops the run."""
+  last = {"step": trainer.start}
+  for hook in hooks:
+    hook.start(trainer)
+  try:
+    for step in range(trainer.start + 1, trainer.cfg.steps + 1):
+      local = next(trainer.data_iter)
+      trainer.state, metrics = trainer.train_step(trainer.state, trainer.global_batch(local))
+      info = hooks_lib.StepInfo(step, metrics, local, record={"step": step})
+      for hook in hooks:
+        hook.after_step(trainer, info)
+      last = info.record
+      if info.stop:
+        return last
+  finally:
+    for hook in reversed(hooks):
+      hook.close(trainer)
+  for hook in hooks:
+    hook.done(trainer, last)
+  return last
+
+
+def setup(cfg: TrainConfig) -> Trainer:
+  """Prepares a run: data, model config, mesh, optimizer, the train state (restored from the newest
+  readable checkpoint, or fresh from the model's source), the jitted steps and the validation scorer."""
   check_devices(cfg, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
-  multi = jax.process_count() > 1
   run_dir = RunDir(cfg.run_dir)
   run_dir.path.mkdir(parents=True, exist_ok=True)
   data = prepare_data(cfg, run_dir, is_main)
@@ -181,7 +247,7 @@ def run(cfg: TrainConfig) -> dict:
   data_iter = iter(loader.make_dataset(data, "train", seed=cfg.seed, **data_kw))
 
   # The validation perplexity's scoring step, built once (None: token loss picks the best checkpoint). Unpacked
-  # rows get their token loss from the same pass; packed ones from the loader's (evaluate below).
+  # rows get their token loss from the same pass; packed ones from the loader's (hooks.Validation).
   occupation = None
   if cfg.eval_metric == "occupation_perplexity":
     occupation = validation.occupation_metrics(
@@ -224,104 +290,7 @@ def run(cfg: TrainConfig) -> dict:
           + (f" + frozen weights {frozen_bytes / 2 ** 20:.1f} MiB once" if frozen_bytes else "")
           + f"; mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es)" + (f"; resumed from step {start}" if start else ""), flush=True)
-
-  def global_batch(local):
-    return jax.make_array_from_process_local_data(batch_sh, local) if multi else jax.device_put(local, batch_sh)
-
-  def evaluate() -> float:
-    it = iter(loader.make_dataset(data, "validation", shuffle=False, num_epochs=1, **data_kw))
-    total = tokens = 0.0
-    for i, local in enumerate(it):
-      if cfg.eval_batches and i >= cfg.eval_batches:
-        break
-      s, n = eval_step(state.params, global_batch(local))
-      total, tokens = total + float(s), tokens + float(n)
-    return total / max(tokens, 1.0)
-
-  def save(step, metrics=None, wait=False):
-    ckpt_lib.save(mgr, step, split_state(state, label_tree)[0], data_iter, metrics, wait=wait)
-    last_save["time"] = time.monotonic()
-
-  # Preemption: with several processes, JAX's preemption service catches SIGTERM on any of them
-  # and names one step at which every process saves; alone, a Python handler does.
-  stop = {"signal": None}
-
-  def on_term(signum, frame):
-    stop["signal"] = signum
-  old_handler = None if multi else signal.signal(signal.SIGTERM, on_term)
-  tb = SummaryWriter(str(run_dir.events_dir)) if is_main else None
-  bar = tqdm(total=cfg.steps, initial=start, disable=not (is_main and cfg.progress), dynamic_ncols=True,
-             file=sys.stdout)
-  last = {"step": start}
-  t_last, tok_last, steps_last = time.perf_counter(), 0.0, 0
-  # MFU: model FLOPs of every position a step computes (padding included) over the chips' peak bf16 FLOP/s.
-  flops_per_position = flops.train_flops_per_token(config, cfg.data.seq_len, frozen_base=cfg.lora.enabled)
-  chip_peak = flops.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops_per_chip)
-  peak = None if chip_peak is None else chip_peak * jax.device_count()
-  last_save = {"time": time.monotonic()}
-  val_loss = None
-  try:
-    for step in range(start + 1, cfg.steps + 1):
-      local = next(data_iter)
-      batch_crc = zlib.crc32(np.ascontiguousarray(local["inputs"]).tobytes())
-      state, m = train_step(state, global_batch(local))
-      loss = float(m["loss"])
-      if not math.isfinite(loss):
-        raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping; the last good checkpoint "
-                            f"(step {mgr.latest_step()}) is kept in {mgr.directory}")
-      tok_last += float(m["tokens"])
-      steps_last += 1
-      rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-             "batch_crc": batch_crc}
-      bar.update(1)
-      logged = step % cfg.log_every == 0 or step == cfg.steps
-      if logged:
-        now = time.perf_counter()
-        elapsed = max(now - t_last, 1e-9)
-        rec["tokens_per_s"] = tok_last / elapsed
-        positions_per_s = steps_last * cfg.batch_size * cfg.data.seq_len / elapsed
-        if peak is not None:
-          rec["mfu"] = flops.mfu(positions_per_s, flops_per_position, peak)
-        t_last, tok_last, steps_last = now, 0.0, 0
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                        **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
-      evals = {}
-      if step % cfg.eval_every == 0 or step == cfg.steps:
-        found = occupation(state.params) if occupation is not None else {}
-        evals["val_loss"] = val_loss = found.pop("val_loss") if "val_loss" in found else evaluate()
-        evals.update(found)
-        rec.update(evals)
-        bar.write(f"step {step}: train loss {loss:.4f}, "
-                  + ", ".join(f"{selection.LABELS[k]} {v:.4f}" for k, v in evals.items()))
-      if is_main:
-        run_dir.append_metrics(rec)
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
-          if k in rec:
-            tb.add_scalar(f"train/{k}", rec[k], step)
-        for k, v in evals.items():
-          tb.add_scalar(selection.TB_TAGS[k], v, step)
-      last = rec
-      preempted = multihost_utils.reached_preemption_sync_point(step) if multi else stop["signal"] is not None
-      if preempted:
-        save(step, wait=True)
-        bar.write(f"preemption notice (SIGTERM): saved checkpoint at step {step}, exiting")
-        return last
-      due = step % cfg.ckpt_every == 0 or step == cfg.steps
-      if cfg.ckpt_every_minutes and logged and not due:  # every process decides as process 0 does
-        late = time.monotonic() - last_save["time"] >= 60 * cfg.ckpt_every_minutes
-        due = bool(multihost_utils.broadcast_one_to_all(np.asarray(late))) if multi else late
-      if due:
-        save(step, evals or None)
-  finally:
-    mgr.wait_until_finished()
-    bar.close()
-    if tb is not None:
-      tb.close()
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
-  if is_main:
-    run_dir.write_summary({"final_step": last["step"], "final_loss": last.get("loss"), "val_loss": val_loss,
-                           "val_occupation_ppl": last.get("val_occupation_ppl"), "best_by": metric,
-                           "params": n_params, "trainable_fraction": frac, "optimizer_state_bytes": opt_bytes,
-                           "checkpoint_bytes_per_step": step_bytes, "frozen_bytes": frozen_bytes})
-  return last
+  sizes = {"params": n_params, "trainable_fraction": frac, "optimizer_state_bytes": opt_bytes,
+           "checkpoint_bytes_per_step": step_bytes, "frozen_bytes": frozen_bytes}
+  return Trainer(cfg, run_dir, data, config, mesh, state, start, train_step, eval_step, data_iter, data_kw, batch_sh,
+                 mgr, label_tree, occupation, metric, sizes)

@@ -26,14 +26,20 @@ STAGE1_WORKERS = 5000  # synthetic careers in the stage-1 corpus
 STAGE1_YEARS = 8  # years per synthetic career
 
 
-def train(recipe: str, run_dir: str | Path, data_dir: str | Path, **changes) -> dict:
+def recipe_config(recipe: str) -> train_config.TrainConfig:
+  """The run config ``configs/<recipe>.yaml``."""
+  return train_config.load(CONFIGS / f"{recipe}.yaml")
+
+
+def train(recipe: str, run_dir: str | Path, data_dir: str | Path, hooks=None, **changes) -> dict:
   """Trains ``configs/<recipe>.yaml`` into ``run_dir`` on ``data_dir`` with dotted ``changes``
-  (a finished run resumes at its end at once); returns the last step's metrics record."""
+  (a finished run resumes at its end at once) and ``hooks`` (default: the trainer's); returns the last
+  step's metrics record."""
   changes = {"run_dir": str(run_dir), "data.dataset_dir": str(data_dir), **changes}
   path = CONFIGS / f"{recipe}.yaml"
   print("  python -m labor_jax.train --config " + str(path.relative_to(CONFIGS.parent)) + "".join(
       f" --set {k}={v}" for k, v in changes.items()), flush=True)
-  return trainer.run(train_config.updated(train_config.load(path), changes))
+  return trainer.run(train_config.updated(train_config.load(path), changes), hooks)
 
 
 def synthetic_careers(titles: TitleTable, workers: int, years: int = STAGE1_YEARS, *, seed: int = 1,

@@ -20,18 +20,15 @@ Shape suffixes: W workers, B workers per call, N tokens, T transitions (entries 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline import loader, resume
 from data_pipeline.dataset_dir import TITLES, DatasetDir
-from labor_jax import losses, scorer, sharding
+from labor_jax import inference, sharding
 from labor_jax.config import LlamaConfig
 
 
@@ -60,32 +57,6 @@ def loss_weights(examples: list[dict], n: int, seq_len: int, loss_on: str, local
   return out
 
 
-@functools.lru_cache(maxsize=4)
-def _step(config: LlamaConfig, candidates: tuple[tuple[int, ...], ...], mesh: jax.sharding.Mesh, chunk: int,
-          with_loss: bool):
-  """The jitted ``(params, batch) -> sums``, one per model, titles, mesh and chunk in a process:
-  runs of the same shapes (the main job's seeds) reuse its compiled code."""
-  tree = scorer.CandidateTree.build(candidates)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def sums(params, tokens_BN, mask_BN, ends_BT, target_BT, valid_BT, weight_BN):
-    b, n = tokens_BN.shape
-    x_BND, kv = scorer.encode(config, params, tokens_BN, mask_BN, mesh=mesh)
-    last_BT = jnp.clip(ends_BT - 1, 0, n - 1)
-    logp_BTJ = scorer.score_from_cache(config, params, tree, kv, x_BND[jnp.arange(b)[:, None], last_BT], ends_BT,
-                                       normalize=True, chunk=chunk, mesh=mesh)
-    true_BT = jnp.take_along_axis(logp_BTJ, target_BT[..., None], axis=-1)[..., 0]
-    out = {"logp": jnp.sum(jnp.where(valid_BT, true_BT, 0.0)), "transitions": jnp.sum(valid_BT)}
-    if with_loss:
-      next_BN = jnp.concatenate([tokens_BN[:, 1:], jnp.zeros_like(tokens_BN[:, :1])], axis=1)
-      out["xent"] = losses.linear_cross_entropy(x_BND, scorer.head_weight(config, params), next_BN, weight_BN,
-                                                config.loss_chunk, dtype=config.jnp_dtype)
-      out["tokens"] = jnp.sum(weight_BN)
-    return out
-  # params and batches arrive placed (the train state's shardings, the workers' sharding): jit keeps them.
-  return jax.jit(sums, out_shardings=replicated)
-
-
 def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: jax.sharding.Mesh, *,
                        batch_workers: int, max_workers: int | None = None, chunk: int | None = None,
                        token_loss: tuple[int, str] | None = None,
@@ -106,8 +77,8 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
     log(f"eval_metric: no occupation perplexity ({why}); the best checkpoint is chosen by validation loss")
     return None
   candidates = tokenizer.candidate_tokens(resume.candidate_texts(data.titles(), data.variant))
-  step = _step(config, tuple(map(tuple, candidates)), mesh, chunk or mesh.shape["data"] * mesh.shape["fsdp"],
-               token_loss is not None)
+  step = inference.scoring_step(config, tuple(map(tuple, candidates)), mesh, chunk or inference.batch_size(mesh),
+                                token_loss is not None)
   b = batch_workers
   w = -(-len(examples) // b) * b
   n = max(len(e["tokens"]) for e in examples)
@@ -126,18 +97,19 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
     processes = jax.process_count()
     weight_WN[:len(examples)] = loss_weights(examples, n, *token_loss, b // processes, processes)
 
-  batch_sh = NamedSharding(mesh, sharding.logical_to_mesh(("batch", "length"), what="validation workers"))
-
-  def put(x):  # every process holds every row on the host and supplies its devices' rows
-    return jax.make_array_from_callback(x.shape, batch_sh, lambda idx: x[idx])
-  batches = [tuple(put(x[s:s + b]) for x in (tokens_WN, mask_WN, ends_WT, target_WT, valid_WT, weight_WN))
-             for s in range(0, w, b)]
+  inputs = (tokens_WN, mask_WN, ends_WT) + ((weight_WN,) if token_loss is not None else ())
+  batches = [tuple(inference.place_batch(x[s:s + b], mesh) for x in inputs) for s in range(0, w, b)]
+  true_logp = []  # the validation transitions' true titles, per batch: (row, step, title) indices
+  for s in range(0, w, b):
+    rows, steps = np.nonzero(valid_WT[s:s + b])
+    true_logp.append((rows, steps, target_WT[s:s + b][rows, steps]))
 
   def metrics(params) -> dict[str, float]:
     out = [step(params, *batch) for batch in batches]  # all dispatched before any is read
-    total = {k: sum(float(sharding.to_host(o[k])) for o in out) for k in out[0]}
-    result = {"val_occupation_ppl": math.exp(-total["logp"] / total["transitions"])}
+    logp = sum(float(np.sum(sharding.to_host(o["logp"])[idx], dtype=np.float64)) for o, idx in zip(out, true_logp))
+    result = {"val_occupation_ppl": math.exp(-logp / int(valid_WT.sum()))}
     if token_loss is not None:
-      result["val_loss"] = total["xent"] / max(total["tokens"], 1.0)
+      xent, tokens = (sum(float(sharding.to_host(o[k])) for o in out) for k in ("xent", "tokens"))
+      result["val_loss"] = xent / max(tokens, 1.0)
     return result
   return metrics

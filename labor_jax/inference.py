@@ -1,0 +1,291 @@
+"""The one door to a model for scoring: open any source, build the scoring step once.
+
+:func:`open_model` takes any model source and returns a :class:`Loaded` (config, parameters
+placed on the mesh, tokenizer, what was loaded):
+
+* a ``labor_jax.train`` run directory, at its best checkpoint (``step="best"``, by the run's
+  ``eval_metric``), its newest (``"last"``) or step N; the run's own tokenizer and dataset;
+* a Hugging Face checkpoint directory (config.json + safetensors), optionally with a PEFT LoRA
+  ``adapter`` directory on top;
+* a GGUF file (``*.gguf``), converted once into a cached Hugging Face directory
+  (:func:`labor_jax.interop.gguf.resolve`).
+
+With a ``mesh`` every parameter is restored straight into its sharding (never gathered on one
+host). A vocabulary that the mesh's tensor axis does not divide is padded to the next multiple
+(as Levanter and MaxText do): the embedding rows and head columns past ``vocab_size`` are
+zeros, and the model and the scorer give their logits -inf, so padded rows never receive
+probability.
+
+:func:`scoring_step` builds the jitted scoring step (:func:`labor_jax.scorer.score` on a batch of
+resumes, log-probabilities renormalised over the titles and raw) once per model, titles, mesh
+and chunk in a process; evaluation, prediction, the Python API (:mod:`labor_jax.api`),
+validation during training and the memory planner all use it. :func:`score_examples` runs it
+over any number of tokenised resumes in fixed-shape batches. :func:`batch_size` is the number
+of devices a batch is split over (the mesh's ``data`` x ``fsdp``).
+
+Shape suffixes: B workers per batch, N tokens, T entries, J titles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from data_pipeline import resume
+from data_pipeline.dataset_dir import DatasetDir
+from data_pipeline.titles import TitleTable
+from data_pipeline.tokenizer import ResumeTokenizer
+from labor_jax import losses, model, scorer, sharding
+from labor_jax.config import ConfigError, LlamaConfig
+from labor_jax.interop import hf, peft
+from labor_jax.rundir import RunDir
+
+LARGE_MODEL = 1e9  # parameters above which the tree pass runs one worker per batch device at a time
+RUN, HF, GGUF = "run", "hf", "gguf"  # the kinds of model source
+STEPS = ("best", "last", "latest")  # named checkpoints of a run ("latest" = "last"), or an int step
+
+
+def batch_size(mesh: Mesh | None) -> int:
+  """Devices a batch of workers is split over: the mesh's ``data`` x ``fsdp`` (1 without a mesh)."""
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def source_kind(source: str | os.PathLike) -> str:
+  """Which kind of model ``source`` is (RUN, HF or GGUF); FileNotFoundError when none."""
+  path = Path(source)
+  if path.suffix.lower() == ".gguf":
+    if not path.is_file():
+      raise FileNotFoundError(f"{source}: no such GGUF file")
+    return GGUF
+  if RunDir(source).is_run:
+    return RUN
+  if (path / "config.json").exists():
+    return HF
+  raise FileNotFoundError(f"{source}: neither a labor_jax.train run (model_config.json), a Hugging Face "
+                          "checkpoint (config.json) nor a .gguf file")
+
+
+def hf_dir(source: str | os.PathLike) -> Path:
+  """The Hugging Face directory of an HF or GGUF source (a GGUF file is converted once, cached)."""
+  if source_kind(source) == GGUF:
+    from labor_jax.interop import gguf  # the GGUF reader loads only for GGUF sources
+    return gguf.resolve(source)
+  return Path(source)
+
+
+def model_config(source: str | os.PathLike) -> LlamaConfig:
+  """The architecture of ``source`` without reading a weight (for choosing a mesh)."""
+  if source_kind(source) == RUN:
+    return RunDir(source).model_config()
+  return LlamaConfig.from_hf_file(hf_dir(source) / "config.json")
+
+
+def default_chunk(config: LlamaConfig, mesh: Mesh | None, batch_workers: int) -> int:
+  """Workers per tree pass when none is given: the whole batch for small models (fastest), one
+  worker per device of the batch axes for large ones (the least memory; the scoring plans in
+  docs/training.md size Llama-2-7B this way)."""
+  if config.num_params() < LARGE_MODEL:
+    return batch_workers
+  return batch_size(mesh)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@dataclasses.dataclass
+class Loaded:
+  """A model ready to score: what :func:`open_model` returns."""
+  config: LlamaConfig  # the architecture (with padded_vocab_size when the mesh needed it)
+  params: Any  # parameters on ``mesh`` (or the first local device)
+  tokenizer: ResumeTokenizer  # the model's tokenizer
+  source: str  # what was opened
+  kind: str  # RUN, HF or GGUF
+  description: str  # one line: which checkpoint, adapter, conversion
+  mesh: Mesh | None = None  # where the parameters live
+  step: int | None = None  # the checkpoint step of a run
+
+  @property
+  def run(self) -> RunDir | None:
+    return RunDir(self.source) if self.kind == RUN else None
+
+  def dataset(self) -> DatasetDir:
+    """The dataset a run trained on (ConfigError for other sources: they need one named)."""
+    if self.kind != RUN:
+      raise ConfigError(f"{self.source}: a {'Hugging Face' if self.kind == HF else 'GGUF'} model needs a dataset "
+                        "directory (--data)")
+    return self.run.dataset()
+
+  def check_dataset(self, data: DatasetDir) -> None:
+    """Stops (one line) when ``data``'s tokens were not made by this model's tokenizer."""
+    probe = "\n1984 (some college): Clerical and kindred workers\n<END OF DATA>"
+    theirs = data.tokenizer()
+    if (self.tokenizer.vocab_size != theirs.vocab_size
+            or self.tokenizer.encode_piece(probe) != theirs.encode_piece(probe)):
+      raise ConfigError(f"{data.path} was tokenised with another tokenizer than {self.source}'s: rebuild it with "
+                        f"python -m data_pipeline.build --tokenizer-dir {self.source}")
+
+  def candidates(self, titles: TitleTable, variant: str = "titles") -> tuple[tuple[int, ...], ...]:
+    """The titles' candidate tokens (title segment + entry terminator) under this model's tokenizer."""
+    return tuple(map(tuple, self.tokenizer.candidate_tokens(resume.candidate_texts(titles, variant))))
+
+  def scoring_step(self, titles: TitleTable, variant: str = "titles", *, chunk: int | None = None,
+                   batch_workers: int = 16) -> Callable:
+    """:func:`scoring_step` for this model, these titles and this mesh."""
+    return scoring_step(self.config, self.candidates(titles, variant), self.mesh,
+                        chunk or default_chunk(self.config, self.mesh, batch_workers))
+
+
+def open_model(source: str | os.PathLike, *, step: int | str | None = None, adapter: str | os.PathLike | None = None,
+               mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Loaded:
+  """Opens a run directory, a Hugging Face directory (+ PEFT ``adapter``) or a GGUF file.
+
+  ``step``: for a run, "best" (the default: lowest value of its ``eval_metric``), "last" or an int.
+  With ``mesh`` the parameters are restored straight into their shardings under ``rules``; a
+  vocabulary the mesh does not divide is padded (see the module docstring).
+  """
+  source = str(source)
+  kind = source_kind(source)
+  pad_to = _padded_rows(model_config(source).vocab_size, mesh, rules)
+  load_rules = rules if pad_to is None else tuple((k, None if k == "vocab" else v) for k, v in rules)
+  if kind == RUN:
+    if adapter is not None:
+      raise ConfigError(f"{source}: --adapter applies to Hugging Face checkpoints; a run carries its own adapters")
+    step = "best" if step is None else step
+    if step not in STEPS and not isinstance(step, int):
+      raise ConfigError(f"step must be 'best', 'last' or an integer, got {step!r}")
+    run = RunDir(source)
+    config, params, step = run.load_model(None if step in ("last", "latest") else step, mesh=mesh, rules=load_rules)
+    tokenizer, what = run.tokenizer(), f"step {step}"
+  else:
+    if step is not None:
+      raise ConfigError(f"{source}: a checkpoint step applies to labor_jax.train runs only")
+    directory = hf_dir(source)
+    config, params = hf.load(directory, mesh=mesh, rules=load_rules)
+    if adapter is not None:
+      config, params = peft.load_adapter(adapter, config, params, mesh=mesh, rules=load_rules)
+    tokenizer = ResumeTokenizer.from_dir(directory)
+    what = ("Hugging Face " if kind == HF else f"GGUF (converted to {directory}) ") + source + (
+        f" + adapter {adapter}" if adapter else "")
+    step = None
+  if pad_to is not None:
+    config, params = pad_vocab(config, params, mesh, pad_to, rules)
+    what += f", vocabulary padded {config.vocab_size} -> {pad_to} for the mesh's tensor axis"
+  return Loaded(config, params, tokenizer, source, kind, what, mesh, step)
+
+
+def _padded_rows(vocab_size: int, mesh: Mesh | None, rules: sharding.Rules) -> int | None:
+  """The padded vocabulary size when the mesh axes of "vocab" do not divide it, else None."""
+  if mesh is None:
+    return None
+  split = sharding.axis_size(mesh, dict(rules).get("vocab"))
+  return None if vocab_size % split == 0 else -(-vocab_size // split) * split
+
+
+def padded_config(config: LlamaConfig, mesh: Mesh | None, rules: sharding.Rules = sharding.DEFAULT_RULES) -> LlamaConfig:
+  """``config`` with ``padded_vocab_size`` set when ``mesh`` needs it (for abstract plans)."""
+  rows = _padded_rows(config.vocab_size, mesh, rules)
+  return config if rows is None else config.replace(padded_vocab_size=rows)
+
+
+def pad_vocab(config: LlamaConfig, params: Any, mesh: Mesh, rows: int,
+              rules: sharding.Rules = sharding.DEFAULT_RULES) -> tuple[LlamaConfig, Any]:
+  """(config with ``padded_vocab_size=rows``, params with every "vocab" axis zero-padded to ``rows``),
+  placed in the padded shardings on ``mesh``."""
+  padded = config.replace(padded_vocab_size=rows)
+  axes = model.param_logical_axes(config)
+
+  def pad(x, spec):
+    if "vocab" not in tuple(spec):
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[tuple(spec).index("vocab")] = (0, rows - x.shape[tuple(spec).index("vocab")])
+    return jnp.pad(x, widths)
+  shardings = model.param_shardings(padded, mesh, rules)
+  return padded, jax.jit(lambda p: jax.tree.map(pad, p, axes), out_shardings=shardings)(params)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+@functools.lru_cache(maxsize=8)
+def scoring_step(config: LlamaConfig, candidates: tuple[tuple[int, ...], ...], mesh: Mesh | None = None,
+                 chunk: int | None = None, token_loss: bool = False) -> Callable:
+  """The jitted ``(params, tokens_BN, mask_BN, ends_BT) -> {"logp": [B, T, J], "raw": [B, T, J]}``.
+
+  ``logp`` is log P(title j | resume b's first ``ends_BT[b, t]`` tokens) renormalised over the
+  candidates, ``raw`` the same before renormalising (:func:`labor_jax.scorer.score`). With
+  ``token_loss`` the step takes a fifth argument, ``weight_BN`` (the weight of target token
+  ``i + 1`` at position ``i``), and adds ``xent`` (the weighted token cross-entropy summed) and
+  ``tokens`` (the weights summed) from the same encoding of the resumes (validation during training).
+  Built once per config, candidates, mesh, chunk and loss in a process: runs of the same shapes (the
+  main job's seeds) share the compiled code. Inputs arrive placed (:func:`place_batch`)."""
+  tree = scorer.CandidateTree.build(candidates)
+
+  def step(params, tokens_BN, mask_BN, ends_BT, weight_BN=None):
+    raw_BTJ, x_BND = scorer.score(config, params, tree, tokens_BN, mask_BN, ends_BT, chunk=chunk, mesh=mesh,
+                                  return_hidden=True)
+    out = {"logp": jax.nn.log_softmax(raw_BTJ, axis=-1), "raw": raw_BTJ}
+    if token_loss:
+      next_BN = jnp.concatenate([tokens_BN[:, 1:], jnp.zeros_like(tokens_BN[:, :1])], axis=1)
+      out["xent"] = losses.linear_cross_entropy(x_BND, scorer.head_weight(config, params), next_BN, weight_BN,
+                                                config.loss_chunk, dtype=config.jnp_dtype)
+      out["tokens"] = jnp.sum(weight_BN)
+    return out
+  return jax.jit(step)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Workers split over the mesh's batch axes (``data`` and ``fsdp``)."""
+  return NamedSharding(mesh, sharding.logical_to_mesh(("batch", "length"), what="workers"))
+
+
+def place_batch(x: np.ndarray, mesh: Mesh | None) -> jax.Array | np.ndarray:
+  """A host batch [B, ...] on the mesh's batch axes; every process holds the whole batch and supplies
+  its devices' rows. Without a mesh: unchanged."""
+  if mesh is None:
+    return x
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda idx: x[idx])
+
+
+def pack(rows: Sequence[tuple[np.ndarray, np.ndarray]], batch: int, n: int, t: int):
+  """(tokens_BN, mask_BN, ends_BT) of up to ``batch`` (tokens, title starts) rows, right padded;
+  unused steps end at 1 (any prefix length in [1, N] works; their scores are ignored)."""
+  tokens_BN = np.zeros((batch, n), np.int32)
+  mask_BN = np.zeros_like(tokens_BN)
+  ends_BT = np.ones((batch, t), np.int32)
+  for i, (tokens, ends) in enumerate(rows):
+    tokens_BN[i, :len(tokens)], mask_BN[i, :len(tokens)] = tokens, 1
+    ends_BT[i, :len(ends)] = ends
+  return tokens_BN, mask_BN, ends_BT
+
+
+def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                   batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
+                   desc: str = "scoring") -> list[tuple[np.ndarray, np.ndarray]]:
+  """(normalised, raw) log-probs [T_i, J] of each row (tokens, the token index where each of its T_i
+  titles starts), ``batch_workers`` rows per call of the scoring step (a multiple of
+  :func:`batch_size`), in batches of one shape (compiled once). Every process gets every score."""
+  if batch_workers % batch_size(loaded.mesh):
+    raise ConfigError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
+                      f"{batch_size(loaded.mesh)}")
+  step = loaded.scoring_step(titles, variant, chunk=chunk, batch_workers=batch_workers)
+  n = max(len(tokens) for tokens, _ in rows)
+  t = max(max(len(ends) for _, ends in rows), 1)
+  out = []
+  bar = tqdm(total=len(rows), unit="worker", desc=desc, dynamic_ncols=True, file=sys.stdout,
+             disable=not (progress and jax.process_index() == 0))
+  for s in range(0, len(rows), batch_workers):
+    part = rows[s:s + batch_workers]
+    batch = (place_batch(x, loaded.mesh) for x in pack(part, batch_workers, n, t))
+    found = step(loaded.params, *batch)
+    logp, raw = sharding.to_host(found["logp"]), sharding.to_host(found["raw"])
+    out += [(logp[i, :len(ends)], raw[i, :len(ends)]) for i, (_, ends) in enumerate(part)]
+    bar.update(len(part))
+  bar.close()
+  return out

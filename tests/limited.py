@@ -1,0 +1,16 @@
+"""``python -m tests.limited BYTES MODULE [args]``: runs ``python -m MODULE args`` under a file size limit of
+BYTES (``RLIMIT_FSIZE``, SIGXFSZ ignored so that a write past it fails with EFBIG, as one on a full disk
+fails with ENOSPC). Set here, in the child, rather than by a ``preexec_fn`` in the multithreaded test
+process (forking a process that runs JAX threads may deadlock)."""
+
+import resource
+import runpy
+import signal
+import sys
+
+if __name__ == "__main__":
+  limit, module, *args = sys.argv[1:]
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), resource.RLIM_INFINITY))
+  sys.argv = [module, *args]
+  runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -1,0 +1,57 @@
+"""The house rules of the entry points: every command answers --help through `python -m labor_jax.<command>`
+and `labor-jax <command>`, and no library module imports a command-line module."""
+
+import ast
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from labor_jax import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIMS = {p.stem for p in (ROOT / "labor_jax").glob("*.py")
+         if "labor_jax.cli." in p.read_text() and "sys.exit(main())" in p.read_text()}
+
+
+def test_every_command_has_a_shim_and_the_console_script_lists_it():
+  assert SHIMS == set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_python_m_help(command, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", [f"labor_jax.{command}", "--help"])
+  with pytest.raises(SystemExit) as e:
+    runpy.run_module(f"labor_jax.{command}", run_name="__main__")
+  assert e.value.code == 0
+  assert "usage:" in capsys.readouterr().out
+
+
+def test_console_script_dispatches(capsys):
+  assert cli.run(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert all(f"  {name} " in out for name in cli.COMMANDS)
+  assert cli.run(["no-such-command"]) == 2
+  with pytest.raises(SystemExit) as e:
+    cli.run(["predict", "--help"])
+  assert e.value.code == 0 and "--history" in capsys.readouterr().out
+
+
+def _imports(path: Path) -> set[str]:
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    elif isinstance(node, ast.Import):
+      out |= {a.name for a in node.names}
+  return out
+
+
+def test_library_modules_import_no_command_line_module():
+  library = [p for d in ("labor_jax", "data_pipeline") for p in (ROOT / d).rglob("*.py")
+             if "cli" not in p.relative_to(ROOT).parts and p.stem not in SHIMS]
+  assert len(library) > 30
+  bad = {str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.startswith("labor_jax.cli"))
+         for p in library}
+  assert {k: v for k, v in bad.items() if v} == {}
