@@ -49,6 +49,16 @@ def _evaluate(capsys, model_dir, data, out, *extra):
   return code, capsys.readouterr().err
 
 
+def _assert_refused(capsys, tmp_path, needles, model_dir, data, *extra):
+  """``evaluate --hf model_dir`` exits 2 with one stderr line holding every needle; writes and unpickles nothing."""
+  out = tmp_path / "out"
+  code, err = _evaluate(capsys, model_dir, data, out, *extra)
+  err = err.strip()
+  assert code == 2 and err.count("\n") == 0, err[-3000:]
+  assert all(n in err for n in needles), err
+  assert not out.exists() and not (tmp_path / "UNPICKLED").exists()
+
+
 def _copy(src: Path, dst: Path) -> Path:
   shutil.copytree(src, dst)
   return dst
@@ -108,12 +118,7 @@ MODEL_PROBES = {"pickle only": _pickle_only, "tokenizer.json does not parse": _b
 @pytest.mark.parametrize("probe", sorted(MODEL_PROBES))
 def test_bad_model_files_stop_in_one_line_and_write_nothing(probe, hf_pair, nlsy_dataset, tmp_path, capsys):
   model_dir, needles = MODEL_PROBES[probe](tmp_path, hf_pair / "hf")
-  out = tmp_path / "out"
-  code, err = _evaluate(capsys, model_dir, nlsy_dataset, out)
-  err = err.strip()
-  assert code == 2 and err.count("\n") == 0, err[-3000:]
-  assert all(n in err for n in needles), err
-  assert not out.exists() and not (tmp_path / "UNPICKLED").exists()
+  _assert_refused(capsys, tmp_path, needles, model_dir, nlsy_dataset)
 
 
 def _adapter_rank(tmp, adapter):
@@ -154,12 +159,7 @@ ADAPTER_PROBES = {"adapter rank does not fit": _adapter_rank, "adapter targets u
 @pytest.mark.parametrize("probe", sorted(ADAPTER_PROBES))
 def test_bad_adapters_stop_in_one_line_and_write_nothing(probe, hf_pair, nlsy_dataset, tmp_path, capsys):
   adapter, needles = ADAPTER_PROBES[probe](tmp_path, hf_pair / "adapter")
-  out = tmp_path / "out"
-  code, err = _evaluate(capsys, hf_pair / "hf", nlsy_dataset, out, "--adapter", str(adapter))
-  err = err.strip()
-  assert code == 2 and err.count("\n") == 0, err[-3000:]
-  assert all(n in err for n in needles), err
-  assert not out.exists() and not (tmp_path / "UNPICKLED").exists()
+  _assert_refused(capsys, tmp_path, needles, hf_pair / "hf", nlsy_dataset, "--adapter", str(adapter))
 
 
 def test_no_library_module_unpickles_or_calls_torch():

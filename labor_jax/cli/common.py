@@ -1,11 +1,17 @@
-"""What the command lines share: the training commands' exit codes (train, main, experiments), and
-the inference commands' flags (evaluate, predict, forecast, export): the checkpoint step, the device
-mesh, batching and multi-process start-up, parsed into library arguments."""
+"""What the command lines share: the training commands' exit codes (train, main, experiments), the
+inference commands' flags (evaluate, predict, forecast, export): the model source, the checkpoint
+step, the device mesh, batching and multi-process start-up, parsed into library arguments; and the
+experiments' report (table.md, summary.json)."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -13,7 +19,7 @@ import numpy as np
 from data_pipeline.errors import PanelError
 from data_pipeline.gguf_tokenizer import GGUFError
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import distributed, inference, sharding
+from labor_jax import distributed, inference, runtime, sharding
 from labor_jax.training import hooks
 from labor_jax.config import ConfigError
 from labor_jax.interop import hf
@@ -39,6 +45,22 @@ def run_training(fn: Callable[[], object]) -> int:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_WRITE
   return 0
+
+
+def add_model_flags(ap: argparse.ArgumentParser, run_help: str = "run directory of labor_jax.train") -> None:
+  """The model to use: ``--run RUN`` or ``--hf DIR|FILE.gguf``, and ``--adapter`` (a PEFT adapter on ``--hf``)."""
+  which = ap.add_mutually_exclusive_group(required=True)
+  which.add_argument("--run", help=run_help)
+  which.add_argument("--hf", help="a Hugging Face checkpoint directory (or a .gguf file) that was never a labor_jax run")
+  ap.add_argument("--adapter", help="with --hf: a PEFT LoRA adapter directory applied to it")
+
+
+def model_source(args: argparse.Namespace, hf_only: tuple[str, ...] = ("adapter",)) -> str:
+  """``--run`` or ``--hf``; ConfigError when a flag of ``hf_only`` (``--adapter``, ...) is given with ``--run``."""
+  given = [f"--{name}" for name in hf_only if getattr(args, name, None)]
+  if given and not args.hf:
+    raise ConfigError(f"{' and '.join(given)} apply to --hf models (a run has its own)")
+  return args.run or args.hf
 
 
 def add_mesh_flags(ap: argparse.ArgumentParser, batch: bool = True) -> None:
@@ -79,3 +101,31 @@ def add_step_flag(ap: argparse.ArgumentParser) -> None:
 def step(args: argparse.Namespace) -> int | str:
   """``--step`` as :func:`labor_jax.inference.open_model` takes it."""
   return int(args.step) if str(args.step).isdigit() else args.step
+
+
+def diff_cell(row: dict, star: bool = False) -> str:
+  """A report's log-perplexity difference with its 95% interval, ``+0.012 [-0.003, +0.027]`` (with `` *``
+  after it when ``star`` and the interval excludes zero), or ``-`` for a row without a difference."""
+  if "log_ppl_diff" not in row:
+    return "-"
+  ci = row.get("log_ppl_diff_ci")
+  cell = f"{row['log_ppl_diff']:+.3f}"
+  if ci:
+    cell += f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" + (" *" if star and row.get("excludes_zero") else "")
+  return cell
+
+
+def write_report(out: Path, result: dict, lines: list[str], t0: float) -> dict:
+  """Stamps ``result`` with the machine, the date and the seconds since ``t0``, writes ``OUT/table.md``
+  (``lines`` and that stamp) and ``OUT/summary.json``, each whole or not at all, and prints the table."""
+  result.update(machine=runtime.cpu_description(), date=datetime.date.today().isoformat(),
+                seconds=time.perf_counter() - t0)
+  lines = [*lines, f"Machine: {result['machine']}; {result['date']}; {result['seconds']:.0f} s in all."]
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  for name, text in (("summary.json", json.dumps(result, indent=2) + "\n"), ("table.md", "\n".join(lines) + "\n")):
+    tmp = out / f".{name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / name)
+  print("\n" + "\n".join(lines), flush=True)
+  return result

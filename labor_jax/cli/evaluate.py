@@ -36,10 +36,7 @@ def _named(items: list[str]) -> dict[str, str]:
 def main(argv=None) -> int:
   runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  which = ap.add_mutually_exclusive_group(required=True)
-  which.add_argument("--run", help="run directory of labor_jax.train (scored at its best checkpoint)")
-  which.add_argument("--hf", help="a Hugging Face checkpoint directory (or a .gguf file) that was never a labor_jax run")
-  ap.add_argument("--adapter", help="with --hf: a PEFT LoRA adapter directory applied to it")
+  cli.add_model_flags(ap, run_help="run directory of labor_jax.train (scored at its best checkpoint)")
   ap.add_argument("--data", help="dataset directory (data_pipeline.build); default: the run's own; required with --hf")
   ap.add_argument("--split", default="test", choices=("train", "validation", "test"))
   ap.add_argument("--out", help="output directory (default RUN/eval_SPLIT; required with --hf)")
@@ -53,10 +50,8 @@ def main(argv=None) -> int:
   cli.add_mesh_flags(ap)
   args = ap.parse_args(argv)
 
-  model = args.run or args.hf
   try:
-    if args.adapter and not args.hf:
-      raise ConfigError("--adapter applies to --hf models")
+    model = cli.model_source(args)
     cli.start(args)
     ensembles = {f"ensemble of {1 + len(args.ensemble)} models": [model, *args.ensemble]} if args.ensemble else None
     metrics = evaluation.evaluate(

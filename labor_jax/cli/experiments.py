@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -184,11 +182,7 @@ def table(result: dict) -> list[str]:
            "| --- | ---: | ---: | --- | --- |"]
   for r in result["variants"].values():
     ppl = f"{r['perplexity_mean']:.3f}" + (f" ± {r['perplexity_sd']:.3f}" if r["perplexity_sd"] is not None else "")
-    if "log_ppl_diff" in r:
-      ci = r.get("log_ppl_diff_ci")
-      diff = f"{r['log_ppl_diff']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
-    else:
-      diff = "(reference)"
+    diff = cli.diff_cell(r) if "log_ppl_diff" in r else "(reference)"
     lines.append(f"| {r['name']} | {ppl} | {diff} | {r['paper'] or '-'} | {r.get('found', '-')} |")
   return lines
 
@@ -205,19 +199,14 @@ def run(out: Path, n_seeds: int, *, quick: bool = False, bootstrap: int = 1000) 
   runs = train_all(out, data, variants, n_seeds, changes)
   print("\n== scoring every run on the NLSY test split", flush=True)
   result = score(data, variants, runs, bootstrap=bootstrap)
-  result.update(quick=quick, machine=runtime.cpu_description(), date=datetime.date.today().isoformat(),
-                seconds=time.perf_counter() - t0)
+  result["quick"] = quick
   quick_note = " (--quick: 2 steps per run, not results)" if quick else ""
   lines = [(f"NLSY test split, {result['transitions']:,} transitions of {result['workers']:,} workers; "
             f"{n_seeds} seed(s) per variant{quick_note}."), "",
            *table(result), "",
            (f"The difference is log perplexity minus the main recipe's, from each side's log-probabilities averaged "
-            f"over the seeds; the 95% interval is paired, from {bootstrap:,} bootstrap resamples of the test workers."),
-           f"Machine: {result['machine']}; {result['date']}; {result['seconds']:.0f} s in all."]
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "table.md").write_text("\n".join(lines) + "\n")
-  (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-  print("\n" + "\n".join(lines))
+            f"over the seeds; the 95% interval is paired, from {bootstrap:,} bootstrap resamples of the test workers.")]
+  cli.write_report(out, result, lines, t0)
   return result
 
 

@@ -19,7 +19,6 @@ from data_pipeline import resume
 from data_pipeline.history import load_history
 from labor_jax import api, runtime
 from labor_jax.cli import common as cli
-from labor_jax.config import ConfigError
 from labor_jax.rundir import RunDir
 
 
@@ -42,10 +41,7 @@ def predict(model: str | Path, history: str | Path, top_k: int = 5, *, titles: s
 def main(argv=None) -> int:
   runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  which = ap.add_mutually_exclusive_group(required=True)
-  which.add_argument("--run", help="run directory of labor_jax.train")
-  which.add_argument("--hf", help="a Hugging Face checkpoint directory (or a .gguf file)")
-  ap.add_argument("--adapter", help="with --hf: a PEFT LoRA adapter directory")
+  cli.add_model_flags(ap)
   ap.add_argument("--titles", help="with --hf: the occupation titles (code,title CSV, or occ1990dd)")
   ap.add_argument("--variant", choices=resume.VARIANTS, help="with --hf: titles (default) or codes")
   ap.add_argument("--history", required=True, help="worker history: JSON or panel-format CSV")
@@ -53,10 +49,8 @@ def main(argv=None) -> int:
   cli.add_step_flag(ap)
   cli.add_mesh_flags(ap, batch=False)
   args = ap.parse_args(argv)
-  model = args.run or args.hf
   try:
-    if (args.adapter or args.titles) and not args.hf:
-      raise ConfigError("--adapter and --titles apply to --hf models (a run has its own)")
+    model = cli.model_source(args, hf_only=("adapter", "titles"))
     if args.run:
       RunDir(args.run).check()
     cli.start(args)
