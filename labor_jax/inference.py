@@ -233,8 +233,9 @@ def scoring_step(config: LlamaConfig, candidates: tuple[tuple[int, ...], ...], m
     out = {"logp": jax.nn.log_softmax(raw_BTJ, axis=-1), "raw": raw_BTJ}
     if token_loss:
       next_BN = jnp.concatenate([tokens_BN[:, 1:], jnp.zeros_like(tokens_BN[:, :1])], axis=1)
-      out["xent"] = losses.linear_cross_entropy(x_BND, scorer.head_weight(config, params), next_BN, weight_BN,
-                                                config.loss_chunk, dtype=config.jnp_dtype)
+      head_DV = scorer.head_weight(config, params)[:, :config.vocab_size]  # no padded rows in the softmax
+      out["xent"] = losses.linear_cross_entropy(x_BND, head_DV, next_BN, weight_BN, config.loss_chunk,
+                                                dtype=config.jnp_dtype)
       out["tokens"] = jnp.sum(weight_BN)
     return out
   return jax.jit(step)

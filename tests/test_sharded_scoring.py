@@ -131,6 +131,15 @@ def test_a_vocabulary_the_tensor_axis_does_not_divide_is_padded_and_scores_like_
   b = inference.score_examples(padded, data.titles(), data.variant, rows, batch_workers=4)
   for (na, ra), (nb, rb) in zip(a, b):
     assert np.abs(na - nb).max() <= 1e-5 and np.abs(ra - rb).max() <= 1e-5
+  # The validation token loss of the same pass (training's) leaves the padded rows out of the softmax too.
+  n, t = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+  tokens_BN, mask_BN, ends_BT = inference.pack(rows, len(rows), n, t)
+  cands = one.candidates(data.titles(), data.variant)
+  xent = [float(inference.scoring_step(m.config, cands, m.mesh, inference.default_chunk(m.config, m.mesh, 8),
+                                       token_loss=True)(
+      m.params, *(inference.place_batch(x, m.mesh) for x in (tokens_BN, mask_BN, ends_BT, mask_BN)))["xent"])
+      for m in (one, padded)]
+  assert xent[1] == pytest.approx(xent[0], rel=1e-5)
   tokens = np.asarray(rows[0][0])[None]
   logits = model.forward(padded.config, padded.params, tokens, mask_BT=np.ones_like(tokens))
   assert np.all(np.asarray(logits)[..., v:] == -np.inf) and np.isfinite(np.asarray(logits)[..., :v]).all()
