@@ -14,6 +14,7 @@ from labor_jax.training import config as train_config
 from labor_jax.training import loop as trainer
 from labor_jax.rundir import RunDir
 from tests.runs import final_params, run_train, train_args
+from tests.compiled import forward
 
 LORA = ["lora.enabled=true", "lora.rank=4", "steps=4", "ckpt_every=2", "eval_every=2"]
 IN_PROCESS = ["mesh.data=8", "batch_size=8"]  # the test process has 8 fake CPU devices
@@ -82,13 +83,12 @@ def test_lora_checkpoints_hold_no_frozen_leaf_and_resume_exactly(tmp_path, nlsy_
   # Rebuilt from base + adapters, the model equals the resumed one, and its export equals both.
   (_, want, _), (cfg_b, got, _) = RunDir(lora_run).load_model(step=4), RunDir(run_dir).load_model(step=4)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0), want, got)
-  from labor_jax import model
   from labor_jax.cli import export
   from labor_jax.interop import hf
   assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf"), "--step", "latest"]) == 0
   tokens = np.arange(1, 30, dtype=np.int32)[None]
-  exported = model.forward(*hf.load(tmp_path / "hf"), tokens)
-  np.testing.assert_allclose(exported, model.forward(cfg_b, got, tokens), atol=1e-5, rtol=0)
+  exported = forward(*hf.load(tmp_path / "hf"), tokens)
+  np.testing.assert_allclose(exported, forward(cfg_b, got, tokens), atol=1e-5, rtol=0)
 
 
 def _truncation_counts(dataset, seq_len):

@@ -13,10 +13,10 @@ import tokenizers
 from data_pipeline import build, resume
 from data_pipeline.dataset_dir import load_default
 from data_pipeline.tokenizer import ResumeTokenizer
-from labor_jax import model
 from labor_jax.cli import gguf as gguf_cli
 from labor_jax.interop import gguf, hf
 from tests import gguf_fixtures as gf
+from tests.compiled import forward
 
 
 def _tf_model(torch, path):
@@ -84,7 +84,7 @@ def smollm2_logits(smollm2, torch, nlsy_resumes):
 def test_smollm2_logits_match_transformers_gguf_load(smollm2, smollm2_logits, torch):
   tokens, ref_model, config, params = smollm2_logits
   ref = _logits(torch, ref_model, tokens)
-  ours = np.asarray(model.forward(config, params, tokens))
+  ours = np.asarray(forward(config, params, tokens))
   # Measured 6.5e-5 here (logits up to 31; AMD EPYC, 2026-12-04). Arbitrary ids (arange * 997) give up to
   # 4.1e-4 on logits up to 36, where transformers' own float32 run is 1.0e-4 from float64 and ours 3.1e-4.
   assert np.abs(ours - ref).max() <= 1e-4
@@ -102,7 +102,7 @@ def test_smollm2_first_two_layers_logits_within_1e4(smollm2_logits, torch):
   finally:
     ref_model.config.num_hidden_layers = config.num_hidden_layers
   two = dict(params, layers=jax.tree.map(lambda x: x[:2], params["layers"]))
-  ours = np.asarray(model.forward(config.replace(num_hidden_layers=2), two, tokens))
+  ours = np.asarray(forward(config.replace(num_hidden_layers=2), two, tokens))
   assert np.abs(ours - ref).max() <= 1e-4
 
 
@@ -120,7 +120,7 @@ def test_tiny_logits_match_transformers_gguf_load(name, tiny, torch, tmp_path):
   assert config.num_key_value_heads == (2 if "gqa" in name else 4)
   tokens = (np.arange(2 * 24).reshape(2, 24) * 37) % config.vocab_size
   ref = _logits(torch, _tf_model(torch, src), tokens)
-  assert np.abs(np.asarray(model.forward(config, params, tokens)) - ref).max() <= 1e-4
+  assert np.abs(np.asarray(forward(config, params, tokens)) - ref).max() <= 1e-4
   types = {t.tensor_type.name for t in gguf.open_gguf(src).tensors}
   assert types == set(gf.TYPES)
 

@@ -9,6 +9,7 @@ from labor_jax import labels, lora, model, sharding
 from labor_jax.interop import hf
 from labor_jax.training import core as train_core
 from labor_jax.config import llama_tiny
+from tests.compiled import forward
 
 CONFIG = llama_tiny(vocab_size=128)
 
@@ -24,7 +25,7 @@ def test_fresh_adapters_leave_the_model_unchanged(base):
   assert q["lora_a"].shape == (64, 4) and q["lora_b"].shape == (4, 64) and not q["lora_b"].any()
   assert "lora_a" not in params["layers_0"]["mlp"]["up_proj"]  # default targets: attention only
   tokens = jnp.arange(12, dtype=jnp.int32)[None]
-  np.testing.assert_array_equal(model.forward(cfg, params, tokens), model.forward(CONFIG, base, tokens))
+  np.testing.assert_array_equal(forward(cfg, params, tokens), forward(CONFIG, base, tokens))
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(base, tmp_path):
@@ -55,11 +56,11 @@ def test_lora_trains_only_adapters_and_merges_exactly(base, tmp_path):
   merged_cfg, merged = lora.merge(cfg, trained)
   assert merged_cfg.lora_rank == 0 and merged_cfg == CONFIG
   x = jnp.asarray(tokens[:, :-1])
-  np.testing.assert_allclose(model.forward(merged_cfg, merged, x), model.forward(cfg, trained, x), atol=1e-5)
+  np.testing.assert_allclose(forward(merged_cfg, merged, x), forward(cfg, trained, x), atol=1e-5)
   with pytest.raises(hf.CheckpointError, match="lora.merge"):
     hf.save(cfg, trained, tmp_path / "unmerged")
   out = hf.save(merged_cfg, merged, tmp_path / "merged")
-  np.testing.assert_allclose(model.forward(*hf.load(out), x), model.forward(cfg, trained, x), atol=1e-5)
+  np.testing.assert_allclose(forward(*hf.load(out), x), forward(cfg, trained, x), atol=1e-5)
   adapter_tree, frozen_tree = labels.split(trained, label_tree)
   adapters = jax.tree_util.tree_leaves_with_path(adapter_tree)
   assert len(adapters) == 2 * 3 * 2  # 2 layers x (q, v, down) x (a, b)
@@ -74,9 +75,9 @@ def test_dropout_only_with_an_rng(base):
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.1 if str(p[-1].key) == "lora_b" else x, params)  # make the branch non-zero
   tokens = jnp.arange(12, dtype=jnp.int32)[None]
-  a = model.forward(cfg, params, tokens)
-  np.testing.assert_array_equal(a, model.forward(cfg, params, tokens))
-  assert not np.allclose(a, model.forward(cfg, params, tokens, dropout_rng=jax.random.key(3)))
+  a = forward(cfg, params, tokens)
+  np.testing.assert_array_equal(a, forward(cfg, params, tokens))
+  assert not np.allclose(a, forward(cfg, params, tokens, dropout_rng=jax.random.key(3)))
 
 
 def test_adapters_are_born_sharded_without_a_full_size_array(monkeypatch):

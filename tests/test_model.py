@@ -8,6 +8,7 @@ import pytest
 from labor_jax import model, sharding
 from labor_jax.interop import hf
 from labor_jax.config import llama_tiny
+from tests.compiled import forward
 
 
 @pytest.fixture(scope="module")
@@ -18,37 +19,37 @@ def tiny():
 
 def test_forward_on_plain_int_array(tiny):
   config, params = tiny
-  logits = model.forward(config, params, np.arange(10, dtype=np.int32)[None])
+  logits = forward(config, params, np.arange(10, dtype=np.int32)[None])
   assert logits.shape == (1, 10, config.vocab_size) and logits.dtype == jnp.float32
 
 
 def test_cached_prefix_equals_full_sequence(tiny):
   config, params = tiny
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, config.vocab_size)
-  full = model.forward(config, params, tokens)
-  _, kv = model.forward(config, params, tokens[:, :10], return_kv=True)
-  rest = model.forward(config, params, tokens[:, 10:], prefix=kv)
+  full = forward(config, params, tokens)
+  _, kv = forward(config, params, tokens[:, :10], return_kv=True)
+  rest = forward(config, params, tokens[:, 10:], prefix=kv)
   np.testing.assert_allclose(rest, full[:, 10:], atol=1e-5)
 
 
 def test_masked_prefix_equals_shorter_history(tiny):
   config, params = tiny
   tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, config.vocab_size)
-  _, kv = model.forward(config, params, tokens, return_kv=True)
+  _, kv = forward(config, params, tokens, return_kv=True)
   prefix_mask = (jnp.arange(12) < 7)[None].astype(jnp.int32)
   cont = jax.random.randint(jax.random.key(4), (1, 3), 0, config.vocab_size)
-  cached = model.forward(config, params, cont, prefix=kv, prefix_mask_BS=prefix_mask)
-  direct = model.forward(config, params, jnp.concatenate([tokens[:, :7], cont], axis=1))[:, 7:]
+  cached = forward(config, params, cont, prefix=kv, prefix_mask_BS=prefix_mask)
+  direct = forward(config, params, jnp.concatenate([tokens[:, :7], cont], axis=1))[:, 7:]
   np.testing.assert_allclose(cached, direct, atol=1e-5)
 
 
 def test_padding_does_not_change_real_tokens(tiny):
   config, params = tiny
   tokens = jax.random.randint(jax.random.key(5), (1, 9), 0, config.vocab_size)
-  alone = model.forward(config, params, tokens)
+  alone = forward(config, params, tokens)
   padded = jnp.concatenate([jnp.zeros((1, 4), tokens.dtype), tokens], axis=1)
   mask = jnp.concatenate([jnp.zeros((1, 4)), jnp.ones((1, 9))], axis=1).astype(jnp.int32)
-  np.testing.assert_allclose(model.forward(config, params, padded, mask_BT=mask)[:, 4:], alone, atol=1e-5)
+  np.testing.assert_allclose(forward(config, params, padded, mask_BT=mask)[:, 4:], alone, atol=1e-5)
 
 
 def test_remat_changes_nothing_but_memory(tiny):
@@ -56,7 +57,7 @@ def test_remat_changes_nothing_but_memory(tiny):
   tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, config.vocab_size)
 
   def loss(p, cfg):
-    return jnp.mean(model.forward(cfg, p, tokens) ** 2)
+    return jnp.mean(forward(cfg, p, tokens) ** 2)
 
   g0 = jax.grad(loss)(params, config)
   g1 = jax.grad(loss)(params, config.replace(remat=True))
@@ -70,8 +71,8 @@ def test_bf16_policy(tiny):
   tokens = jax.random.randint(jax.random.key(7), (2, 8), 0, config.vocab_size)
   hidden_dtypes = jax.tree.leaves(jax.tree.map(lambda x: x.dtype, model.param_shapes(cfg16)))
   assert set(hidden_dtypes) == {jnp.dtype(jnp.bfloat16)}
-  out16 = model.forward(cfg16, p16, tokens)
-  out32 = model.forward(config, params, tokens)
+  out16 = forward(cfg16, p16, tokens)
+  out32 = forward(config, params, tokens)
   assert out16.dtype == jnp.float32
   assert np.abs(out16 - out32).max() < 0.05 * np.abs(out32).max()
   assert np.abs(out16 - out32).max() > 0  # really computed in bf16
@@ -106,7 +107,7 @@ def test_load_places_tensors_into_mesh_shardings(tiny, tmp_path):
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert q.addressable_shards[0].data.shape == (16, 32)
   tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
-  np.testing.assert_allclose(model.forward(config, sharded, tokens), model.forward(config, params, tokens),
+  np.testing.assert_allclose(forward(config, sharded, tokens), forward(config, params, tokens),
                              atol=1e-5)
 
 
@@ -126,9 +127,9 @@ def test_packed_segments_equal_separate_sequences(tiny):
   packed = jnp.concatenate([a, b, jnp.zeros((1, 4), a.dtype)], axis=1)
   seg = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4])
   pos = jnp.asarray([list(range(5)) + list(range(7)) + [0] * 4])
-  out = model.forward(config, params, packed, segment_ids_BT=seg, positions_BT=pos)
-  np.testing.assert_allclose(out[:, :5], model.forward(config, params, a), atol=1e-5)
-  np.testing.assert_allclose(out[:, 5:12], model.forward(config, params, b), atol=1e-5)
+  out = forward(config, params, packed, segment_ids_BT=seg, positions_BT=pos)
+  np.testing.assert_allclose(out[:, :5], forward(config, params, a), atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:12], forward(config, params, b), atol=1e-5)
 
 
 def test_bfloat16_checkpoint_round_trip(tiny, tmp_path):
@@ -152,10 +153,10 @@ def test_scanned_layers_equal_unrolled_and_round_trip_hf(tiny, tmp_path):
   stacked = model.stack_layers(params, config.num_hidden_layers)
   assert stacked["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 64, 128)
   tokens = jax.random.randint(jax.random.key(10), (2, 9), 0, config.vocab_size)
-  np.testing.assert_allclose(model.forward(scanned_cfg, stacked, tokens), model.forward(config, params, tokens),
+  np.testing.assert_allclose(forward(scanned_cfg, stacked, tokens), forward(config, params, tokens),
                              atol=1e-5)
-  g = jax.grad(lambda p: model.forward(config, p, tokens).mean())(params)
-  gs = jax.grad(lambda p: model.forward(scanned_cfg, p, tokens).mean())(stacked)
+  g = jax.grad(lambda p: forward(config, p, tokens).mean())(params)
+  gs = jax.grad(lambda p: forward(scanned_cfg, p, tokens).mean())(stacked)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), model.stack_layers(g, 2), gs)
   # HF export from the stacked layout, import into it on a mesh, and back to per-layer params.
   hf.save(scanned_cfg, stacked, tmp_path / "scan", max_shard_size="100KB")
@@ -168,9 +169,9 @@ def test_scanned_layers_equal_unrolled_and_round_trip_hf(tiny, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), stacked, got)
   # Cached prefixes work with both layouts of both: the scanned model continues an unrolled cache and its own.
   cont = jax.random.randint(jax.random.key(11), (2, 4), 0, config.vocab_size)
-  full = model.forward(config, params, jnp.concatenate([tokens, cont], axis=1))[:, -4:]
-  _, kv = model.forward(config, params, tokens, return_kv=True)
-  _, kv_scanned = model.forward(scanned_cfg, stacked, tokens, return_kv=True)
+  full = forward(config, params, jnp.concatenate([tokens, cont], axis=1))[:, -4:]
+  _, kv = forward(config, params, tokens, return_kv=True)
+  _, kv_scanned = forward(scanned_cfg, stacked, tokens, return_kv=True)
   assert isinstance(kv_scanned, model.KV) and kv_scanned.k.shape[0] == config.num_hidden_layers
   for cfg, p, cache in [(scanned_cfg, stacked, kv), (scanned_cfg, stacked, kv_scanned), (config, params, kv_scanned)]:
-    np.testing.assert_allclose(model.forward(cfg, p, cont, prefix=cache), full, atol=1e-5)
+    np.testing.assert_allclose(forward(cfg, p, cont, prefix=cache), full, atol=1e-5)

@@ -18,6 +18,7 @@ from labor_jax.training import loop as trainer
 from labor_jax.config import ConfigError, llama_tiny
 from labor_jax.rundir import RunDir
 from tests.runs import run_train
+from tests.compiled import forward
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.targets=(self_attn/(q|v)_proj|mlp/down_proj)"]
 TOKENS = np.arange(1, 21, dtype=np.int64)[None]
@@ -68,7 +69,7 @@ def test_peft_loads_the_exported_adapters_on_the_base_export(exported, torch, ca
   assert names["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, 64)
   assert names["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (16, 4)
   assert len(names) == 2 * 3 * 2
-  ours = np.asarray(model.forward(config, params, TOKENS))
+  ours = np.asarray(forward(config, params, TOKENS))
   theirs, plain = _peft_logits(torch, base_dir, adapter_dir)
   assert np.abs(ours - theirs).max() < 1e-4
   assert np.abs(ours - plain).max() > 1e-3  # the adapters change the model: peft applied them
@@ -145,7 +146,7 @@ def test_scanned_layers_and_lm_head_round_trip_through_peft(torch, tmp_path):
   peft_io.save_adapter(cfg, params, tmp_path / "adapter")
   assert json.loads((tmp_path / "adapter" / peft_io.ADAPTER_CONFIG).read_text())["target_modules"] == [
       "gate_proj", "k_proj", "lm_head", "up_proj"]
-  ours = np.asarray(model.forward(cfg, params, TOKENS))
+  ours = np.asarray(forward(cfg, params, TOKENS))
   theirs, _ = _peft_logits(torch, tmp_path / "base", tmp_path / "adapter")
   assert np.abs(ours - theirs).max() < 1e-4
   cfg2, loaded = peft_io.load_adapter(tmp_path / "adapter", config, base)
@@ -164,7 +165,7 @@ def test_scanned_layers_and_lm_head_round_trip_through_peft(torch, tmp_path):
   assert "base_model.model.lm_head.base_layer.weight" in load_file(str(tmp_path / "from_peft" / peft_io.ADAPTER_WEIGHTS))
   cfg3, loaded = peft_io.load_adapter(tmp_path / "from_peft", config, base)
   assert (cfg3.lora_rank, cfg3.lora_alpha) == (3, 6.0)
-  assert np.abs(np.asarray(model.forward(cfg3, loaded, TOKENS)) - theirs).max() < 1e-4
+  assert np.abs(np.asarray(forward(cfg3, loaded, TOKENS)) - theirs).max() < 1e-4
 
 
 @pytest.fixture(scope="module")
