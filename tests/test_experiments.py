@@ -76,9 +76,10 @@ def test_transitions_must_match(quick):
     evaluation.check_same_transitions(ref, moved, "another occupation")
 
 
-def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset):
+def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset, quick):
   """experiments foundation --quick on a tiny random Hugging Face model (the dataset's tokenizer): the data,
-  the LoRA runs on titles and codes, the tiny LLM, scoring and the table with an interval per row."""
+  the LoRA runs on titles and codes, scoring and the table with an interval per row; the tiny LLM's row is
+  the ablations' main run (--tiny-llm), scored on its own dataset."""
   import jax
 
   from labor_jax import model
@@ -88,10 +89,13 @@ def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset
   config = llama_tiny(vocab_size=data.tokenizer().vocab_size)
   hf.save(config, model.init_params(config, jax.random.key(0)), tmp_path / "hf", tokenizer_dir=data.tokenizer_dir)
   out = tmp_path / "foundation"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  tiny = quick[0] / "main" / "seed0"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(quick[0].parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   p = subprocess.run([sys.executable, "-m", "labor_jax.experiments", "foundation", "--quick", "--model",
-                      str(tmp_path / "hf"), "--out", str(out), "--bootstrap", "50"], cwd=ROOT, env=env,
-                     capture_output=True, text=True, check=False)
+                      str(tmp_path / "hf"), "--out", str(out), "--bootstrap", "50", "--tiny-llm", str(tiny)],
+                     cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "foundation experiment: 100%" in p.stdout
   summary = json.loads((out / "summary.json").read_text())
@@ -103,3 +107,4 @@ def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset
   table = (out / "table.md").read_text()
   assert "| multinomial logit | 4.028 | (reference) |" in table and "zero-shot" in table
   assert (out / "lora_codes" / "seed0" / "summary.json").exists()
+  assert str(tiny) in rows["tiny_llm"]["name"] and not (out / "tiny_llm").exists()  # scored, not trained again

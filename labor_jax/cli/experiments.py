@@ -227,6 +227,8 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="2 steps per run, a smaller stage-1 corpus and 1 seed: "
                   "a smoke test of the whole job")
   ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test workers (0: none)")
+  ap.add_argument("--tiny-llm", metavar="RUN", help="foundation: score this finished run of the main job's tiny LLM "
+                  "(e.g. runs/main/llm, the main job's seed 0) instead of training one")
   args = ap.parse_args(argv)
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")
@@ -234,7 +236,8 @@ def main(argv=None) -> int:
   out = Path(args.out or (base + "_quick" if args.quick else base))
   if args.which == "foundation":
     return cli.run_training(lambda: foundation.run(out, 1 if args.quick else args.seeds, steps=args.steps,
-                                                   quick=args.quick, bootstrap=args.bootstrap, model=args.model))
+                                                   quick=args.quick, bootstrap=args.bootstrap, model=args.model,
+                                                   tiny_llm=args.tiny_llm))
   return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, quick=args.quick,
                                        bootstrap=args.bootstrap))
 

@@ -35,6 +35,7 @@ from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary,
 from labor_jax import baselines, evaluation, inference
 from labor_jax.career import CareerBaseline
 from labor_jax.cli import common as cli
+from labor_jax.rundir import RunDir
 from labor_jax.metrics import bootstrap_intervals, perplexity, worker_keys
 from labor_jax.training import hooks as hooks_lib
 from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, recipe_config, train
@@ -69,8 +70,11 @@ def _train(bar, recipe, run_dir, data_dir, **changes):
 
 
 def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, bootstrap: int = 1000,
-        model: str | Path | None = None) -> dict:
-  """Builds the datasets, trains and scores every row, writes ``table.md`` and ``summary.json``."""
+        model: str | Path | None = None, tiny_llm: str | Path | None = None) -> dict:
+  """Builds the datasets, trains and scores every row, writes ``table.md`` and ``summary.json``.
+
+  ``tiny_llm``: a finished run of the main job's tiny LLM (``runs/main/llm`` of ``python -m labor_jax.main``,
+  or any ``main/stage2`` run) scored on its own dataset instead of training one here."""
   t0 = time.perf_counter()
   out = Path(out)
   if model is None:
@@ -89,14 +93,18 @@ def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, b
       print(format_summary(build_dataset(panel, titles, d.path, tokenizer_dir=hf, variant=variant,
                                          source=f"{source}, {variant}, {hf.name} tokenizer")), flush=True)
     data[variant] = d.check()
-  tiny_data = DatasetDir(out / "data_tiny")
-  if not (tiny_data.path / "summary.json").exists():
-    build_dataset(panel, titles, tiny_data.path, source=source)  # the main job's SentencePiece dataset
-  stage1_data = DatasetDir(out / "data_stage1")
-  if not (stage1_data.path / "summary.json").exists():
-    build_stage1_data(stage1_data.path, titles, tiny_data.tokenizer_dir, workers=200 if quick else STAGE1_WORKERS)
-
-  tiny_steps = {k: QUICK_STEPS if quick else recipe_config(f"main/{k}").steps for k in ("stage1", "stage2")}
+  if tiny_llm is None:
+    tiny_llm = out / "tiny_llm"
+    tiny_data = DatasetDir(out / "data_tiny")
+    if not (tiny_data.path / "summary.json").exists():
+      build_dataset(panel, titles, tiny_data.path, source=source)  # the main job's SentencePiece dataset
+    stage1_data = DatasetDir(out / "data_stage1")
+    if not (stage1_data.path / "summary.json").exists():
+      build_stage1_data(stage1_data.path, titles, tiny_data.tokenizer_dir, workers=200 if quick else STAGE1_WORKERS)
+    tiny_steps = {k: QUICK_STEPS if quick else recipe_config(f"main/{k}").steps for k in ("stage1", "stage2")}
+  else:  # a finished run, scored on the dataset it trained on
+    tiny_llm, tiny_steps = Path(tiny_llm), {}
+    tiny_data = RunDir(tiny_llm).check().dataset().check()
   total = 2 * seeds * steps + sum(tiny_steps.values()) + SCORE_UNITS * (2 + 2 * seeds)
   bar = tqdm(total=total, unit="step", desc="foundation experiment", dynamic_ncols=True, file=sys.stdout)
   quick_changes = ({"steps": QUICK_STEPS, "eval_every": QUICK_STEPS, "ckpt_every": QUICK_STEPS,
@@ -107,10 +115,11 @@ def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, b
     for k, run_dir in enumerate(runs[variant]):
       bar.write(f"== SmolLM2 + LoRA, {variant}, seed {k}")
       _train(bar, RECIPE, run_dir, data[variant].path, seed=k, **changes)
-  bar.write("== the main job's tiny LLM (stage 1 on synthetic careers, then NLSY), seed 0")
-  _train(bar, "main/stage1", out / "tiny_stage1", stage1_data.path, **{**quick_changes, "steps": tiny_steps["stage1"]})
-  _train(bar, "main/stage2", out / "tiny_llm", tiny_data.path, seed=0,
-         **{**quick_changes, "steps": tiny_steps["stage2"], "model.init_from": str(out / "tiny_stage1")})
+  if tiny_steps:
+    bar.write("== the main job's tiny LLM (stage 1 on synthetic careers, then NLSY), seed 0")
+    _train(bar, "main/stage1", out / "tiny_stage1", stage1_data.path, **{**quick_changes, "steps": tiny_steps["stage1"]})
+    _train(bar, "main/stage2", tiny_llm, tiny_data.path, seed=0,
+           **{**quick_changes, "steps": tiny_steps["stage2"], "model.init_from": str(out / "tiny_stage1")})
 
   surveys = data["titles"].datasets
   ref = evaluation.transitions_of(data["titles"], surveys)
@@ -138,8 +147,8 @@ def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, b
       key = f"lora_{variant}_ensemble"
       logp[key] = np.log(np.mean(probs, axis=0)[rows, y])
       names[key] = f"{hf.name} + LoRA, {label}, ensemble of the {seeds} seeds"
-  score("tiny_llm", "main job's tiny LLM (stage 1 + NLSY, 0.6M parameters, from scratch), seed 0",
-        out / "tiny_llm", tiny_data)
+  score("tiny_llm", "main job's tiny LLM (stage 1 + NLSY, 0.6M parameters, from scratch)" +
+        (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data)
   bar.close()
 
   full = baselines.transition_table(data["titles"].panel(), titles.index)
