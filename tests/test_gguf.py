@@ -4,6 +4,9 @@ tied and untied heads; bad files; the resume tokenizer promises on SmolLM2's byt
 
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -17,6 +20,7 @@ from labor_jax.cli import gguf as gguf_cli
 from labor_jax.interop import gguf, hf
 from tests import gguf_fixtures as gf
 from tests.compiled import forward
+from tests.runs import ROOT
 
 
 def _tf_model(torch, path):
@@ -190,6 +194,32 @@ def test_resolve_converts_once_into_the_cache(tiny, tmp_path, monkeypatch):
   assert gguf.resolve(src) == d and gguf.resolve(d) == d
   with pytest.raises(gguf.GGUFError, match=r"neither a Hugging Face model directory nor a \.gguf file"):
     gguf.resolve(tmp_path / "nothing.bin")
+
+
+_RACE = """
+import sys, time
+from labor_jax.interop import gguf
+convert = gguf.convert
+def counted(*a):
+  with open(sys.argv[2], "a") as f:
+    f.write("converted\\n")
+  time.sleep(1.0)  # widen the window in which the other process could start its own conversion
+  return convert(*a)
+gguf.convert = counted
+print(gguf.resolve(sys.argv[1]))
+"""
+
+
+def test_two_processes_resolving_one_file_convert_it_once(tiny, tmp_path):
+  """The cache's lock: of two processes resolving the same GGUF file at once, one converts and the other waits
+  for it and uses its directory."""
+  env = dict(os.environ, LABOR_JAX_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+  count = tmp_path / "conversions"
+  procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tiny["gpt2_gqa_tied"]), str(count)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  assert outs[0][0] == outs[1][0] and count.read_text() == "converted\n"
 
 
 def _bad(tmp_path, tiny, case):

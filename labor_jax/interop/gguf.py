@@ -18,6 +18,7 @@ Nothing here imports PyTorch.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -271,6 +272,11 @@ def resolve(path: str | os.PathLike) -> Path:
     h.update(f.read(_HASHED_BYTES))
   h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
   out = cache_dir() / f"{path.stem}-{h.hexdigest()[:16]}"
-  if not (out / "config.json").exists():  # the directory appears whole or not at all
-    convert(path, out)
+  if (out / "config.json").exists():  # the directory appears whole or not at all
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(out.parent / f".{out.name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first one's conversion, then uses it
+    if not (out / "config.json").exists():
+      convert(path, out)
   return out
