@@ -81,17 +81,18 @@ def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, b
     from labor_jax.interop import gguf
     model = gguf.smollm2_path()
   hf = inference.hf_dir(model)
+  model_name = Path(model).stem if str(model).endswith(".gguf") else hf.name  # not the cache entry's hashed name
   steps = QUICK_STEPS if quick else steps
   changes = {"steps": steps, "eval_every": max(1, steps // 2), "ckpt_every": max(1, steps // 2),
              "log_every": max(1, steps // 8), "optim.warmup_steps": max(1, steps // 10), "model.hf_path": str(hf)}
   panel, titles, source = load_default()
-  print(f"== data: the embedded NLSY panel, tokenised with {hf.name}'s tokenizer (titles, codes)", flush=True)
+  print(f"== data: the embedded NLSY panel, tokenised with {model_name}'s tokenizer (titles, codes)", flush=True)
   data = {}
   for variant in ("titles", "codes"):
     d = DatasetDir(out / f"data_{variant}")
     if not (d.path / "summary.json").exists():
       print(format_summary(build_dataset(panel, titles, d.path, tokenizer_dir=hf, variant=variant,
-                                         source=f"{source}, {variant}, {hf.name} tokenizer")), flush=True)
+                                         source=f"{source}, {variant}, {model_name} tokenizer")), flush=True)
     data[variant] = d.check()
   if tiny_llm is None:
     tiny_llm = out / "tiny_llm"
@@ -137,16 +138,16 @@ def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, b
     bar.write(f"{name} ({what}): perplexity {perplexity(logp[key]):.3f}")
     return norm
 
-  score("zero_shot", f"{hf.name} zero-shot (off the shelf)", hf, data["titles"])
-  for variant, label in (("titles", "titles"), ("codes", "numeric codes")):
+  score("zero_shot", f"{model_name} zero-shot (off the shelf)", hf, data["titles"])
+  for variant, kind in (("titles", "titles"), ("codes", "numeric codes")):
     probs = []
     for k, run_dir in enumerate(runs[variant]):
-      probs.append(np.exp(score(f"lora_{variant}_seed{k}", f"{hf.name} + LoRA, {label}, seed {k}", run_dir,
+      probs.append(np.exp(score(f"lora_{variant}_seed{k}", f"{model_name} + LoRA, {kind}, seed {k}", run_dir,
                                 data[variant])))
     if seeds > 1:
       key = f"lora_{variant}_ensemble"
       logp[key] = np.log(np.mean(probs, axis=0)[rows, y])
-      names[key] = f"{hf.name} + LoRA, {label}, ensemble of the {seeds} seeds"
+      names[key] = f"{model_name} + LoRA, {kind}, ensemble of the {seeds} seeds"
   score("tiny_llm", "main job's tiny LLM (stage 1 + NLSY, 0.6M parameters, from scratch)" +
         (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data)
   bar.close()
