@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 # name -> transformers config kwargs. Every variant the port claims to cover.
@@ -52,3 +55,18 @@ def hf_logits(torch, m, tokens, mask, positions):
   with torch.no_grad():
     return m(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
              position_ids=torch.tensor(positions)).logits.float().numpy()
+
+
+def edit_json(path: Path, **changes) -> None:
+  """Sets ``changes`` in the JSON file ``path`` (a config.json, an adapter_config.json) in place."""
+  meta = json.loads(Path(path).read_text())
+  meta.update(changes)
+  Path(path).write_text(json.dumps(meta))
+
+
+def edit_safetensors(path: Path, fn) -> None:
+  """Rewrites the safetensors file ``path`` after ``fn(tensors)`` edits its dict of numpy arrays in place."""
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(path))
+  fn(tensors)
+  save_file(tensors, str(path))

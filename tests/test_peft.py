@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from labor_jax import labels, lora, model, sharding
 from labor_jax.cli import export
@@ -19,6 +19,7 @@ from labor_jax.config import ConfigError, llama_tiny
 from labor_jax.rundir import RunDir
 from tests.runs import run_train
 from tests.compiled import forward
+from tests.hf_fixtures import edit_json, edit_safetensors
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.targets=(self_attn/(q|v)_proj|mlp/down_proj)"]
 TOKENS = np.arange(1, 21, dtype=np.int64)[None]
@@ -184,15 +185,11 @@ def adapter_dir(small_adapter, tmp_path):
 
 
 def _edit_config(d, **changes):
-  meta = json.loads((d / peft_io.ADAPTER_CONFIG).read_text())
-  meta.update(changes)
-  (d / peft_io.ADAPTER_CONFIG).write_text(json.dumps(meta))
+  edit_json(d / peft_io.ADAPTER_CONFIG, **changes)
 
 
 def _edit_tensors(d, fn):
-  tensors = load_file(str(d / peft_io.ADAPTER_WEIGHTS))
-  fn(tensors)
-  save_file(tensors, str(d / peft_io.ADAPTER_WEIGHTS))
+  edit_safetensors(d / peft_io.ADAPTER_WEIGHTS, fn)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
-from safetensors.numpy import load_file, save_file
 
+from tests.hf_fixtures import edit_json, edit_safetensors
 from tests.runs import ROOT, read_metrics, run_train, spawn_train
 
 
@@ -64,6 +64,13 @@ def _copy(src: Path, dst: Path) -> Path:
   return dst
 
 
+def _copy_editing_json(src: Path, dst: Path, name: str, **changes) -> Path:
+  """A copy of the directory ``src`` at ``dst`` whose JSON file ``name`` has ``changes`` set."""
+  d = _copy(src, dst)
+  edit_json(d / name, **changes)
+  return d
+
+
 class _Marker:
   """A pickle that, when unpickled, creates a file: proof that something unpickled it."""
 
@@ -88,26 +95,19 @@ def _bad_tokenizer(tmp, hf_dir):
 
 
 def _not_llama(tmp, hf_dir):
-  d = _copy(hf_dir, tmp / "gpt2")
-  cfg = json.loads((d / "config.json").read_text())
-  cfg["model_type"] = "gpt2"
-  (d / "config.json").write_text(json.dumps(cfg))
+  d = _copy_editing_json(hf_dir, tmp / "gpt2", "config.json", model_type="gpt2")
   return d, ["config.json", "model_type='gpt2'"]
 
 
 def _missing_tensor(tmp, hf_dir):
   d = _copy(hf_dir, tmp / "missing")
-  tensors = load_file(d / "model.safetensors")
-  del tensors["model.layers.1.mlp.up_proj.weight"]
-  save_file(tensors, d / "model.safetensors")
+  edit_safetensors(d / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   return d, ["missing tensor model.layers.1.mlp.up_proj.weight"]
 
 
 def _wrong_shape(tmp, hf_dir):
   d = _copy(hf_dir, tmp / "shape")
-  tensors = load_file(d / "model.safetensors")
-  tensors["model.norm.weight"] = np.ones(7, np.float32)
-  save_file(tensors, d / "model.safetensors")
+  edit_safetensors(d / "model.safetensors", lambda t: t.update({"model.norm.weight": np.ones(7, np.float32)}))
   return d, ["model.safetensors", "model.norm.weight", "shape (7,)"]
 
 
@@ -122,26 +122,17 @@ def test_bad_model_files_stop_in_one_line_and_write_nothing(probe, hf_pair, nlsy
 
 
 def _adapter_rank(tmp, adapter):
-  d = _copy(adapter, tmp / "rank")
-  cfg = json.loads((d / "adapter_config.json").read_text())
-  cfg["r"] = 8
-  (d / "adapter_config.json").write_text(json.dumps(cfg))
+  d = _copy_editing_json(adapter, tmp / "rank", "adapter_config.json", r=8)
   return d, ["adapter_model.safetensors", "has shape", ", expected ("]
 
 
 def _adapter_targets(tmp, adapter):
-  d = _copy(adapter, tmp / "targets")
-  cfg = json.loads((d / "adapter_config.json").read_text())
-  cfg["target_modules"] = ["q_proj", "gate_projection"]
-  (d / "adapter_config.json").write_text(json.dumps(cfg))
+  d = _copy_editing_json(adapter, tmp / "targets", "adapter_config.json", target_modules=["q_proj", "gate_projection"])
   return d, ["adapter_config.json", "target module 'gate_projection' is not supported"]
 
 
 def _adapter_type(tmp, adapter):
-  d = _copy(adapter, tmp / "ia3")
-  cfg = json.loads((d / "adapter_config.json").read_text())
-  cfg["peft_type"] = "IA3"
-  (d / "adapter_config.json").write_text(json.dumps(cfg))
+  d = _copy_editing_json(adapter, tmp / "ia3", "adapter_config.json", peft_type="IA3")
   return d, ["adapter_config.json", "peft_type='IA3' is not supported"]
 
 
