@@ -63,10 +63,15 @@ def _chunk_logits(x_BCD, w_DV, dtype):
 
 
 def _chunk_loss(logits_BCV, targets_BC, mask_BC):
-  """(masked loss sum, log-sum-exp [B, C]) of one chunk's float32 logits."""
-  lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+  """(masked loss sum, log-sum-exp [B, C], exp(logits - max) [B, C, V], its row sums [B, C]) of one
+  chunk's float32 logits: the exponentials are taken once, for the loss and its gradient."""
+  max_BC = jnp.max(logits_BCV, axis=-1)
+  max_BC = jnp.where(jnp.isfinite(max_BC), max_BC, 0.0)
+  exp_BCV = jnp.exp(logits_BCV - max_BC[..., None])
+  sum_BC = jnp.sum(exp_BCV, axis=-1)
+  lse_BC = max_BC + jnp.log(sum_BC)
   target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-  return jnp.sum((lse_BC - target_BC) * mask_BC), lse_BC
+  return jnp.sum((lse_BC - target_BC) * mask_BC), lse_BC, exp_BCV, sum_BC
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -99,17 +104,20 @@ def _run(x_BTD, w_DV, targets_BT, mask_BT, chunk, dtype, *, grad_x: bool, grad_w
   def body(dw_DV, xs):
     x_BCD, y_BC, m_BC = xs
     logits_BCV = _chunk_logits(x_BCD, w_c, dtype)
-    loss, lse_BC = _chunk_loss(logits_BCV, y_BC, m_BC)
+    loss, _, exp_BCV, sum_BC = _chunk_loss(logits_BCV, y_BC, m_BC)
     if not grad_x:
       return dw_DV, (loss, None)
     # d loss / d logits = (softmax - one_hot(target)) * mask, formed without a scatter.
     hot_BCV = jax.lax.broadcasted_iota(jnp.int32, logits_BCV.shape, 2) == y_BC[..., None]
-    g_BCV = ((jnp.exp(logits_BCV - lse_BC[..., None]) - hot_BCV) * m_BC[..., None]).astype(dtype)
+    g_BCV = ((exp_BCV * (1.0 / sum_BC)[..., None] - hot_BCV) * m_BC[..., None]).astype(dtype)
     b, c, d = x_BCD.shape
     g_NV = g_BCV.reshape(b * c, -1)
-    dx_BCD = jnp.dot(g_NV, w_c.T, preferred_element_type=jnp.float32).reshape(b, c, d)
+    # g @ w.T and x.T @ g as single dot_generals: with a separate transpose XLA:CPU runs bfloat16 in float32.
+    dx_BCD = jax.lax.dot_general(g_NV, w_c, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32).reshape(b, c, d)
     if grad_w:
-      dw_DV = dw_DV + jnp.dot(x_BCD.reshape(b * c, d).astype(dtype).T, g_NV, preferred_element_type=jnp.float32)
+      dw_DV = dw_DV + jax.lax.dot_general(x_BCD.reshape(b * c, d).astype(dtype), g_NV, (((0,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
     return dw_DV, (loss, dx_BCD)
 
   xs = (_chunks(x_BTD, c), _chunks(targets_BT, c), _chunks(mask_BT.astype(jnp.float32), c))

@@ -67,7 +67,36 @@ def _matmul(x_NI, w_IO):
   token axis) much faster than the same product with [B, T] leading axes (figures in
   docs/benchmarks.md)."""
   lead = x_NI.shape[:-1]
-  return jnp.dot(x_NI.reshape(-1, x_NI.shape[-1]), w_IO).reshape(*lead, w_IO.shape[-1])
+  return _dot(x_NI.reshape(-1, x_NI.shape[-1]), w_IO).reshape(*lead, w_IO.shape[-1])
+
+
+@jax.custom_vjp
+def _dot(x_NI, w_IO):
+  """``x @ w`` for 2-D operands of one dtype, accumulated in float32 and returned in that dtype;
+  its two gradient products are written the same way.
+
+  Autodiff of a plain ``jnp.dot`` in bfloat16 gives products with a bfloat16 result, which
+  XLA:CPU cannot run natively: it upcasts them, operands included, to float32 matmuls
+  (and converts back and forth around them). Asking for a float32 result with bfloat16
+  operands, forward and backward, keeps every product on the CPU's bfloat16 instructions
+  (AVX-512-BF16, AMX) and is what GPUs and TPUs do anyway. In float32 nothing changes."""
+  return jnp.dot(x_NI, w_IO, preferred_element_type=jnp.float32).astype(x_NI.dtype)
+
+
+def _dot_fwd(x_NI, w_IO):
+  return _dot(x_NI, w_IO), (x_NI, w_IO)
+
+
+def _dot_bwd(res, g_NO):
+  x_NI, w_IO = res
+  g_NO = g_NO.astype(x_NI.dtype)
+  dx_NI = jax.lax.dot_general(g_NO, w_IO, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  # A frozen weight's gradient is never used: jit drops this product.
+  dw_IO = jax.lax.dot_general(x_NI, g_NO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx_NI.astype(x_NI.dtype), dw_IO.astype(w_IO.dtype)
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 class Linear(nn.Module):

@@ -103,3 +103,41 @@ def test_scanned_layers_train_like_unrolled(reference):
   state, got = _train(sharding.make_mesh(fsdp=4, tensor=2), config=CONFIG.replace(scan_layers=True, remat=True))
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert sharding.unsharded_params(state.params, min_size=2 ** 12) == []
+
+
+def _dots(hlo: str) -> list[tuple[str, str, tuple[int, ...], str]]:
+  """(element type of each operand, result shape, op_name) of every dot in an optimized HLO module's text."""
+  import re
+  types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+  dots = []
+  for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%(\S+), %(\S+)\)[^\n]*", hlo):
+    op = re.search(r'op_name="([^"]*)"', m.group(0))
+    shape = tuple(int(d) for d in m.group(1).split(",") if d)
+    dots.append((types[m.group(2).rstrip(",")], types[m.group(3)], shape, op.group(1) if op else ""))
+  return dots
+
+
+def test_bf16_lora_step_runs_every_matmul_on_bf16_operands():
+  """With bfloat16 compute and float32 parameters, the products of the compiled LoRA step (projections,
+  adapters, attention, the fused head and loss; forward and input gradients) read bfloat16 operands.
+  Before labor_jax.model._dot and losses._narrow, XLA:CPU upcast every projection, its gradient and
+  the head's gradient to float32 matmuls (docs/benchmarks.md has what that cost). The one exception
+  is XLA's: it runs the adapters' weight gradients ([I, R] and [R, O], R the rank) in float32."""
+  from labor_jax import lora
+  config = CONFIG.replace(dtype="bfloat16")
+  params = train_core.model.init_params(config, jax.random.key(0))
+  rank = 16
+  config, params = lora.add_adapters(config, params, jax.random.key(1), rank=rank,
+                                     targets=r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)")
+  label_tree = labels.run_labels(params, lora=True)
+  opt = train_core.make_optimizer(label_tree, lr=1e-3)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  sh = train_core.state_shardings(config, opt, mesh)
+  state = train_core.create_state(config, opt, sh, jax.random.key(2), params=params)
+  step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=label_tree)
+  dots = _dots(step.lower(state, _batch(0)).compile().as_text())
+  tokens = _batch(0)["inputs"].size
+  adapter_grads = [d for d in dots if len(d[2]) == 2 and rank in d[2] and tokens not in d[2]]
+  assert len(adapter_grads) == 2 * 7 * CONFIG.num_hidden_layers
+  upcast = [d for d in dots if d[:2] != ("bf16", "bf16") and d not in adapter_grads]
+  assert len(dots) > 4 * 7 * CONFIG.num_hidden_layers and not upcast, upcast[:5]
