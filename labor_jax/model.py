@@ -75,10 +75,11 @@ def _dot(x_NI, w_IO):
   """``x @ w`` for 2-D operands of one dtype, accumulated in float32 and returned in that dtype;
   its two gradient products are written the same way.
 
-  Autodiff of a plain ``jnp.dot`` in bfloat16 gives products with a bfloat16 result, which
-  XLA:CPU cannot run natively: it upcasts them, operands included, to float32 matmuls
-  (and converts back and forth around them). Asking for a float32 result with bfloat16
-  operands, forward and backward, keeps every product on the CPU's bfloat16 instructions
+  Autodiff of a plain ``jnp.dot`` in bfloat16 gives products with a bfloat16 result and
+  operands that are separate transposes; XLA:CPU runs neither on its bfloat16 kernels, so it
+  upcast them, operands included, to float32 matmuls (and converted back and forth around
+  them). Asking for a float32 result from bfloat16 operands, with the gradients' contractions
+  written as ``dot_general`` dimensions, keeps every product on the CPU's bfloat16 instructions
   (AVX-512-BF16, AMX) and is what GPUs and TPUs do anyway. In float32 nothing changes."""
   return jnp.dot(x_NI, w_IO, preferred_element_type=jnp.float32).astype(x_NI.dtype)
 

@@ -1,6 +1,8 @@
 """Shared fixtures. Eight fake CPU devices so sharding tests run on a laptop-sized machine."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,6 +10,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole run, made by the controlling process before the
+  pytest-xdist workers start: both workers and every subprocess the tests start (the CLIs, two-process
+  runs) inherit it through JAX_COMPILATION_CACHE_DIR, so a program that many tests compile alike (the
+  tiny models' steps) compiles once per run. It starts empty, so the suite's timings include filling it,
+  and it is removed at the end. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is."""
+  if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  config._labor_jax_cache = tempfile.mkdtemp(prefix="labor_jax_tests_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = config._labor_jax_cache
+
+
+def pytest_unconfigure(config):
+  cache = getattr(config, "_labor_jax_cache", None)
+  if cache:
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
