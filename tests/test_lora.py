@@ -106,3 +106,40 @@ def test_adapters_are_born_sharded_without_a_full_size_array(monkeypatch):
     assert x is y
   q = params["layers_0"]["self_attn"]["q_proj"]["lora_a"]
   assert q.sharding.spec[0] == "fsdp" and len(q.sharding.device_set) == 8
+
+
+def test_merged_weight_product_equals_the_adapter_branch_with_its_gradients():
+  """float32 without dropout runs an adapted layer as one product with w + scale * a @ b
+  (model._lora_dot, a hand-written backward pass); its value and all four gradients equal autodiff
+  of the two-branch form x @ w + scale * (x @ a) @ b."""
+  rng = np.random.RandomState(0)
+  x, w = rng.randn(48, 24).astype(np.float32), rng.randn(24, 40).astype(np.float32) * 0.1
+  a, b = rng.randn(24, 4).astype(np.float32) * 0.2, rng.randn(4, 40).astype(np.float32) * 0.2
+  ct = rng.randn(48, 40).astype(np.float32)
+
+  def branches(x, w, a, b):
+    return x @ w + 2.0 * (x @ a) @ b
+
+  want, want_vjp = jax.vjp(branches, x, w, a, b)
+  got, got_vjp = jax.vjp(lambda *p: model._lora_dot(*p, 2.0), x, w, a, b)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for g, wg in zip(got_vjp(ct), want_vjp(ct)):
+    np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-4)
+
+
+def test_dropout_keeps_the_adapter_branch():
+  """With dropout in training the adapters see dropped-out inputs, which a merged weight cannot express:
+  two dropout keys give two outputs, and without a key the output is the merged product's."""
+  config = llama_tiny(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2)
+  params = model.init_params(config, jax.random.key(0))
+  config, params = lora.add_adapters(config, params, jax.random.key(1), rank=4, dropout=0.5)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.1 if labels.path_str(p).endswith("lora_b") else v, params)  # adapters that do something
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+  plain = model.forward(config, params, tokens)
+  one = model.forward(config, params, tokens, dropout_rng=jax.random.key(2))
+  two = model.forward(config, params, tokens, dropout_rng=jax.random.key(3))
+  assert not np.allclose(one, two) and not np.allclose(one, plain)
+  merged = model.forward(config.replace(lora_dropout=0.0), params, tokens, dropout_rng=jax.random.key(2))
+  np.testing.assert_allclose(merged, plain, atol=1e-5)
