@@ -61,20 +61,20 @@ def cache_map(cache: Cache, fn) -> Cache:
   return tuple(KV(fn(c.k, 0), fn(c.v, 0)) for c in cache)
 
 
-def _matmul(x_NI, w_IO):
+def _matmul(x_NI, w_IO, out_dtype=None):
   """``x @ w`` over the last axis of ``x``, with the leading axes flattened into one.
 
   XLA:CPU runs a 2-D matmul and, above all, its weight gradient (a contraction over the
   token axis) much faster than the same product with [B, T] leading axes (figures in
   docs/benchmarks.md)."""
   lead = x_NI.shape[:-1]
-  return _dot(x_NI.reshape(-1, x_NI.shape[-1]), w_IO).reshape(*lead, w_IO.shape[-1])
+  return _dot(x_NI.reshape(-1, x_NI.shape[-1]), w_IO, out_dtype).reshape(*lead, w_IO.shape[-1])
 
 
-@jax.custom_vjp
-def _dot(x_NI, w_IO):
-  """``x @ w`` for 2-D operands of one dtype, accumulated in float32 and returned in that dtype;
-  its two gradient products are written the same way.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot(x_NI, w_IO, out_dtype=None):
+  """``x @ w`` for 2-D operands of one dtype, accumulated in float32 and returned in that dtype
+  (or ``out_dtype``); its two gradient products are written the same way.
 
   Autodiff of a plain ``jnp.dot`` in bfloat16 gives products with a bfloat16 result and
   operands that are separate transposes; XLA:CPU runs neither on its bfloat16 kernels, so it
@@ -82,14 +82,14 @@ def _dot(x_NI, w_IO):
   them). Asking for a float32 result from bfloat16 operands, with the gradients' contractions
   written as ``dot_general`` dimensions, keeps every product on the CPU's bfloat16 instructions
   (AVX-512-BF16, AMX) and is what GPUs and TPUs do anyway. In float32 nothing changes."""
-  return jnp.dot(x_NI, w_IO, preferred_element_type=jnp.float32).astype(x_NI.dtype)
+  return jnp.dot(x_NI, w_IO, preferred_element_type=jnp.float32).astype(out_dtype or x_NI.dtype)
 
 
-def _dot_fwd(x_NI, w_IO):
-  return _dot(x_NI, w_IO), (x_NI, w_IO)
+def _dot_fwd(x_NI, w_IO, out_dtype):
+  return _dot(x_NI, w_IO, out_dtype), (x_NI, w_IO)
 
 
-def _dot_bwd(res, g_NO):
+def _dot_bwd(out_dtype, res, g_NO):
   x_NI, w_IO = res
   g_NO = g_NO.astype(x_NI.dtype)
   dx_NI = jax.lax.dot_general(g_NO, w_IO, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -130,8 +130,11 @@ class Linear(nn.Module):
     if not dropout and cfg.jnp_dtype == jnp.float32:
       lead = x_BTI.shape[:-1]
       return _lora_dot(x_BTI.reshape(-1, d_in), w_IO, a_IR, b_RO, scale).reshape(*lead, self.features)
+    # The two branches are added in float32 and rounded once: in bfloat16, a small adapter output
+    # added to the rounded base output would be rounded away (docs/benchmarks.md).
     xd_BTI = nn.Dropout(cfg.lora_dropout, deterministic=not self.has_rng("dropout"))(x_BTI)
-    return _matmul(x_BTI, w_IO) + scale * _matmul(_matmul(xd_BTI, a_IR), b_RO)
+    y_BTO = _matmul(x_BTI, w_IO, jnp.float32) + scale * _matmul(_matmul(xd_BTI, a_IR), b_RO, jnp.float32)
+    return y_BTO.astype(cfg.jnp_dtype)
 
 
 def _merged(w_IO, a_IR, b_RO, scale: float):
@@ -149,7 +152,7 @@ def _lora_dot(x_NI, w_IO, a_IR, b_RO, scale: float):
   On the CPU this replaces two thin products of every adapted layer (and an addition over its
   [N, O] output and [N, I] input gradient) by one product of [I, R] x [R, O] and an addition over
   the weight (docs/benchmarks.md)."""
-  return _dot(x_NI, _merged(w_IO, a_IR, b_RO, scale))
+  return _dot(x_NI, _merged(w_IO, a_IR, b_RO, scale), None)
 
 
 def _lora_dot_fwd(x_NI, w_IO, a_IR, b_RO, scale):
