@@ -63,15 +63,15 @@ def _chunk_logits(x_BCD, w_DV, dtype):
 
 
 def _chunk_loss(logits_BCV, targets_BC, mask_BC):
-  """(masked loss sum, log-sum-exp [B, C], exp(logits - max) [B, C, V], its row sums [B, C]) of one
-  chunk's float32 logits: the exponentials are taken once, for the loss and its gradient."""
+  """(masked loss sum, exp(logits - max) [B, C, V], its row sums [B, C]) of one chunk's float32
+  logits: the exponentials are taken once, for the loss and its gradient."""
   max_BC = jnp.max(logits_BCV, axis=-1)
   max_BC = jnp.where(jnp.isfinite(max_BC), max_BC, 0.0)
   exp_BCV = jnp.exp(logits_BCV - max_BC[..., None])
   sum_BC = jnp.sum(exp_BCV, axis=-1)
   lse_BC = max_BC + jnp.log(sum_BC)
   target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-  return jnp.sum((lse_BC - target_BC) * mask_BC), lse_BC, exp_BCV, sum_BC
+  return jnp.sum((lse_BC - target_BC) * mask_BC), exp_BCV, sum_BC
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -104,7 +104,7 @@ def _run(x_BTD, w_DV, targets_BT, mask_BT, chunk, dtype, *, grad_x: bool, grad_w
   def body(dw_DV, xs):
     x_BCD, y_BC, m_BC = xs
     logits_BCV = _chunk_logits(x_BCD, w_c, dtype)
-    loss, _, exp_BCV, sum_BC = _chunk_loss(logits_BCV, y_BC, m_BC)
+    loss, exp_BCV, sum_BC = _chunk_loss(logits_BCV, y_BC, m_BC)
     if not grad_x:
       return dw_DV, (loss, None)
     # d loss / d logits = (softmax - one_hot(target)) * mask, formed without a scatter.

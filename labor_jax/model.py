@@ -161,17 +161,16 @@ def _lora_dot_fwd(x_NI, w_IO, a_IR, b_RO, scale):
 
 def _lora_dot_bwd(scale, res, g_NO):
   x_NI, w_IO, a_IR, b_RO = res
+  # dx and the (frozen, dropped) dw are the plain product's, through the rebuilt merged weight.
+  dx_NI, dw_IO = _dot_bwd(None, (x_NI, _merged(w_IO, a_IR, b_RO, scale)), g_NO)
   g_NO = g_NO.astype(x_NI.dtype)
   f32 = jnp.float32
   tokens = (((0,), (0,)), ((), ()))
-  dx_NI = jax.lax.dot_general(g_NO, _merged(w_IO, a_IR, b_RO, scale), (((1,), (1,)), ((), ())),
-                              preferred_element_type=f32)
   gb_NR = jax.lax.dot_general(g_NO, b_RO, (((1,), (1,)), ((), ())), preferred_element_type=f32).astype(x_NI.dtype)
   xa_NR = jnp.dot(x_NI, a_IR, preferred_element_type=f32).astype(x_NI.dtype)
   da_IR = scale * jax.lax.dot_general(x_NI, gb_NR, tokens, preferred_element_type=f32)
   db_RO = scale * jax.lax.dot_general(xa_NR, g_NO, tokens, preferred_element_type=f32)
-  dw_IO = jax.lax.dot_general(x_NI, g_NO, tokens, preferred_element_type=f32)  # dropped when frozen
-  return (dx_NI.astype(x_NI.dtype), dw_IO.astype(w_IO.dtype), da_IR.astype(a_IR.dtype), db_RO.astype(b_RO.dtype))
+  return dx_NI, dw_IO, da_IR.astype(a_IR.dtype), db_RO.astype(b_RO.dtype)
 
 
 _lora_dot.defvjp(_lora_dot_fwd, _lora_dot_bwd)
