@@ -85,6 +85,16 @@ def _dot(x_NI, w_IO, out_dtype=None):
   return jnp.dot(x_NI, w_IO, preferred_element_type=jnp.float32).astype(out_dtype or x_NI.dtype)
 
 
+def _dot_nt(g_NO, w_IO):
+  """``g @ w^T`` in float32, written as contracting dimensions, not a separate transpose (see :func:`_dot`)."""
+  return jax.lax.dot_general(g_NO, w_IO, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(x_NI, g_NO):
+  """``x^T @ g`` (a contraction over the token axis) in float32, written the same way."""
+  return jax.lax.dot_general(x_NI, g_NO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _dot_fwd(x_NI, w_IO, out_dtype):
   return _dot(x_NI, w_IO, out_dtype), (x_NI, w_IO)
 
@@ -92,9 +102,8 @@ def _dot_fwd(x_NI, w_IO, out_dtype):
 def _dot_bwd(out_dtype, res, g_NO):
   x_NI, w_IO = res
   g_NO = g_NO.astype(x_NI.dtype)
-  dx_NI = jax.lax.dot_general(g_NO, w_IO, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  # A frozen weight's gradient is never used: jit drops this product.
-  dw_IO = jax.lax.dot_general(x_NI, g_NO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  dx_NI = _dot_nt(g_NO, w_IO)
+  dw_IO = _dot_tn(x_NI, g_NO)  # a frozen weight's gradient is never used: jit drops this product
   return dx_NI.astype(x_NI.dtype), dw_IO.astype(w_IO.dtype)
 
 
@@ -164,12 +173,10 @@ def _lora_dot_bwd(scale, res, g_NO):
   # dx and the (frozen, dropped) dw are the plain product's, through the rebuilt merged weight.
   dx_NI, dw_IO = _dot_bwd(None, (x_NI, _merged(w_IO, a_IR, b_RO, scale)), g_NO)
   g_NO = g_NO.astype(x_NI.dtype)
-  f32 = jnp.float32
-  tokens = (((0,), (0,)), ((), ()))
-  gb_NR = jax.lax.dot_general(g_NO, b_RO, (((1,), (1,)), ((), ())), preferred_element_type=f32).astype(x_NI.dtype)
-  xa_NR = jnp.dot(x_NI, a_IR, preferred_element_type=f32).astype(x_NI.dtype)
-  da_IR = scale * jax.lax.dot_general(x_NI, gb_NR, tokens, preferred_element_type=f32)
-  db_RO = scale * jax.lax.dot_general(xa_NR, g_NO, tokens, preferred_element_type=f32)
+  gb_NR = _dot_nt(g_NO, b_RO).astype(x_NI.dtype)
+  xa_NR = jnp.dot(x_NI, a_IR, preferred_element_type=jnp.float32).astype(x_NI.dtype)
+  da_IR = scale * _dot_tn(x_NI, gb_NR)
+  db_RO = scale * _dot_tn(xa_NR, g_NO)
   return dx_NI, dw_IO, da_IR.astype(a_IR.dtype), db_RO.astype(b_RO.dtype)
 
 

@@ -120,7 +120,7 @@ def _dots(hlo: str) -> list[tuple[str, str, tuple[int, ...], str]]:
 def test_bf16_lora_step_runs_every_matmul_on_bf16_operands():
   """With bfloat16 compute and float32 parameters, the products of the compiled LoRA step (projections,
   adapters, attention, the fused head and loss; forward and input gradients) read bfloat16 operands.
-  Before labor_jax.model._dot and losses._narrow, XLA:CPU upcast every projection, its gradient and
+  Before labor_jax.model._dot and the fused loss's single dot_generals, XLA:CPU upcast every projection, its gradient and
   the head's gradient to float32 matmuls (docs/benchmarks.md has what that cost). The one exception
   is XLA's: it runs the adapters' weight gradients ([I, R] and [R, O], R the rank) in float32."""
   from labor_jax import lora
