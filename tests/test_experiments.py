@@ -18,17 +18,19 @@ from tests.runs import ROOT
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-  root = tmp_path_factory.mktemp("experiments")
-  out = root / "out"
-  # JAX's persistent compilation cache lets runs with the same shapes (most variants) share their compiled
-  # steps: about 100 -> 70 s on 2 cores.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  out = tmp_path_factory.mktemp("experiments") / "out"
   cmd = [sys.executable, "-m", "labor_jax.experiments", "--quick", "--out", str(out), "--bootstrap", "200"]
-  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  p = subprocess.run(cmd, cwd=ROOT, env=_cached_env(), capture_output=True, text=True, check=False)
   assert p.returncode == 0, p.stderr[-3000:]
   return out, p.stdout
+
+
+def _cached_env():
+  """One CPU device, and every compiled program written to the run's compilation cache (tests/conftest.py),
+  however quick to compile: the runs with the same shapes (most variants) share their compiled steps
+  (about 100 -> 70 s on 2 cores)."""
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def test_quick_table_has_every_variant_and_column(quick):
@@ -90,12 +92,9 @@ def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset
   hf.save(config, model.init_params(config, jax.random.key(0)), tmp_path / "hf", tokenizer_dir=data.tokenizer_dir)
   out = tmp_path / "foundation"
   tiny = quick[0] / "main" / "seed0"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(quick[0].parent / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   p = subprocess.run([sys.executable, "-m", "labor_jax.experiments", "foundation", "--quick", "--model",
                       str(tmp_path / "hf"), "--out", str(out), "--bootstrap", "50", "--tiny-llm", str(tiny)],
-                     cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+                     cwd=ROOT, env=_cached_env(), capture_output=True, text=True, check=False)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "foundation experiment: 100%" in p.stdout
   summary = json.loads((out / "summary.json").read_text())
