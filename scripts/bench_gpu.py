@@ -84,8 +84,17 @@ def fmt(x, spec=",.0f"):
 
 
 # ------------------------------------------------------------------ (a), (b): train steps
-def time_train_step(config, batch: int, seq: int, timed: int, trainable=None) -> tuple[float, float]:
-  """(tokens/s, last loss) of labor_jax.training.core's step on one device (median of ``timed`` steps)."""
+def device_peak_bytes() -> int | None:
+  """The most memory the first device has held in this process (None where the backend keeps no count)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def time_train_step(config, batch: int, seq: int, timed: int, trainable=None) -> dict:
+  """labor_jax.training.core's step on one device, compiled ahead of time: tokens/s (median of ``timed``
+  steps), the last loss, seconds per step, the compile seconds, this backend's compiled plan (bytes:
+  arguments + temporaries + outputs not aliased) and the device's peak memory in this process after it ran."""
   import jax
   import numpy as np
 
@@ -105,18 +114,33 @@ def time_train_step(config, batch: int, seq: int, timed: int, trainable=None) ->
           "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1))}
   rows = jax.device_put(rows, batch_sh)
   try:
-    state, m = step(state, rows)  # compile and warm up
+    t0 = time.perf_counter()
+    compiled = step.lower(state, rows).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    plan = None if mem is None else (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                                     + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    state, m = compiled(state, rows)  # warm up
     loss = float(m["loss"])
     times = []
     for _ in range(timed):
       t0 = time.perf_counter()
-      state, m = step(state, rows)
+      state, m = compiled(state, rows)
       loss = float(m["loss"])
       times.append(time.perf_counter() - t0)
   finally:
     del state
     gc.collect()
-  return batch * seq / statistics.median(times), loss
+  sec = statistics.median(times)
+  return dict(tps=batch * seq / sec, loss=loss, sec=sec, compile_s=compile_s, plan=plan, peak=device_peak_bytes())
+
+
+def gib(x) -> str:
+  return "n/a" if x is None else f"{x / 2 ** 30:.2f} GiB"
+
+
+def memory_note(r: dict) -> str:
+  return f"plan {gib(r['plan'])}, device peak {gib(r['peak'])}"
 
 
 def dense_rows(size, peak, device_kind):
@@ -144,12 +168,12 @@ def dense_rows(size, peak, device_kind):
       out.append({**row, "fits": "-", "notes": f"not run: {why}"})
       continue
     try:
-      tps, loss = time_train_step(config.replace(attention_impl=impl), batch, seq, s["timed"])
+      r = time_train_step(config.replace(attention_impl=impl), batch, seq, s["timed"])
     except Exception as e:  # noqa: BLE001 - a row reports its own failure
       out.append({**row, **failed(e)})
       continue
-    out.append({**row, "fits": "yes", "tokens": tps, "mfu": flops.mfu(tps, fpt, peak),
-                "notes": f"{tps * fpt / 1e12:.3g} model TFLOP/s; loss {loss:.3f}"})
+    out.append({**row, "fits": "yes", "tokens": r["tps"], "mfu": flops.mfu(r["tps"], fpt, peak),
+                "notes": f"{r['tps'] * fpt / 1e12:.3g} model TFLOP/s; loss {r['loss']:.3f}; compile {r['compile_s']:.0f} s"})
   return out
 
 
@@ -175,19 +199,116 @@ def lora_rows(size, peak):
   row = dict(part="(b) LoRA step", model=name, attention=effective(config, seq))
   for batch in s["lora_batches"]:
     try:
-      tps, loss = time_train_step(config, batch, seq, s["timed"], trainable=labels.ADAPTERS)
+      r = time_train_step(config, batch, seq, s["timed"], trainable=labels.ADAPTERS)
     except Exception as e:  # noqa: BLE001
       if not is_oom(e):
         return [{**row, "shape": f"{batch} x {seq}", **failed(e)}]
       ooms.append(batch)
       continue
-    note = f"{s['dtype']} weights, scan + remat; loss {loss:.3f}"
+    note = f"{s['dtype']} weights, scan + remat; loss {r['loss']:.3f}; {memory_note(r)}"
     if ooms:
       note += f"; OOM at batch {', '.join(map(str, ooms))}"
-    return [{**row, "shape": f"{batch} x {seq}", "fits": "yes", "tokens": tps, "mfu": flops.mfu(tps, fpt, peak),
-             "notes": note}]
+    recipe = planner_recipe("configs/llama2_7b_lora.yaml", config, s["lora"] if isinstance(s["lora"], str) else None,
+                            batch, seq)
+    return [{**row, "shape": f"{batch} x {seq}", "fits": "yes", "tokens": r["tps"],
+             "mfu": flops.mfu(r["tps"], fpt, peak), "notes": note, "plan": r["plan"], "peak": r["peak"],
+             "recipe": recipe}]
   return [{**row, "shape": f"{s['lora_batches'][-1]} x {seq}", "fits": "no (OOM)",
            "notes": f"OOM at batch {', '.join(map(str, ooms))}"}]
+
+
+def planner_recipe(config_path: str, config, preset_name: str | None, batch: int, seq: int) -> dict:
+  """The ``python -m labor_jax.plan`` arguments that compile the same step as :func:`time_train_step` (one
+  device; LoRA dropout off, as here): scripts/gpu_memory.py sets the CPU plan beside this backend's."""
+  sets = [f"batch_size={batch}", f"data.seq_len={seq}", "model.hf_path=null", f"model.param_dtype={config.param_dtype}",
+          f"model.dtype={config.dtype}", f"model.remat={str(config.remat).lower()}",
+          f"model.scan_layers={str(config.scan_layers).lower()}", f"lora.enabled={str(config.lora_rank > 0).lower()}"]
+  if config.lora_rank:
+    sets += [f"lora.rank={config.lora_rank}", f"lora.alpha={config.lora_alpha}", "lora.dropout=0.0",
+             f"lora.targets={config.lora_targets}"]
+  if preset_name is None:
+    sets += [f"model.{k}={getattr(config, k)}" for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                        "num_attention_heads", "num_key_value_heads", "rope_theta")]
+    sets += [f"model.max_position_embeddings={config.max_position_embeddings}", f"data.vocab_size={config.vocab_size}"]
+  return dict(config=config_path, preset=preset_name, sets=sets)
+
+
+# ------------------------------------------------------------------ (d): the main job's model
+# NLSY test split as the main job scores it (issue #28, SmolLM2's byte-level BPE): 113 workers, 791 transitions
+# (7 a worker), resumes of at most 233 tokens; the NLSY panel's 9 occupation titles, 2-5 tokens each.
+NLSY_TEST = dict(workers=113, steps=7, tokens=256, titles=9, batch_workers=16)
+NLSY_TRAIN_STEPS_3_EPOCHS = 141  # 375 training resumes x 3 epochs / batch 8, rounded up
+
+
+def smollm2_rows(size, peak):
+  """SmolLM2-135M-shaped (random weights): the LoRA and the full fine-tuning step of the main job's recipe
+  (batch 8 x 256 tokens; float32 master weights, bf16 compute on an accelerator), then one scoring pass of the
+  NLSY test split's shape."""
+  import jax
+  import numpy as np
+
+  from labor_jax import flops, labels, model, scorer
+  from labor_jax.config import LlamaConfig, preset
+
+  s = SIZES[size]
+  seq, batch = (256, 8) if size == "full" else (64, 2)
+  policy = dict(param_dtype="float32", dtype=s["dtype"], max_position_embeddings=max(seq, 512))
+  if size == "full":
+    base, preset_name, name = preset("smollm2_135m", **policy), "smollm2_135m", "SmolLM2-135M-shaped (30x576)"
+  else:
+    layers, d, f, h, k, v = s["lora"]
+    base = LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
+                       num_attention_heads=h, num_key_value_heads=k, **policy)
+    preset_name, name = None, f"SmolLM2 stand-in ({layers}x{d})"
+  out = []
+  for kind, config, trainable in (
+      ("LoRA r=16", base.replace(lora_rank=16, lora_alpha=32.0, lora_targets=LORA["lora_targets"]), labels.ADAPTERS),
+      ("full", base, None)):
+    row = dict(part="(d) main job's model", model=f"{name}, {kind}, float32 weights, {s['dtype']} compute",
+               attention=effective(config, seq), shape=f"{batch} x {seq}")
+    fpt = flops.train_flops_per_token(config, seq, frozen_base=trainable is not None)
+    try:
+      r = time_train_step(config, batch, seq, s["timed"], trainable=trainable)
+    except Exception as e:  # noqa: BLE001
+      out.append({**row, **failed(e)})
+      continue
+    epochs3 = NLSY_TRAIN_STEPS_3_EPOCHS * r["sec"]
+    out.append({**row, "fits": "yes", "tokens": r["tps"], "mfu": flops.mfu(r["tps"], fpt, peak),
+                "notes": f"{r['sec'] * 1e3:.1f} ms/step; 3 NLSY epochs ({NLSY_TRAIN_STEPS_3_EPOCHS} steps) "
+                         f"{epochs3:.1f} s + compile {r['compile_s']:.0f} s; {memory_note(r)} (process so far)",
+                "plan": r["plan"], "peak": r["peak"],
+                "recipe": planner_recipe("configs/foundation/smollm2_lora.yaml", config, preset_name, batch, seq)})
+
+  # One scoring pass over the NLSY test split's shape, batch_workers resumes per call as labor_jax.evaluate.
+  t = NLSY_TEST if size == "full" else dict(workers=5, steps=3, tokens=48, titles=9, batch_workers=4)
+  rng = np.random.default_rng(0)
+  cands = [tuple(int(x) for x in rng.integers(3, base.vocab_size, rng.integers(2, 6))) for _ in range(t["titles"])]
+  tree = scorer.CandidateTree.build(cands)
+  bw, n = t["batch_workers"], t["tokens"]
+  row = dict(part="(d) main job's model", model=f"{name}, scoring, {s['dtype']} weights",
+             attention=effective(base, n), shape=f"{t['workers']} workers x {t['steps']} steps x {t['titles']} titles")
+  try:
+    config = base.replace(param_dtype=s["dtype"])
+    params = jax.jit(lambda: model.init_params(config, jax.random.key(0)))()
+    step = jax.jit(lambda p, tok, m, e: scorer.score(config, p, tree, tok, m, e))
+    tokens = rng.integers(3, base.vocab_size, (bw, n)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    ends = np.tile(np.linspace(n // 4, n - 8, t["steps"]).astype(np.int32), (bw, 1))
+    t0 = time.perf_counter()
+    jax.block_until_ready(step(params, tokens, mask, ends))
+    compile_s = time.perf_counter() - t0
+    calls = -(-t["workers"] // bw)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      lp = step(params, tokens, mask, ends)
+    jax.block_until_ready(lp)
+    sec = time.perf_counter() - t0
+    out.append({**row, "fits": "yes", "wps": t["workers"] / sec,
+                "notes": f"whole split {sec:.2f} s ({calls} calls of {bw} workers); compile {compile_s:.1f} s; "
+                         f"device peak {gib(device_peak_bytes())} (process)"})
+  except Exception as e:  # noqa: BLE001
+    out.append({**row, **failed(e)})
+  return out
 
 
 # ------------------------------------------------------------------ (c): scorer
@@ -347,7 +468,9 @@ def main(argv=None):
   ap.add_argument("--peak-flops", type=float, default=None,
                   help="peak bf16 FLOP/s of one chip, for MFU (default: labor_jax.flops.PEAK_BF16_FLOPS)")
   ap.add_argument("--torch-title-batch", type=int, default=64, help="titles per PyTorch call in part (c)")
-  ap.add_argument("--parts", default="abc", help="which parts to run (subset of abc)")
+  ap.add_argument("--parts", default="abcd", help="which parts to run (subset of abcd)")
+  ap.add_argument("--json", help="also write the rows (with the planner recipes of (b) and (d)) to this JSON file")
+  ap.add_argument("--no-header", action="store_true", help="print the table without its title line")
   args = ap.parse_args(argv)
 
   import jax
@@ -367,7 +490,16 @@ def main(argv=None):
       rows += lora_rows(args.size, peak)
     if "c" in args.parts:
       rows += scored
+    if "d" in args.parts:
+      rows += smollm2_rows(args.size, peak)
+  if args.json:
+    import json
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1, default=str)
   import torch
+  if args.no_header:
+    print(table(rows))
+    return
   print(f"bench_gpu --size {args.size}: device {device_kind} (backend {jax.default_backend()}, "
         f"{jax.device_count()} device(s), peak bf16 {fmt(peak and peak / 1e12, '.0f')} TFLOP/s per chip), "
         f"jax {jax.__version__}, torch {torch.__version__}, {date}")
