@@ -33,11 +33,19 @@ import numpy as np
 import pandas as pd
 from etils import epath
 
-from data_pipeline import gguf_tokenizer, nlsy, resume, splits as split_lib, tfds_builder
+from data_pipeline import gguf_tokenizer, nlsy, resume, splits as split_lib
 from data_pipeline.errors import PanelError, WriteError, disk_full
 from data_pipeline.panel import summary, validate
 from data_pipeline.titles import TitleTable, load_titles
 from data_pipeline.tokenizer import TOKENIZER_FILES, ResumeTokenizer, train_sentencepiece
+
+
+def _tfds_builder():
+  """data_pipeline.tfds_builder, imported when records are written or read: importing this module (and the
+  loader, the planner, the scorer above it) then needs no tensorflow-datasets, which a bare accelerator image
+  may lack (scripts/gpu_check.sh)."""
+  from data_pipeline import tfds_builder
+  return tfds_builder
 
 SUMMARY = "summary.json"
 PANEL = "panel.parquet"
@@ -59,14 +67,14 @@ class DatasetDir:
 
   @property
   def tfds_dir(self) -> epath.Path:
-    return self.path / tfds_builder.NAME / tfds_builder.VERSION
+    return self.path / _tfds_builder().NAME / _tfds_builder().VERSION
 
   @property
   def tokenizer_dir(self) -> epath.Path:
     return self.path / TOKENIZER
 
   def check(self) -> "DatasetDir":
-    for need in (SUMMARY, tfds_builder.NAME):
+    for need in (SUMMARY, _tfds_builder().NAME):
       if not (self.path / need).exists():
         raise FileNotFoundError(f"{self.path}: not a data_pipeline.build output (no {need})")
     return self
@@ -115,7 +123,7 @@ class DatasetDir:
 
   def source(self, split: str):
     """Random-access examples of ``split`` (grain-compatible ``__len__`` / ``__getitem__``)."""
-    return tfds_builder.data_source(self.tfds_dir, split)
+    return _tfds_builder().data_source(self.tfds_dir, split)
 
   def lengths(self, split: str) -> tuple[np.ndarray, list[np.ndarray]]:
     """(tokens per resume [W], per resume the token offset where each entry ends) of ``split``,
@@ -191,7 +199,7 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
           "years": np.asarray([e.year for e in r.entries], np.int32),
           "occupations": np.asarray([index[e.code] for e in r.entries], np.int32)})
     t_tokenize = time.perf_counter()
-    tfds_builder.write(examples, tmp.path, description=f"LABOR-LLM resumes ({resume.TEMPLATE_VERSION}) from {source}")
+    _tfds_builder().write(examples, tmp.path, description=f"LABOR-LLM resumes ({resume.TEMPLATE_VERSION}) from {source}")
     t_write = time.perf_counter()
     titles.to_csv(tmp.path / TITLES)
     panel.to_parquet(tmp.path / PANEL, index=False)

@@ -52,6 +52,22 @@ SIZES = {
 LORA = dict(lora_rank=16, lora_alpha=32.0, lora_targets=r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)")
 
 
+ROWS: list[dict] = []  # every row so far, in order
+JSON_PATH: str | None = None  # --json: rewritten after every row, so a part cut off by a time limit keeps its rows
+
+
+def record(row: dict) -> dict:
+  """Keeps ``row``, rewrites --json and prints the row at once (a time limit then loses only the row running)."""
+  import json
+  ROWS.append(row)
+  if JSON_PATH:
+    with open(JSON_PATH, "w") as f:
+      json.dump(ROWS, f, indent=1, default=str)
+  print(f"row: {row['part']} | {row['model']} | {row['shape']} | {row.get('fits', '-')} | {row.get('notes', '')}",
+        file=sys.stderr, flush=True)
+  return row
+
+
 def is_oom(err: BaseException) -> bool:
   text = f"{type(err).__name__} {err}".lower()
   return any(s in text for s in ("resource_exhausted", "out of memory", "outofmemoryerror"))
@@ -154,8 +170,9 @@ def dense_rows(size, peak, device_kind):
   seq, batch = s["seq"], s["dense_batch"]
   config = LlamaConfig(vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
                        num_attention_heads=h, num_key_value_heads=k, max_position_embeddings=seq,
-                       param_dtype=s["dtype"], dtype=s["dtype"])
-  name = f"Llama {params_str(config)} ({layers}x{d}), {s['dtype']}"
+                       param_dtype=s["dtype"], dtype=s["dtype"], scan_layers=True)
+  # Scanned layers: XLA:GPU compiled the 16 unrolled blocks' step for over 170 s on an H200 (2026-12-04).
+  name = f"Llama {params_str(config)} ({layers}x{d}), {s['dtype']}, scanned layers"
   impls = {"gpu": ("cudnn", "xla", "blocked"), "tpu": ("splash", "xla", "blocked")}.get(jax.default_backend(),
                                                                                         ("xla", "blocked"))
   fpt = flops.train_flops_per_token(config, seq)
@@ -165,15 +182,15 @@ def dense_rows(size, peak, device_kind):
                                   head_dim=config.head_dim, q_len=seq, kv_len=seq, causal=True, kv_heads=k)
     row = dict(part="(a) train step", model=name, attention=impl, shape=f"{batch} x {seq}")
     if runs != impl:
-      out.append({**row, "fits": "-", "notes": f"not run: {why}"})
+      out.append(record({**row, "fits": "-", "notes": f"not run: {why}"}))
       continue
     try:
       r = time_train_step(config.replace(attention_impl=impl), batch, seq, s["timed"])
     except Exception as e:  # noqa: BLE001 - a row reports its own failure
-      out.append({**row, **failed(e)})
+      out.append(record({**row, **failed(e)}))
       continue
-    out.append({**row, "fits": "yes", "tokens": r["tps"], "mfu": flops.mfu(r["tps"], fpt, peak),
-                "notes": f"{r['tps'] * fpt / 1e12:.3g} model TFLOP/s; loss {r['loss']:.3f}; compile {r['compile_s']:.0f} s"})
+    out.append(record({**row, "fits": "yes", "tokens": r["tps"], "mfu": flops.mfu(r["tps"], fpt, peak),
+                "notes": f"{r['tps'] * fpt / 1e12:.3g} model TFLOP/s; loss {r['loss']:.3f}; compile {r['compile_s']:.0f} s"}))
   return out
 
 
@@ -202,7 +219,7 @@ def lora_rows(size, peak):
       r = time_train_step(config, batch, seq, s["timed"], trainable=labels.ADAPTERS)
     except Exception as e:  # noqa: BLE001
       if not is_oom(e):
-        return [{**row, "shape": f"{batch} x {seq}", **failed(e)}]
+        return [record({**row, "shape": f"{batch} x {seq}", **failed(e)})]
       ooms.append(batch)
       continue
     note = f"{s['dtype']} weights, scan + remat; loss {r['loss']:.3f}; {memory_note(r)}"
@@ -210,11 +227,11 @@ def lora_rows(size, peak):
       note += f"; OOM at batch {', '.join(map(str, ooms))}"
     recipe = planner_recipe("configs/llama2_7b_lora.yaml", config, s["lora"] if isinstance(s["lora"], str) else None,
                             batch, seq)
-    return [{**row, "shape": f"{batch} x {seq}", "fits": "yes", "tokens": r["tps"],
+    return [record({**row, "shape": f"{batch} x {seq}", "fits": "yes", "tokens": r["tps"],
              "mfu": flops.mfu(r["tps"], fpt, peak), "notes": note, "plan": r["plan"], "peak": r["peak"],
-             "recipe": recipe}]
-  return [{**row, "shape": f"{s['lora_batches'][-1]} x {seq}", "fits": "no (OOM)",
-           "notes": f"OOM at batch {', '.join(map(str, ooms))}"}]
+             "recipe": recipe})]
+  return [record({**row, "shape": f"{s['lora_batches'][-1]} x {seq}", "fits": "no (OOM)",
+           "notes": f"OOM at batch {', '.join(map(str, ooms))}"})]
 
 
 def planner_recipe(config_path: str, config, preset_name: str | None, batch: int, seq: int) -> dict:
@@ -252,7 +269,7 @@ def smollm2_rows(size, peak):
 
   s = SIZES[size]
   seq, batch = (256, 8) if size == "full" else (64, 2)
-  policy = dict(param_dtype="float32", dtype=s["dtype"], max_position_embeddings=max(seq, 512))
+  policy = dict(param_dtype="float32", dtype=s["dtype"], max_position_embeddings=max(seq, 512), scan_layers=True)
   if size == "full":
     base, preset_name, name = preset("smollm2_135m", **policy), "smollm2_135m", "SmolLM2-135M-shaped (30x576)"
   else:
@@ -270,14 +287,14 @@ def smollm2_rows(size, peak):
     try:
       r = time_train_step(config, batch, seq, s["timed"], trainable=trainable)
     except Exception as e:  # noqa: BLE001
-      out.append({**row, **failed(e)})
+      out.append(record({**row, **failed(e)}))
       continue
     epochs3 = NLSY_TRAIN_STEPS_3_EPOCHS * r["sec"]
-    out.append({**row, "fits": "yes", "tokens": r["tps"], "mfu": flops.mfu(r["tps"], fpt, peak),
+    out.append(record({**row, "fits": "yes", "tokens": r["tps"], "mfu": flops.mfu(r["tps"], fpt, peak),
                 "notes": f"{r['sec'] * 1e3:.1f} ms/step; 3 NLSY epochs ({NLSY_TRAIN_STEPS_3_EPOCHS} steps) "
                          f"{epochs3:.1f} s + compile {r['compile_s']:.0f} s; {memory_note(r)} (process so far)",
                 "plan": r["plan"], "peak": r["peak"],
-                "recipe": planner_recipe("configs/foundation/smollm2_lora.yaml", config, preset_name, batch, seq)})
+                "recipe": planner_recipe("configs/foundation/smollm2_lora.yaml", config, preset_name, batch, seq)}))
 
   # One scoring pass over the NLSY test split's shape, batch_workers resumes per call as labor_jax.evaluate.
   t = NLSY_TEST if size == "full" else dict(workers=5, steps=3, tokens=48, titles=9, batch_workers=4)
@@ -303,11 +320,11 @@ def smollm2_rows(size, peak):
       lp = step(params, tokens, mask, ends)
     jax.block_until_ready(lp)
     sec = time.perf_counter() - t0
-    out.append({**row, "fits": "yes", "wps": t["workers"] / sec,
+    out.append(record({**row, "fits": "yes", "wps": t["workers"] / sec,
                 "notes": f"whole split {sec:.2f} s ({calls} calls of {bw} workers); compile {compile_s:.1f} s; "
-                         f"device peak {gib(device_peak_bytes())} (process)"})
+                         f"device peak {gib(device_peak_bytes())} (process)"}))
   except Exception as e:  # noqa: BLE001
-    out.append({**row, **failed(e)})
+    out.append(record({**row, **failed(e)}))
   return out
 
 
@@ -398,7 +415,7 @@ def scorer_rows(size, tmp, args):
     ref = ref.to(dev).eval()
     name = f"7B-shaped stand-in ({layers}x{d}), fp32"
   else:  # independent random weights, bf16 (timing only)
-    config = preset("llama2_7b", param_dtype="bfloat16", dtype="bfloat16")
+    config = preset("llama2_7b", param_dtype="bfloat16", dtype="bfloat16", scan_layers=True)
     hf_cfg = transformers.LlamaConfig(**{k_: v_ for k_, v_ in config.to_hf_dict().items()
                                          if k_ not in ("architectures", "torch_dtype", "model_type")})
     torch.manual_seed(0)
@@ -446,9 +463,9 @@ def scorer_rows(size, tmp, args):
     gc.collect()
   base = dict(part="(c) scorer", shape=shape)
   resume_len = int(mask.sum(1).max())
-  return [{**base, "model": f"labor_jax fused, {name}", "attention": effective(config, resume_len), **fused_row},
-          {**base, "model": f"PyTorch transformers {transformers.__version__} cached prefix, {name}",
-           "attention": "sdpa", **torch_row}]
+  return [record({**base, "model": f"labor_jax fused, {name}", "attention": effective(config, resume_len), **fused_row}),
+          record({**base, "model": f"PyTorch transformers {transformers.__version__} cached prefix, {name}",
+                  "attention": "sdpa", **torch_row})]
 
 
 # ------------------------------------------------------------------ table
@@ -473,6 +490,8 @@ def main(argv=None):
   ap.add_argument("--no-header", action="store_true", help="print the table without its title line")
   args = ap.parse_args(argv)
 
+  global JSON_PATH
+  JSON_PATH = args.json
   import jax
 
   from labor_jax import flops

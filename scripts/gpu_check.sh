@@ -13,11 +13,13 @@
 #   --budget S     seconds for all the steps together (default 500; a step never runs past what is left, and the
 #                  steps that find the budget spent are reported as skipped)
 #   --dry-run      tiny sizes, JAX on the CPU, one quick test file: what the test suite runs
+#   --only STEPS   run only these steps (comma-separated names from the report's step column, e.g.
+#                  imports,device,bench_a,tests_test_hf_parity); the others are reported as not selected
 #   --python PY    the interpreter (default python3)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-OUT=gpu_report.md WHEELS="" BUDGET=500 DRY=0 PY=${PYTHON:-python3}
+OUT=gpu_report.md WHEELS="" BUDGET=500 DRY=0 ONLY="" PY=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=$2; shift 2 ;;
@@ -25,7 +27,8 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --python) PY=$2; shift 2 ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    --only) ONLY=",$2,"; shift 2 ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -52,6 +55,10 @@ fi
 # records "NAME<TAB>status<TAB>seconds" (ok, failed (exit N), timed out after N s, skipped: budget spent).
 step() {
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then
+    printf '%s\tnot selected (--only)\t0\n' "$name" >> "$STEPS"
+    return 0
+  fi
   local left=$(( BUDGET - ($(date +%s) - START) ))
   if [ "$left" -lt 10 ]; then
     printf '%s\tskipped: budget spent\t0\n' "$name" >> "$STEPS"
