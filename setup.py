@@ -47,6 +47,7 @@ setup(
         # peft is the reference for the LoRA adapter format (tests only; labor_jax never imports it).
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "peft==0.21.2", "accelerate==1.15.0",  # accelerate: peft's
                  "hypothesis==6.155.2",  # property-based panel tests
-                 "mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8"],  # docs/ built in the suite
+                 "mkdocs==1.6.1", "mkdocs-material==9.8.2", "mkdocstrings[python]==1.0.8",  # docs/ built in the suite
+                 "sybil==10.1.0"],  # runs the docs' python blocks (tests/test_docs_examples.py)
     },
 )

@@ -60,7 +60,8 @@ def uninterrupted(tmp_path_factory, nlsy_dataset):
 # The longest files start first, so that under pytest-xdist (scripts/test.sh: two workers, one file each at a
 # time) none of them is left running alone at the end.
 SLOW_FIRST = ("test_train.py", "test_untrusted.py", "test_gguf.py", "test_experiments.py", "test_full_disk.py", "test_fuzz_panels.py", "test_checkpoints.py", "test_peft.py", "test_forecast.py",
-              "test_model.py", "test_sharded_scoring.py", "test_evaluate.py", "test_lora.py", "test_scorer.py")
+              "test_model.py", "test_sharded_scoring.py", "test_evaluate.py", "test_lora.py", "test_scorer.py",
+              "test_docs_examples.py")
 
 
 def pytest_collection_modifyitems(config, items):
