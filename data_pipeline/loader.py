@@ -78,8 +78,37 @@ def make_dataset(dataset_dir: str | Path | DatasetDir, split: str, *, seq_len: i
   """The batch pipeline of one process over a ``build_dataset`` output. ``batch_size`` is this
   process's share of the batch.
 
-  ``num_epochs=None`` repeats forever (training); evaluation passes 1.
+  ``num_epochs=None`` repeats forever (training); evaluation passes 1. Batches are whole
+  (``drop_remainder``): an endless stream drops nothing, and a batch may span two epochs; a finite
+  one drops its last ``rows % batch_size`` rows.
   """
+  return _rows(dataset_dir, split, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
+               num_epochs=num_epochs, pack=pack, loss_on=loss_on, pad_id=pad_id, process_index=process_index,
+               process_count=process_count).batch(batch_size, drop_remainder=True)
+
+
+def rows_per_epoch(dataset_dir: str | Path | DatasetDir, split: str, *, seq_len: int, batch_size: int,
+                   seed: int = 0, pack: bool = False, process_count: int = 1) -> int:
+  """Rows the training pipeline of :func:`make_dataset` yields per pass over ``split``, all
+  ``process_count`` processes together (``batch_size``: one process's share, as there).
+
+  Unpacked, one row per resume: the split's length. Packed, the rows the packer makes of one pass
+  (every process's slice packed in its own ``batch_size`` bins, as in training): in the endless
+  training stream an epoch's last, partly filled rows are topped up with the next epoch's resumes
+  instead, so this counts at most ``batch_size`` rows per process more than a training epoch holds."""
+  if not isinstance(dataset_dir, DatasetDir):
+    dataset_dir = DatasetDir(dataset_dir)
+  if not pack:
+    return len(dataset_dir.source(split))
+  return sum(sum(1 for _ in _rows(dataset_dir, split, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                  num_epochs=1, pack=True, process_index=i, process_count=process_count))
+             for i in range(process_count))
+
+
+def _rows(dataset_dir: str | Path | DatasetDir, split: str, *, seq_len: int, batch_size: int, seed: int = 0,
+          shuffle: bool = True, num_epochs: int | None = None, pack: bool = False, loss_on: str = "all",
+          pad_id: int = 0, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """:func:`make_dataset` before batching: one process's padded or packed rows."""
   if loss_on not in LOSS_ON:
     raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
   if not 0 <= process_index < process_count:
@@ -101,4 +130,4 @@ def make_dataset(dataset_dir: str | Path | DatasetDir, split: str, *, seq_len: i
     it = it.map(_rename_packed)
   else:
     it = it.map(lambda ex: _pad(ex, seq_len, pad_id))
-  return it.batch(batch_size, drop_remainder=True)
+  return it

@@ -105,7 +105,7 @@ class RunDir:
     return self
 
   def train_config(self) -> train_config.TrainConfig:
-    return train_config.load(self.path / CONFIG)
+    return train_config.load(self.path / CONFIG, resolved=True)  # steps recorded next to the epochs they came from
 
   def model_config(self) -> LlamaConfig:
     self.check()

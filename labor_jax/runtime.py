@@ -16,12 +16,16 @@ command-line entry points (train, evaluate, predict, the main job, the benchmark
 first thing. ``LABOR_JAX_MALLOC_TUNING=0`` turns it off. It does nothing outside glibc.
 The same settings can be given without code as environment variables
 (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824``).
+
+:func:`auto_dtype` is what ``model.dtype: auto`` means: bfloat16 compute on GPUs and TPUs and on
+CPUs that run bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag), float32 elsewhere.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
@@ -67,3 +71,36 @@ def cpu_description() -> str:
   flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
   isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
   return f"{model}, {cpus} CPUs, {isa}"
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 dot-product instructions
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+  """The flags of the first CPU in ``path`` (Linux); empty where there is no such file."""
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def auto_dtype(platform: str | None = None, flags: frozenset[str] | None = None) -> tuple[str, str]:
+  """(compute dtype, why) for ``model.dtype: auto``: bfloat16 off the CPU (``platform``: a JAX backend
+  name or a chip; None: ``jax.default_backend()``), on a CPU with one of :data:`BF16_CPU_FLAGS`
+  (``flags``; None: :func:`cpu_flags`) bfloat16 too, else float32 (bfloat16 emulated in float32
+  would be slower and no more accurate)."""
+  if platform is None:
+    import jax
+    platform = jax.default_backend()
+  if platform != "cpu":
+    return "bfloat16", f"on {platform}"
+  flags = cpu_flags() if flags is None else flags
+  native = [f for f in BF16_CPU_FLAGS if f in flags]
+  if native:
+    return "bfloat16", f"the CPU has {native[0]}"
+  return "float32", f"the CPU has neither {' nor '.join(BF16_CPU_FLAGS)}"

@@ -55,3 +55,21 @@ def test_library_modules_import_no_command_line_module():
   bad = {str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.startswith("labor_jax.cli"))
          for p in library}
   assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_training_wing_imports_without_a_cycle():
+  """labor_jax/training/*.py import each other along a DAG (TYPE_CHECKING imports counted): the hooks
+  name the Trainer of labor_jax.training.trainer, not of the loop that builds it."""
+  wing = {p.stem: p for p in (ROOT / "labor_jax" / "training").glob("*.py") if p.stem != "__init__"}
+  edges = {m: {n for n in wing if f"labor_jax.training.{n}" in _imports(p)} for m, p in wing.items()}
+  assert "loop" not in edges["hooks"] and "trainer" in edges["hooks"] and "hooks" in edges["loop"]
+  done: set[str] = set()
+
+  def visit(m, path):
+    assert m not in path, f"import cycle: {' -> '.join([*path, m])}"
+    if m not in done:
+      for n in edges[m]:
+        visit(n, [*path, m])
+      done.add(m)
+  for m in wing:
+    visit(m, [])

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
       cfg = train_config.updated(cfg, {f"mesh.{k}": v for k, v in sharding.parse_mesh(args.mesh).items()})
     if not args.no_train:
       train_config.check_devices(cfg, jax.device_count(), 1)
-    config = train_config.model_config(cfg, planning.base_config(cfg, args.preset))
+    config = train_config.model_config(cfg, planning.base_config(cfg, args.preset), platform=args.chip)  # auto: bf16 on a chip
   except (ConfigError, sharding.ShardingError) as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2

@@ -8,11 +8,19 @@ configuration error).
 :func:`model_config` is the one translation from a run config to the
 :class:`~labor_jax.config.LlamaConfig` it trains; the trainer, the memory planner and the
 benchmarks all call it.
+
+A run's length and cadences are given in optimizer steps (``steps``, ``eval_every``,
+``ckpt_every``) or in passes over the training split (``epochs``, ``eval_every_epochs``,
+``ckpt_every_epochs``), one of each pair. :func:`resolve_epochs` turns the second kind into steps
+once the training split's rows are known (the trainer does it at start-up and records the result in
+the run's ``config.yaml``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,10 +28,11 @@ from typing import Any
 
 import yaml
 
-from labor_jax import selection
+from labor_jax import runtime, selection
 from labor_jax.config import ATTENTION_IMPLS, ConfigError, LlamaConfig
 
-__all__ = ["ConfigError", "TrainConfig", "load", "model_config", "updated", "check_devices", "to_dict"]
+__all__ = ["ConfigError", "TrainConfig", "load", "model_config", "updated", "check_devices", "to_dict",
+           "resolve_epochs", "epoch_steps", "needs_rows", "compute_dtype"]
 
 
 @dataclasses.dataclass
@@ -39,7 +48,7 @@ class ModelConfig:
   max_position_embeddings: int = 1024  # from scratch: longest sequence (tokens)
   rope_theta: float = 10000.0  # from scratch: RoPE base
   param_dtype: str = "float32"  # parameter storage dtype: float32 or bfloat16
-  dtype: str = "float32"  # matmul compute dtype: float32 or bfloat16
+  dtype: str = "float32"  # matmul compute dtype: float32, bfloat16, or auto (bfloat16 on GPU/TPU and on CPUs with avx512_bf16 or amx_bf16, else float32)
   remat: bool = False  # rematerialise decoder blocks in the backward pass (saves activation memory)
   scan_layers: bool = False  # one scanned block over stacked weights (faster compiles, one layer's weights live)
   attention_query_block: int = 64  # causal attention skips masked key blocks, query blocks >= this long (0: off)
@@ -104,14 +113,17 @@ class DistributedConfig:
 @dataclasses.dataclass
 class TrainConfig:
   run_dir: str = "runs/demo"  # where config, tokenizer, checkpoints, metrics and events go
-  steps: int = 100  # optimizer steps
+  steps: int | None = None  # optimizer steps; null: from epochs, or 100 when epochs is null too (exclusive with epochs)
+  epochs: float | None = None  # passes over the training split (fractions allowed); steps = ceil(epochs x rows / batch_size)
   batch_size: int = 8  # global batch (rows of seq_len tokens), all processes together
   seed: int = 0  # parameter init, data order, dropout
   log_every: int = 10  # steps between metric lines
-  eval_every: int = 50  # steps between validation evaluations (and at the end)
+  eval_every: int | None = None  # steps between validation evaluations (and at the end); null: from eval_every_epochs, or 50
+  eval_every_epochs: float | None = None  # epochs between validation evaluations, rounded up to whole steps (exclusive with eval_every)
   eval_batches: int = 8  # validation batches per evaluation (batch_size rows; perplexity: batch_size workers); 0 = all
   eval_metric: str = selection.DEFAULT  # what picks the best checkpoint: occupation_perplexity (computed at each eval) or token_loss
-  ckpt_every: int = 50  # steps between checkpoints (and at the end)
+  ckpt_every: int | None = None  # steps between checkpoints (and at the end); null: from ckpt_every_epochs, or 50
+  ckpt_every_epochs: float | None = None  # epochs between checkpoints, rounded up to whole steps (exclusive with ckpt_every)
   ckpt_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last save (0: off)
   keep: int = 3  # most recent checkpoints kept (the best by eval_metric is kept too)
   async_checkpointing: bool = True  # write checkpoints in the background
@@ -126,7 +138,7 @@ class TrainConfig:
 
 
 _CHOICES = {"data.loss_on": ("all", "history"), "data.truncate": ("warn", "error"), "optim.decay": ("cosine", "linear", "constant"),
-            "model.param_dtype": ("float32", "bfloat16"), "model.dtype": ("float32", "bfloat16"),
+            "model.param_dtype": ("float32", "bfloat16"), "model.dtype": ("float32", "bfloat16", "auto"),
             "distributed.initialize": ("auto", True, False), "model.attention_impl": ATTENTION_IMPLS,
             "eval_metric": tuple(selection.EVAL_METRICS)}
 
@@ -185,38 +197,105 @@ def _set(tree: dict, dotted: str, value: Any):
   node[last] = value
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-  """Reads a YAML run config and applies ``key.sub=value`` overrides (values parsed as YAML)."""
+# Each pair gives one quantity in steps or in epochs: one layer (a file, the --set list, the changes
+# of updated()) may give only one of them; a later layer's member replaces an earlier layer's other.
+EXCLUSIVE = (("steps", "epochs"), ("eval_every", "eval_every_epochs"), ("ckpt_every", "ckpt_every_epochs"))
+DEFAULT_STEPS = {"steps": 100, "eval_every": 50, "ckpt_every": 50}  # when neither member of a pair is given
+
+
+def _layer(raw: dict, given: dict[str, Any], where: str) -> None:
+  """Checks that the top-level keys ``given`` by one layer hold at most one member of each
+  :data:`EXCLUSIVE` pair, and clears from ``raw`` (the layers below) the other member of a pair
+  ``given`` sets."""
+  for a, b in EXCLUSIVE:
+    if given.get(a) is not None and given.get(b) is not None:
+      raise ConfigError(f"{where}: {a} and {b} are exclusive, give one ({a} counts optimizer steps, "
+                        f"{b} passes over the training split)")
+    for mine, other in ((a, b), (b, a)):
+      if given.get(mine) is not None and other not in given:
+        raw[other] = None
+
+
+def load(path: str | Path | None, overrides: list[str] = (), *, resolved: bool = False) -> TrainConfig:
+  """Reads a YAML run config and applies ``key.sub=value`` overrides (values parsed as YAML).
+
+  ``steps`` given in one place and ``epochs`` in another: the override wins (``--set epochs=3`` on a
+  file with ``steps: 300`` trains by epochs). ``resolved``: ``path`` is a run's ``config.yaml``, where
+  the trainer recorded the steps it resolved next to the epochs they came from."""
   raw: dict = {}
   if path is not None:
     try:
       raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
       raise ConfigError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    if not resolved and isinstance(raw, dict):
+      _layer({}, raw, str(path))
+  given: dict[str, Any] = {}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"--set {item!r}: expected key=value")
     key, value = item.split("=", 1)
-    _set(raw, key.strip(), yaml.safe_load(value))
+    given[key.strip()] = yaml.safe_load(value)
+  if isinstance(raw, dict):
+    _layer(raw, given, "--set")
+  for key, value in given.items():
+    _set(raw, key, value)
   return _validated(_build(TrainConfig, raw))
 
 
 def updated(cfg: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
   """A copy of ``cfg`` with dotted-key changes (``{"model.init_from": path, "seed": 1}``), checked
-  like a YAML file's values."""
+  like a YAML file's values (a change of ``steps`` replaces ``cfg``'s ``epochs``, and so on)."""
   raw = to_dict(cfg)
+  _layer(raw, changes, "changes")
   for key, value in changes.items():
     _set(raw, key, value)
   return _validated(_build(TrainConfig, raw))
 
 
+def _exact(x: float) -> fractions.Fraction:
+  """``x`` as the decimal it was written as (0.1 is 1/10, not the nearest binary fraction), so that
+  ceilings of products are not one off."""
+  return fractions.Fraction(repr(float(x)))
+
+
+def epoch_steps(epochs: float, rows: int, batch_size: int) -> int:
+  """Optimizer steps that take ``epochs`` passes over ``rows`` rows at ``batch_size`` rows per step:
+  ceil(epochs x rows / batch_size), at least 1. The training stream is endless (the loader repeats
+  the split and batches across the epoch boundary, so drop_remainder never drops a row), so after
+  ``k`` steps the run has read ``k x batch_size`` rows; rounding up makes it read all of them."""
+  return max(1, math.ceil(_exact(epochs) * rows / batch_size))
+
+
+def resolve_epochs(cfg: TrainConfig, rows: int) -> TrainConfig:
+  """``cfg`` with ``steps``, ``eval_every`` and ``ckpt_every`` that are null (given in epochs)
+  computed from ``rows`` (rows the training loader yields per epoch, all processes together) by
+  :func:`epoch_steps`. Fields already set (given in steps, or recorded by an earlier start of the
+  run) stay."""
+  changes = {}
+  for steps_key, epochs_key in EXCLUSIVE:
+    epochs = getattr(cfg, epochs_key)
+    if getattr(cfg, steps_key) is None:
+      changes[steps_key] = DEFAULT_STEPS[steps_key] if epochs is None else epoch_steps(epochs, rows, cfg.batch_size)
+  return dataclasses.replace(cfg, **changes)
+
+
+def needs_rows(cfg: TrainConfig) -> bool:
+  """Whether ``cfg`` has a length or cadence still to be resolved from the training split's rows."""
+  return any(getattr(cfg, steps_key) is None for steps_key, _ in EXCLUSIVE)
+
+
 def _validated(cfg: TrainConfig) -> TrainConfig:
-  positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "data.seq_len": cfg.data.seq_len,
+  for steps_key, epochs_key in EXCLUSIVE:
+    if getattr(cfg, steps_key) is None and getattr(cfg, epochs_key) is None:
+      cfg = dataclasses.replace(cfg, **{steps_key: DEFAULT_STEPS[steps_key]})
+  positive = {"steps": cfg.steps, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "data.seq_len": cfg.data.seq_len,
               "optim.grad_accum": cfg.optim.grad_accum, "mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
               "mesh.tensor": cfg.mesh.tensor, "log_every": cfg.log_every, "eval_every": cfg.eval_every,
-              "ckpt_every": cfg.ckpt_every, "keep": cfg.keep}
+              "eval_every_epochs": cfg.eval_every_epochs, "ckpt_every": cfg.ckpt_every,
+              "ckpt_every_epochs": cfg.ckpt_every_epochs, "keep": cfg.keep}
   for key, v in positive.items():
-    if v <= 0:
+    if v is not None and v <= 0:
       raise ConfigError(f"{key}: must be positive, got {v}")
   if cfg.model.attention_query_block < 0:
     raise ConfigError(f"model.attention_query_block: must be >= 0, got {cfg.model.attention_query_block}")
@@ -235,18 +314,26 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
   return cfg
 
 
+def compute_dtype(cfg: TrainConfig, platform: str | None = None) -> str:
+  """``model.dtype``, with ``auto`` resolved by :func:`labor_jax.runtime.auto_dtype` for ``platform``
+  (None: this process's JAX backend and CPU)."""
+  return runtime.auto_dtype(platform)[0] if cfg.model.dtype == "auto" else cfg.model.dtype
+
+
 def model_config(cfg: TrainConfig, base: LlamaConfig | None = None, *, vocab_size: int | None = None,
-                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None) -> LlamaConfig:
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
+                 platform: str | None = None) -> LlamaConfig:
   """The :class:`LlamaConfig` a run trains.
 
   Architecture: ``base`` (a Hugging Face ``config.json``, an earlier run's model, a preset),
   or from scratch the ``model.*`` sizes with ``vocab_size`` (default ``data.vocab_size``) and
   the tokenizer's special ids. Numeric policy (dtypes, remat, scanned layers, attention block,
-  loss chunk): always ``model.*``. Adapters: ``lora.*`` when enabled (a base's own adapters are
-  replaced; merge them first).
+  loss chunk): always ``model.*``, ``model.dtype: auto`` resolved for ``platform``
+  (:func:`compute_dtype`). Adapters: ``lora.*`` when enabled (a base's own adapters are replaced;
+  merge them first).
   """
   m = cfg.model
-  policy = {k: getattr(m, k) for k in _POLICY}
+  policy = {k: getattr(m, k) for k in _POLICY} | {"dtype": compute_dtype(cfg, platform)}
   if base is None:
     config = LlamaConfig(vocab_size=vocab_size or cfg.data.vocab_size, bos_token_id=bos_id, eos_token_id=eos_id,
                          pad_token_id=pad_id, **{k: getattr(m, k) for k in _ARCHITECTURE}, **policy)

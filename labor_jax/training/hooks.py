@@ -5,7 +5,7 @@ calls each hook's :meth:`Hook.after_step` with a :class:`StepInfo`: the step num
 metrics, the host batch, the record that becomes one line of ``metrics.jsonl`` and the validation
 results of this step. Hooks run in list order (:func:`default_hooks`); each writes only its own
 keys, so adding a hook touches no other. A hook sees the run's prepared pieces (the
-:class:`~labor_jax.training.loop.Trainer`: config, state, run directory, checkpoint manager) but
+:class:`~labor_jax.training.trainer.Trainer`: config, state, run directory, checkpoint manager) but
 changes the state only through ``trainer.save``.
 
 * :class:`LossCheck`: the loss, learning rate, gradient norm and batch CRC of every step; a
@@ -27,7 +27,6 @@ import signal
 import sys
 import time
 import zlib
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -37,9 +36,7 @@ from tqdm import tqdm
 
 from data_pipeline import loader
 from labor_jax import flops, selection
-
-if TYPE_CHECKING:
-  from labor_jax.training.loop import Trainer
+from labor_jax.training.trainer import Trainer
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,16 +58,16 @@ class StepInfo:
 class Hook:
   """A no-op hook: override what you need."""
 
-  def start(self, trainer: "Trainer") -> None:
+  def start(self, trainer: Trainer) -> None:
     """Before the first step."""
 
-  def after_step(self, trainer: "Trainer", info: StepInfo) -> None:
+  def after_step(self, trainer: Trainer, info: StepInfo) -> None:
     """After every step."""
 
-  def done(self, trainer: "Trainer", last: dict) -> None:
+  def done(self, trainer: Trainer, last: dict) -> None:
     """After the last step of a run that completed (not preempted, not failed)."""
 
-  def close(self, trainer: "Trainer") -> None:
+  def close(self, trainer: Trainer) -> None:
     """Always, when the loop ends (in reverse list order)."""
 
 

@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
-from typing import Any, Callable
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir, build_default
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import checkpoint as ckpt_lib
-from labor_jax import inference, labels, lora, model, selection, sharding
+from labor_jax import inference, labels, lora, model, runtime, selection, sharding
 from labor_jax.interop import hf, peft
 from labor_jax.training import core as train_core
 from labor_jax.training import hooks as hooks_lib
 from labor_jax.training import validation
 from labor_jax.config import ConfigError, LlamaConfig
-from labor_jax.rundir import RunDir, dataset_of
+from labor_jax.rundir import CONFIG, RunDir, dataset_of
+from labor_jax.training import config as train_config
 from labor_jax.training.config import TrainConfig, check_devices, model_config
+from labor_jax.training.trainer import Trainer, split_state
 
 
 def _warn(*args):
@@ -65,6 +66,46 @@ def check_truncation(cfg: TrainConfig, data: DatasetDir) -> dict:
     if jax.process_index() == 0:
       _warn(f"warning: {msg} (data.truncate=error makes this fatal)")
   return t
+
+
+def resolve_length(cfg: TrainConfig, run: RunDir, data: DatasetDir, is_main: bool) -> TrainConfig:
+  """``cfg`` with the length and cadences it gives in epochs turned into steps
+  (:func:`~labor_jax.training.config.resolve_epochs` over the rows the training loader yields per
+  epoch), said in one line. Where ``RUN/config.yaml`` recorded them for the same epochs and batch (an
+  earlier start of this run) the recorded steps are kept, so a resumed run ends and schedules where it
+  would have; process 0 decides for every process."""
+  if not train_config.needs_rows(cfg):
+    return cfg
+  n = jax.process_count()
+  rows = loader.rows_per_epoch(data, "train", seq_len=cfg.data.seq_len, batch_size=cfg.batch_size // n,
+                               seed=cfg.seed, pack=cfg.data.pack, process_count=n)
+  resolved = train_config.resolve_epochs(cfg, rows)
+  open_pairs = [(s, e) for s, e in train_config.EXCLUSIVE if getattr(cfg, s) is None]
+  recorded = None
+  if is_main and (run.path / CONFIG).exists():
+    try:
+      recorded = run.train_config()
+    except ConfigError:  # a config of another version: this start's resolution stands
+      recorded = None
+  kept = {}
+  if recorded is not None and recorded.batch_size == cfg.batch_size:
+    kept = {s: getattr(recorded, s) for s, e in open_pairs
+            if getattr(recorded, e) == getattr(cfg, e) and getattr(recorded, s) is not None}
+    changed = {s: (v, getattr(resolved, s)) for s, v in kept.items() if v != getattr(resolved, s)}
+    if changed:
+      _warn(f"warning: {run.path / CONFIG} recorded " + ", ".join(f"{s}={a}" for s, (a, _) in changed.items())
+            + " for this run; the training split now gives " + ", ".join(f"{s}={b}" for s, (_, b) in changed.items())
+            + "; keeping the recorded (a new run_dir recomputes)")
+    resolved = dataclasses.replace(resolved, **kept)
+  if n > 1:  # every process trains for process 0's steps
+    mine = np.asarray([getattr(resolved, s) for s, _ in open_pairs], np.int32)
+    agreed = multihost_utils.broadcast_one_to_all(mine)
+    resolved = dataclasses.replace(resolved, **{s: int(v) for (s, _), v in zip(open_pairs, agreed)})
+  if is_main:
+    print(f"{rows:,} training rows an epoch at batch_size {cfg.batch_size} ({rows / cfg.batch_size:,.2f} steps an "
+          "epoch): " + ", ".join(f"{s}={getattr(resolved, s):,} ({e}={getattr(cfg, e):g})" for s, e in open_pairs)
+          + (f" as recorded in {CONFIG}" if kept else ""), flush=True)
+  return resolved
 
 
 def model_config_of(cfg: TrainConfig, tok: ResumeTokenizer) -> LlamaConfig:
@@ -135,54 +176,6 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def split_state(state: train_core.TrainState, label_tree):
-  """(the state a checkpoint step holds: trainable params, optimizer state, step, RNG; the frozen params)."""
-  trainable, frozen = labels.split(state.params, label_tree)
-  return state.replace(params=trainable), frozen
-
-
-@dataclasses.dataclass
-class Trainer:
-  """A run's prepared pieces (:func:`setup`): what the loop steps and what the hooks watch."""
-  cfg: TrainConfig  # the resolved run config
-  run_dir: RunDir  # where everything is written
-  data: DatasetDir  # the dataset trained on
-  config: LlamaConfig  # the model trained
-  mesh: jax.sharding.Mesh  # the devices
-  state: train_core.TrainState  # parameters, optimizer state, step, RNG (sharded)
-  start: int  # the step the loop continues from (0 for a fresh run)
-  train_step: Callable  # jitted (state, batch) -> (state, metrics)
-  eval_step: Callable  # jitted (params, batch) -> (loss sum, tokens)
-  data_iter: Any  # the training batches (grain, checkpointed with the state)
-  data_kw: dict  # loader arguments (validation reuses them)
-  batch_sh: Any  # the batch sharding
-  mgr: Any  # the orbax CheckpointManager
-  label_tree: Any  # trainable / frozen / adapter label of every parameter
-  occupation: Callable | None  # params -> validation occupation perplexity (and token loss), or None
-  metric: str  # the recorded key whose lowest value is the best checkpoint
-  sizes: dict  # parameter counts and bytes (summary.json)
-  last_save: float = dataclasses.field(default_factory=time.monotonic)  # monotonic time of the last save
-
-  @property
-  def is_main(self) -> bool:
-    return jax.process_index() == 0
-
-  @property
-  def multi(self) -> bool:
-    return jax.process_count() > 1
-
-  def global_batch(self, local):
-    """This process's host batch as a slice of the global batch on the mesh."""
-    if self.multi:
-      return jax.make_array_from_process_local_data(self.batch_sh, local)
-    return jax.device_put(local, self.batch_sh)
-
-  def save(self, step: int, metrics: dict | None = None, wait: bool = False) -> None:
-    """Checkpoints the trainable state (and the data iterator) at ``step``."""
-    ckpt_lib.save(self.mgr, step, split_state(self.state, self.label_tree)[0], self.data_iter, metrics, wait=wait)
-    self.last_save = time.monotonic()
-
-
 def run(cfg: TrainConfig, hooks: list[hooks_lib.Hook] | None = None) -> dict:
   """Trains (or resumes) the run ``cfg`` describes with ``hooks`` (default: :func:`hooks.default_hooks`);
   returns the last step's metrics record. One process trains a run directory at a time (:meth:`RunDir.lock`)."""
@@ -223,8 +216,12 @@ def setup(cfg: TrainConfig) -> Trainer:
   data = prepare_data(cfg, run_dir, is_main)
   tok = data.tokenizer()
   check_truncation(cfg, data)
+  cfg = resolve_length(cfg, run_dir, data, is_main)
   config = model_config_of(cfg, tok)
   if is_main:
+    if cfg.model.dtype == "auto":
+      print(f"model.dtype auto: {config.dtype} compute ({runtime.auto_dtype()[1]}), "
+            f"{config.param_dtype} parameters", flush=True)
     run_dir.write_config(cfg)
     run_dir.copy_tokenizer(data)
     run_dir.write_model_config(config)
