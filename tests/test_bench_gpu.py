@@ -133,3 +133,15 @@ def test_smollm2_preset_is_the_wheels_model():
   mine = preset("smollm2_135m")
   assert {f: getattr(mine, f) for f in fields} == {f: getattr(from_file, f) for f in fields}
   assert mine.rms_norm_eps == pytest.approx(from_file.rms_norm_eps, rel=1e-6)  # stored as float32 in the file
+
+
+def test_steps_import_without_tensorflow_datasets():
+  """An accelerator image may lack tensorflow-datasets (the H200's did): the loader, the planner, the scorer and the
+  training loop import without it; only writing or reading resume records needs it."""
+  code = ("import sys; sys.modules['tensorflow_datasets'] = None\n"  # any import of it raises ImportError
+          "import data_pipeline.loader, labor_jax.planning, labor_jax.scorer, labor_jax.training.loop\n"
+          "from data_pipeline import dataset_dir\n"
+          "try:\n  dataset_dir._tfds_builder()\nexcept ImportError:\n  print('records need tfds')\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "records need tfds"
