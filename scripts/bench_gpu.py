@@ -452,7 +452,8 @@ def scorer_rows(size, tmp, args):
     fused, compile_s, t_fused = time_best(lambda: np.asarray(fused_fn(params)))
     note = f"{t_fused:.2f} s (best of 3; first call {compile_s:.1f} s); {len(tree.nodes_L)} tree nodes, chunk {s['chunk']}"
     if size == "tiny" and torch_lp is not None:
-      note += f"; max abs log-prob diff vs PyTorch {np.abs(fused - torch_lp).max():.1e}"
+      note += (f"; max abs log-prob diff vs PyTorch {np.abs(fused - torch_lp).max():.1e} "
+               f"(log-probs to {-np.abs(torch_lp).max():.1f})")
     if torch_row["fits"] == "yes":
       note += f"; {(w / t_fused) / torch_row['wps']:.1f}x PyTorch"
     fused_row = dict(fits="yes", wps=w / t_fused, notes=note)

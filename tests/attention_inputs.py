@@ -1,16 +1,21 @@
 """Shared by the attention tests (test_kernels, test_attention_impl): one set of inputs that covers
-grouped-query heads, packed rows and padded rows, and a tolerance check over pytrees."""
+grouped-query heads, packed rows and padded rows, and a float32 tolerance check over pytrees."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from labor_jax import model
+from tests import numerics
 
 
-def close(a, b, atol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=atol)
+def close(a, b, *, terms, layers=1, floor=1.0):
+  """Every leaf of ``a`` within :func:`tests.numerics.assert_close`'s float32 bound of ``b``'s (sums of
+  ``terms`` terms through ``layers`` layers, relative to that leaf's magnitude, ``floor`` at least)."""
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
+    numerics.assert_close(x, y, terms=terms, layers=layers, floor=floor, what=f"leaf {i}")
 
 
 def attention_inputs(b=2, t=16, h=4, k=2, e=8, prefix=0, seed=0):

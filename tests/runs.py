@@ -42,3 +42,10 @@ def read_metrics(run_dir):
 def final_params(run_dir):
   from labor_jax.checkpoint import restore_params
   return restore_params(run_dir / "checkpoints")
+
+
+def longest_resume(data_dir, split="test") -> int:
+  """Tokens in the longest resume of ``split``: the longest attention sum of scoring it (numerics bounds)."""
+  from data_pipeline.dataset_dir import DatasetDir
+  src = DatasetDir(data_dir).source(split)
+  return max(len(src[i]["tokens"]) for i in range(len(src)))

@@ -19,6 +19,7 @@ from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax.cli import gguf as gguf_cli
 from labor_jax.interop import gguf, hf
 from tests import gguf_fixtures as gf
+from tests import numerics
 from tests.compiled import forward
 from tests.runs import ROOT
 
@@ -89,16 +90,18 @@ def test_smollm2_logits_match_transformers_gguf_load(smollm2, smollm2_logits, to
   tokens, ref_model, config, params = smollm2_logits
   ref = _logits(torch, ref_model, tokens)
   ours = np.asarray(forward(config, params, tokens))
-  # Measured 6.5e-5 here (logits up to 31; AMD EPYC, 2026-12-04). Arbitrary ids (arange * 997) give up to
-  # 4.1e-4 on logits up to 36, where transformers' own float32 run is 1.0e-4 from float64 and ours 3.1e-4.
-  assert np.abs(ours - ref).max() <= 1e-4
+  # Same dequantised weights, sums in PyTorch's and XLA's orders through 30 layers: the float32 bound of one
+  # forward pass (4 eps sqrt(1536) 30 |logits|: 1.7e-2 on logits up to 31). Measured 6.5e-5 (AMD EPYC,
+  # 2026-12-04); arbitrary ids (arange * 997) gave 4.1e-4 on logits up to 36, where transformers' own float32
+  # run is 1.0e-4 from float64 and ours 3.1e-4.
+  numerics.assert_close(ours, ref, **numerics.forward_terms(config, tokens=tokens.shape[1]), what="SmolLM2 logits")
   assert (ours.argmax(-1) == ref.argmax(-1)).all()
   import transformers
   ours_in_torch = transformers.AutoModelForCausalLM.from_pretrained(smollm2[1], dtype=torch.float32).eval()
   np.testing.assert_array_equal(_logits(torch, ours_in_torch, tokens), ref)  # same dequantised weights, bit for bit
 
 
-def test_smollm2_first_two_layers_logits_within_1e4(smollm2_logits, torch):
+def test_smollm2_first_two_layers_logits_within_the_float32_bound(smollm2_logits, torch):
   tokens, ref_model, config, params = smollm2_logits
   ref_model.config.num_hidden_layers = 2  # transformers runs self.layers[:num_hidden_layers]
   try:
@@ -107,7 +110,27 @@ def test_smollm2_first_two_layers_logits_within_1e4(smollm2_logits, torch):
     ref_model.config.num_hidden_layers = config.num_hidden_layers
   two = dict(params, layers=jax.tree.map(lambda x: x[:2], params["layers"]))
   ours = np.asarray(forward(config.replace(num_hidden_layers=2), two, tokens))
-  assert np.abs(ours - ref).max() <= 1e-4
+  # The float32 bound of a two-layer forward pass: a fault in the first layers is not hidden by 28 others.
+  depth = numerics.forward_terms(config.replace(num_hidden_layers=2), tokens=tokens.shape[1])
+  numerics.assert_close(ours, ref, **depth, what="SmolLM2's first two layers")
+
+
+def _repermute_qk(config, params):
+  """``params`` with every query and key projection put back in llama.cpp's row order (rotary pairs
+  interleaved per head, ``convert_hf_to_gguf.py``'s ``permute``): what a converter that forgot to undo it
+  would load. Kernels are [in, out]: the permuted rows of Hugging Face's weight are their columns."""
+  def permute(w_CR, heads):
+    w_RC = np.asarray(w_CR).T
+    r = w_RC.shape[0]
+    return w_RC.reshape(heads, 2, r // heads // 2, -1).swapaxes(1, 2).reshape(w_RC.shape).T
+  out = dict(params)
+  for i in range(config.num_hidden_layers):
+    attn = dict(out[f"layers_{i}"]["self_attn"])
+    for name, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads)):
+      assert np.array_equal(gguf.unpermute(permute(attn[name]["kernel"], heads).T, heads).T, attn[name]["kernel"])
+      attn[name] = {**attn[name], "kernel": permute(attn[name]["kernel"], heads)}
+    out[f"layers_{i}"] = {**out[f"layers_{i}"], "self_attn": attn}
+  return out
 
 
 def _convert(src, out):
@@ -124,9 +147,18 @@ def test_tiny_logits_match_transformers_gguf_load(name, tiny, torch, tmp_path):
   assert config.num_key_value_heads == (2 if "gqa" in name else 4)
   tokens = (np.arange(2 * 24).reshape(2, 24) * 37) % config.vocab_size
   ref = _logits(torch, _tf_model(torch, src), tokens)
-  assert np.abs(np.asarray(forward(config, params, tokens)) - ref).max() <= 1e-4
+  # transformers dequantises the same blocks; its sums and ours differ in order only: one forward pass's bound.
+  depth = numerics.forward_terms(config, tokens=tokens.shape[1])
+  numerics.assert_close(forward(config, params, tokens), ref, **depth, what=name)
   types = {t.tensor_type.name for t in gguf.open_gguf(src).tensors}
   assert types == set(gf.TYPES)
+  # Broken conversions the same bound rejects: query/key rows left in llama.cpp's interleaved order, and a
+  # model that skips its last layer.
+  for what, cfg, broken in [("q/k rows not unpermuted", config, _repermute_qk(config, params)),
+                            ("last layer dropped", config.replace(num_hidden_layers=config.num_hidden_layers - 1),
+                             params)]:
+    with pytest.raises(AssertionError, match="bound"):
+      numerics.assert_close(forward(cfg, broken, tokens), ref, **depth, what=what)
 
 
 @pytest.mark.parametrize("name", ["gpt2_gqa_tied", "llama_mha_untied", "smollm2"])

@@ -8,6 +8,7 @@ import pytest
 
 from labor_jax import model
 from labor_jax.interop import hf
+from tests import numerics
 from tests.hf_fixtures import VARIANTS, hf_logits, make_hf_model, padded_batch
 
 
@@ -26,7 +27,9 @@ def test_logits_match_hf_on_padded_batch(checkpoint, torch):
   ref = hf_logits(torch, m, tokens, mask, positions)
   ours = np.asarray(model.forward(config, params, tokens, mask_BT=mask))  # default positions
   real = mask.astype(bool)
-  assert np.abs(ours - ref)[real].max() <= 1e-4
+  # PyTorch and XLA take the same float32 sums in their own orders: the bound of one forward pass.
+  numerics.assert_close(ours[real], ref[real], **numerics.forward_terms(config, tokens=tokens.shape[1]),
+                        what="logits against transformers")
   assert np.isfinite(ours).all()  # padding rows stay finite
 
 

@@ -6,10 +6,14 @@ import pytest
 
 from labor_jax import model, scorer
 from labor_jax.config import llama_tiny
+from tests import numerics
 
 CONFIG = llama_tiny(rope_theta=500000.0)
 # Candidates with shared leading tokens, one that is a token-prefix of another's input, different lengths.
 CANDS = [[5, 7, 2], [5, 8, 2], [9, 2], [5, 7, 11, 2], [12, 13, 14, 15, 2]]
+# Fused, chunked, vmapped and naive scoring run one forward pass over 24 tokens (+ candidates) in other
+# orders: the float32 bound of that pass (tests.numerics).
+DEPTH = numerics.forward_terms(CONFIG, tokens=24 + 5)
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +44,21 @@ def test_fused_equals_naive(setup):
   fused = np.asarray(jax.jit(lambda p: scorer.score(CONFIG, p, tree, tokens, mask, ends))(params))
   prompts = [tokens[b, :ends[b, t]] for b in range(3) for t in range(3)]
   naive = scorer.naive_score(CONFIG, params, CANDS, prompts).reshape(3, 3, len(CANDS))
-  assert np.abs(fused - naive).max() <= 1e-4
+  numerics.assert_close(fused, naive, **DEPTH, what="fused")
   chunked = np.asarray(scorer.score(CONFIG, params, tree, tokens, mask, ends, chunk=1))
-  assert np.abs(chunked - naive).max() <= 1e-4
+  numerics.assert_close(chunked, naive, **DEPTH, what="chunk=1")
+  with pytest.raises(AssertionError, match="bound"):  # candidates scored against the wrong prompts fail it
+    numerics.assert_close(fused[::-1], naive, **DEPTH, what="rows reversed")
 
 
 def test_normalised_over_candidates(setup):
   params, tree, tokens, mask, ends = setup
   raw = scorer.score(CONFIG, params, tree, tokens, mask, ends)
   norm = scorer.score(CONFIG, params, tree, tokens, mask, ends, normalize=True)
-  np.testing.assert_allclose(np.exp(norm).sum(-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(norm, raw - jax.nn.logsumexp(raw, -1, keepdims=True), atol=1e-5)
+  # A log-sum-exp over the 5 candidates: absolute error ~ eps * max|raw| per log-prob, and so per probability.
+  scale = np.abs(np.asarray(raw)).max()
+  numerics.assert_close(np.exp(norm).sum(-1), np.ones(norm.shape[:-1]), terms=len(CANDS), scale=scale, what="sum")
+  numerics.assert_close(norm, raw - jax.nn.logsumexp(raw, -1, keepdims=True), terms=len(CANDS), what="normalised")
   assert (np.exp(raw).sum(-1) < 1).all()  # raw: other continuations keep probability mass
 
 
@@ -60,8 +68,8 @@ def test_vmap_over_batches_and_grad(setup):
   f = jax.jit(lambda p, t, m, e: scorer.score(CONFIG, p, tree, t, m, e, normalize=True))
   stacked = [np.stack([x, x[::-1]]) for x in (tokens, mask, ends)]
   v = jax.vmap(f, in_axes=(None, 0, 0, 0))(params, *stacked)
-  np.testing.assert_allclose(v[0], f(params, tokens, mask, ends), atol=1e-5)
-  np.testing.assert_allclose(v[1], f(params, tokens[::-1], mask[::-1], ends[::-1]), atol=1e-5)
+  numerics.assert_close(v[0], f(params, tokens, mask, ends), **DEPTH, what="vmapped 0")
+  numerics.assert_close(v[1], f(params, tokens[::-1], mask[::-1], ends[::-1]), **DEPTH, what="vmapped 1")
 
   # Gradient of a log-likelihood through the scorer equals the finite difference.
   def nll(scale):
@@ -91,6 +99,7 @@ def test_chunked_normaliser_and_lora_head(setup, monkeypatch):
                   "lora_b": r.randn(2, CONFIG.vocab_size).astype(np.float32) * 0.1}
   fused = np.asarray(scorer.score(cfg, p, tree, tokens, mask, ends, chunk=1))
   naive = scorer.naive_score(cfg, p, CANDS, prompts).reshape(3, 3, len(CANDS))
-  assert np.abs(fused - naive).max() <= 1e-4
+  numerics.assert_close(fused, naive, **DEPTH, what="chunked normaliser, LoRA head")
   base = scorer.naive_score(CONFIG, params, CANDS, prompts).reshape(3, 3, len(CANDS))
-  assert np.abs(naive - base).max() > 1e-3  # the adapters do change the scores
+  with pytest.raises(AssertionError, match="bound"):  # the adapters change the scores beyond the bound
+    numerics.assert_close(base, fused, **DEPTH, what="head without its adapters")

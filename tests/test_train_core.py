@@ -7,9 +7,14 @@ import pytest
 from labor_jax import labels, sharding
 from labor_jax.training import core as train_core
 from labor_jax.config import llama_tiny
+from tests import numerics
 
 CONFIG = llama_tiny(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                     num_key_value_heads=2)
+# Losses of 3 steps taken on other meshes, batch splits or layouts: each step's forward and backward pass over
+# 8 x 32 tokens sums in other orders, and the error passes through the layers again at each later step.
+_DEPTH = numerics.forward_terms(CONFIG, tokens=8 * 32)
+LOSSES = dict(terms=_DEPTH["terms"], layers=3 * _DEPTH["layers"])
 
 
 def _batch(step):
@@ -49,7 +54,7 @@ def reference():
 def test_sharded_losses_match_one_device(reference, shape):
   _, want = reference
   state, got = _train(sharding.make_mesh(**shape))
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  numerics.assert_close(got, want, **LOSSES, what=str(shape))
   assert want[2] < want[0]  # it learns
   if shape != dict(data=8):  # parameters really are split across devices
     assert sharding.unsharded_params(state.params, min_size=2 ** 12) == []
@@ -88,8 +93,8 @@ def test_gradient_accumulation_matches_one_big_batch(reference):
   _, want = reference
   _, got = _train(sharding.make_mesh(fsdp=8), grad_accum=1)
   _, acc = _train(sharding.make_mesh(devices=jax.devices()[:1]), grad_accum=4)
-  np.testing.assert_allclose(acc, want, rtol=1e-5)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  numerics.assert_close(acc, want, **LOSSES, what="4 micro-batches")
+  numerics.assert_close(got, want, **LOSSES, what="fsdp=8, one micro-batch")
 
 
 def test_schedule_warmup_then_decay():
@@ -101,28 +106,42 @@ def test_schedule_warmup_then_decay():
 def test_scanned_layers_train_like_unrolled(reference):
   _, want = reference
   state, got = _train(sharding.make_mesh(fsdp=4, tensor=2), config=CONFIG.replace(scan_layers=True, remat=True))
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  numerics.assert_close(got, want, **LOSSES, what="scanned")
   assert sharding.unsharded_params(state.params, min_size=2 ** 12) == []
 
 
 def _dots(hlo: str) -> list[tuple[str, str, tuple[int, ...], str]]:
-  """(element type of each operand, result shape, op_name) of every dot in an optimized HLO module's text."""
+  """(element type of each operand, result shape, op_name) of every dot in an HLO module's text (optimized,
+  whose names start with %, or as lowered, whose names do not)."""
   import re
-  types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+  types = dict(re.findall(r"%?(\S+) = (\w+)\[", hlo))
   dots = []
-  for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%(\S+), %(\S+)\)[^\n]*", hlo):
+  for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%?(\S+), %?(\S+)\)[^\n]*", hlo):
     op = re.search(r'op_name="([^"]*)"', m.group(0))
     shape = tuple(int(d) for d in m.group(1).split(",") if d)
     dots.append((types[m.group(2).rstrip(",")], types[m.group(3)], shape, op.group(1) if op else ""))
   return dots
 
 
-def test_bf16_lora_step_runs_every_matmul_on_bf16_operands():
-  """With bfloat16 compute and float32 parameters, the products of the compiled LoRA step (projections,
-  adapters, attention, the fused head and loss; forward and input gradients) read bfloat16 operands.
-  Before labor_jax.model._dot and the fused loss's single dot_generals, XLA:CPU upcast every projection, its gradient and
-  the head's gradient to float32 matmuls (docs/benchmarks.md has what that cost). The one exception
-  is XLA's: it runs the adapters' weight gradients ([I, R] and [R, O], R the rank) in float32."""
+def _cpu_runs_bf16() -> bool:
+  """Whether this CPU has bfloat16 dot instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16), from Linux's
+  /proc/cpuinfo (False elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      words = set(f.read().split())
+  except OSError:
+    return False
+  return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def test_bf16_lora_step_runs_every_matmul_on_bf16_operands_where_the_cpu_has_bf16():
+  """With bfloat16 compute and float32 parameters, the products of the LoRA step (projections, adapters,
+  attention, the fused head and loss; forward and input gradients) read bfloat16 operands: on every CPU in
+  the program JAX lowers, and where the CPU has bfloat16 instructions (AVX512-BF16, AMX) in the program
+  XLA:CPU compiles. Before labor_jax.model._dot and the fused loss's single dot_generals, XLA:CPU upcast every
+  projection, its gradient and the head's gradient to float32 matmuls (docs/benchmarks.md has what that
+  cost). The one exception is XLA's: it runs the adapters' weight gradients ([I, R] and [R, O], R the rank)
+  in float32. A CPU without bfloat16 instructions may upcast more: there only the lowered program is checked."""
   from labor_jax import lora
   config = CONFIG.replace(dtype="bfloat16")
   params = train_core.model.init_params(config, jax.random.key(0))
@@ -135,7 +154,13 @@ def test_bf16_lora_step_runs_every_matmul_on_bf16_operands():
   sh = train_core.state_shardings(config, opt, mesh)
   state = train_core.create_state(config, opt, sh, jax.random.key(2), params=params)
   step = train_core.make_train_step(config, opt, sh, train_core.batch_sharding(mesh), labels=label_tree)
-  dots = _dots(step.lower(state, _batch(0)).compile().as_text())
+  lowered = step.lower(state, _batch(0))
+  asked = _dots(lowered.as_text(dialect="hlo"))
+  assert len(asked) > 4 * 7 * CONFIG.num_hidden_layers and all(d[:2] == ("bf16", "bf16") for d in asked), \
+      [d for d in asked if d[:2] != ("bf16", "bf16")][:5]
+  dots = _dots(lowered.compile().as_text())
+  if not _cpu_runs_bf16():
+    return  # XLA:CPU's choice of kernels on this CPU; the lowered program above is what labor_jax controls
   tokens = _batch(0)["inputs"].size
   adapter_grads = [d for d in dots if len(d[2]) == 2 and rank in d[2] and tokens not in d[2]]
   assert len(adapter_grads) == 2 * 7 * CONFIG.num_hidden_layers
