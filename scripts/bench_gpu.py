@@ -516,13 +516,14 @@ def main(argv=None):
     import json
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1, default=str)
-  import torch
   if args.no_header:
     print(table(rows))
     return
+  import importlib.metadata
+  torch_version = importlib.metadata.version("torch")  # without importing it (parts a, b, d never do)
   print(f"bench_gpu --size {args.size}: device {device_kind} (backend {jax.default_backend()}, "
         f"{jax.device_count()} device(s), peak bf16 {fmt(peak and peak / 1e12, '.0f')} TFLOP/s per chip), "
-        f"jax {jax.__version__}, torch {torch.__version__}, {date}")
+        f"jax {jax.__version__}, torch {torch_version}, {date}")
   print()
   print(table(rows))
 

@@ -57,11 +57,13 @@ def uninterrupted(tmp_path_factory, nlsy_dataset):
   return run_dir
 
 
-# The longest files start first, so that under pytest-xdist (scripts/test.sh: two workers, one file each at a
+# The longest files start first (by their durations in a full run, 2026-12-04), so that under pytest-xdist (scripts/test.sh: two workers, one file each at a
 # time) none of them is left running alone at the end.
-SLOW_FIRST = ("test_train.py", "test_untrusted.py", "test_gguf.py", "test_experiments.py", "test_full_disk.py", "test_fuzz_panels.py", "test_checkpoints.py", "test_peft.py", "test_forecast.py",
-              "test_model.py", "test_sharded_scoring.py", "test_evaluate.py", "test_lora.py", "test_scorer.py",
-              "test_docs_examples.py")
+SLOW_FIRST = ("test_experiments.py", "test_train.py", "test_sharded_scoring.py", "test_forecast.py", "test_bench_gpu.py",
+              "test_evaluate.py", "test_peft.py", "test_untrusted.py", "test_plan.py", "test_kernels.py",
+              "test_selection.py", "test_checkpoints.py", "test_scorer.py", "test_train_core.py", "test_epochs.py",
+              "test_multihost_save.py", "test_docs_examples.py", "test_full_disk.py", "test_gguf.py", "test_fuzz_panels.py",
+              "test_lora.py", "test_model.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -49,7 +49,7 @@ def test_every_step_runs_and_the_report_names_the_machine(dry_run):
   assert datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d") in text
   steps = {r["step"]: r["status"] for r in _table(text, "Steps")}
   assert list(steps) == ["imports", "device", "bench_a", "bench_b", "bench_d", "memory", "bench_c",
-                         "tests_test_flops"]
+                         "tests_test_numerics"]
   assert set(steps.values()) == {"ok"}, steps
   tests = _table(text, "Tests on the device")
   assert len(tests) == 1 and re.fullmatch(r"\d+ passed in [\d.]+s", tests[0]["pytest's closing line"]), tests

@@ -3,6 +3,7 @@ and `labor-jax <command>`, and no library module imports a command-line module."
 
 import ast
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +74,17 @@ def test_the_training_wing_imports_without_a_cycle():
       done.add(m)
   for m in wing:
     visit(m, [])
+
+
+def test_training_and_scoring_commands_never_load_pytorch():
+  """PyTorch is a test dependency only: the commands' modules, and the TensorBoard writer a run opens, leave it
+  unloaded even where it is installed (tensorboardX would import it; labor_jax.training.hooks hides it)."""
+  code = ("import sys\n"
+          "import labor_jax.cli.train, labor_jax.evaluate, labor_jax.predict, labor_jax.export, labor_jax.api\n"
+          "from labor_jax.training import hooks\n"
+          "hooks.summary_writer_class()\n"
+          "print('torch' in sys.modules)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == "False"

@@ -31,7 +31,6 @@ import zlib
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from data_pipeline import loader
@@ -154,12 +153,29 @@ class Validation(Hook):
     return total / max(tokens, 1.0)
 
 
+def summary_writer_class():
+  """tensorboardX's ``SummaryWriter``, imported when a run starts writing. tensorboardX's writer tries ``import
+  torch`` when it is imported (to accept PyTorch tensors): where PyTorch is installed (the [test] extra) that cost
+  every training and evaluation command about a second and a few hundred MB. labor_jax logs Python floats, so
+  unless PyTorch is loaded already, tensorboardX is imported with it hidden (``sys.modules["torch"] = None`` makes
+  that ``import torch`` raise ImportError, which tensorboardX catches), and PyTorch stays unloaded."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter(Hook):
   """One JSON line per step in ``metrics.jsonl``, and TensorBoard scalars (process 0)."""
   TRAIN = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
   def start(self, trainer):
-    self.tb = SummaryWriter(str(trainer.run_dir.events_dir)) if trainer.is_main else None
+    self.tb = summary_writer_class()(str(trainer.run_dir.events_dir)) if trainer.is_main else None
 
   def after_step(self, trainer, info):
     if self.tb is None:
