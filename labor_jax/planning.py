@@ -73,13 +73,17 @@ class Plan:
 def _plan(what: str, jitted, *args) -> Plan:
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
-  secs = time.perf_counter() - t0
+  return compiled_plan(what, compiled, time.perf_counter() - t0)
+
+
+def compiled_plan(what: str, compiled, compile_seconds: float = float("nan")) -> Plan:
+  """The :class:`Plan` of a program already compiled (for any backend: the accelerator's own compiler too)."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return Plan(what, mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes,
               mem.alias_size_in_bytes, float((cost or {}).get("flops", float("nan"))),
-              biggest_buffers(compiled.as_text()), secs)
+              biggest_buffers(compiled.as_text()), compile_seconds)
 
 
 _DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2,

@@ -68,7 +68,7 @@ def cpu_description() -> str:
   except OSError:
     return f"{platform.processor() or platform.machine()}, {cpus} CPUs"
   model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+  flags = cpu_flags()
   isa = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
   return f"{model}, {cpus} CPUs, {isa}"
 
@@ -78,11 +78,12 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with
 
 @functools.lru_cache(maxsize=None)
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-  """The flags of the first CPU in ``path`` (Linux); empty where there is no such file."""
+  """The flags of the first CPU in ``path`` (Linux: ``flags`` on x86, ``Features`` on Arm); empty where there is
+  no such file."""
   try:
     with open(path) as f:
       for line in f:
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
           return frozenset(line.split(":", 1)[1].split())
   except OSError:
     pass

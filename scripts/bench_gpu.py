@@ -114,7 +114,7 @@ def time_train_step(config, batch: int, seq: int, timed: int, trainable=None) ->
   import jax
   import numpy as np
 
-  from labor_jax import labels, model, sharding
+  from labor_jax import labels, model, planning, sharding
   from labor_jax.training import core as train_core
 
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -133,9 +133,7 @@ def time_train_step(config, batch: int, seq: int, timed: int, trainable=None) ->
     t0 = time.perf_counter()
     compiled = step.lower(state, rows).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    plan = None if mem is None else (mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                                     + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    plan = None if compiled.memory_analysis() is None else planning.compiled_plan("step", compiled).peak
     state, m = compiled(state, rows)  # warm up
     loss = float(m["loss"])
     times = []
@@ -152,7 +150,8 @@ def time_train_step(config, batch: int, seq: int, timed: int, trainable=None) ->
 
 
 def gib(x) -> str:
-  return "n/a" if x is None else f"{x / 2 ** 30:.2f} GiB"
+  from labor_jax import planning
+  return "n/a" if x is None else planning.gib(x)
 
 
 def memory_note(r: dict) -> str:
@@ -512,10 +511,6 @@ def main(argv=None):
       rows += scored
     if "d" in args.parts:
       rows += smollm2_rows(args.size, peak)
-  if args.json:
-    import json
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1, default=str)
   if args.no_header:
     print(table(rows))
     return

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from labor_jax import labels, sharding
+from labor_jax import labels, runtime, sharding
 from labor_jax.training import core as train_core
 from labor_jax.config import llama_tiny
 from tests import numerics
@@ -126,12 +126,7 @@ def _dots(hlo: str) -> list[tuple[str, str, tuple[int, ...], str]]:
 def _cpu_runs_bf16() -> bool:
   """Whether this CPU has bfloat16 dot instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16), from Linux's
   /proc/cpuinfo (False elsewhere)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      words = set(f.read().split())
-  except OSError:
-    return False
-  return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+  return bool(runtime.cpu_flags() & {*runtime.BF16_CPU_FLAGS, "bf16"})
 
 
 def test_bf16_lora_step_runs_every_matmul_on_bf16_operands_where_the_cpu_has_bf16():
