@@ -40,13 +40,18 @@ MAIN_LLM = "LABOR-LLM (this run)"
 
 
 def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetDir, split: str, *,
-               batch_workers: int = 16, chunk: int | None = None, progress: bool = False) -> pd.DataFrame:
+               batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
+               context: np.ndarray | None = None) -> pd.DataFrame:
   """Normalised and raw log-probs [J] for every entry (t >= 0) of every worker of ``split``, from the
   scoring step of the inference layer (:func:`labor_jax.inference.score_examples`): ``batch_workers``
-  workers a call, split over the mesh's batch axes; every process receives all scores."""
+  workers a call, split over the mesh's batch axes; every process receives all scores. ``context``:
+  tokens placed before every worker's resume (in-context examples); the scores are the same entries'."""
   src = dataset.source(split)
   examples = [src[i] for i in range(len(src))]
-  scores = inference.score_examples(loaded, titles, variant, [(e["tokens"], e["title_spans"][:, 0]) for e in examples],
+  pre = np.zeros(0, np.int32) if context is None else np.asarray(context, np.int32)
+  rows = [(np.concatenate([pre, np.asarray(e["tokens"], np.int32)]), e["title_spans"][:, 0] + len(pre))
+          for e in examples]
+  scores = inference.score_examples(loaded, titles, variant, rows,
                                     batch_workers=batch_workers, chunk=chunk, progress=progress,
                                     desc=f"scoring {split}")
   rows = []
@@ -59,16 +64,16 @@ def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetD
 
 def score_transitions(source: str | Path, data: DatasetDir, table: pd.DataFrame, split: str, *,
                       adapter: str | Path | None = None, mesh: jax.sharding.Mesh | None = None,
-                      batch_workers: int = 16, chunk: int | None = None,
-                      progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+                      batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
+                      context: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
   """(normalised log-probs, raw log-probs, what was loaded) of the model ``source`` (any source
   :func:`labor_jax.inference.open_model` opens) for each row of ``table``: transitions of ``split``
   of ``data`` (:func:`labor_jax.baselines.transition_table`, any subset of them): [len(table), J]
-  each, in ``table``'s order."""
+  each, in ``table``'s order. ``context``: tokens before every resume (:func:`llm_scores`)."""
   loaded = inference.open_model(source, adapter=adapter, mesh=mesh)
   loaded.check_dataset(data)
   scores = llm_scores(loaded, data.titles(), data.variant, data, split, batch_workers=batch_workers, chunk=chunk,
-                      progress=progress)
+                      progress=progress, context=context)
   what = loaded.description
   del loaded
   merged = table.merge(scores, on=["dataset", "person_id", "t"], how="left", validate="one_to_one")

@@ -55,7 +55,8 @@ def batches(vocab: int, b: int, t: int, n: int, seed: int = 0):
 
 
 def jax_train(hf_dir, data, rank: int, dtype: str):
-  """Seconds per step (first, then each timed one) and the losses of labor_jax's LoRA step."""
+  """Seconds per step (first, then each timed one) and the losses of labor_jax's LoRA step (every weight
+  trains when ``rank`` is 0: full fine-tuning)."""
   import jax
 
   from labor_jax import labels, lora, sharding
@@ -63,8 +64,11 @@ def jax_train(hf_dir, data, rank: int, dtype: str):
   from labor_jax.training import core as train_core
   config, params = hf.load(hf_dir, dtype=dtype)
   regex = r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
-  lcfg, lparams = lora.add_adapters(config, params, jax.random.key(0), rank=rank, alpha=2.0 * rank, targets=regex)
-  label_tree = labels.label_tree(lparams, labels.ADAPTERS)
+  if rank:
+    lcfg, lparams = lora.add_adapters(config, params, jax.random.key(0), rank=rank, alpha=2.0 * rank, targets=regex)
+  else:
+    lcfg, lparams = config, params
+  label_tree = labels.run_labels(lparams, lora=bool(rank))
   opt = train_core.make_optimizer(label_tree, lr=1e-4)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   sh = train_core.state_shardings(lcfg, opt, mesh)
@@ -85,8 +89,9 @@ def torch_train(hf_dir, data, rank: int, bf16: bool):
   import torch
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
-  model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                     target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+  if rank:  # else full fine-tuning: every weight trains
+    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                       target_modules=list(TARGETS), task_type="CAUSAL_LM"))
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
   times, losses = [], []
@@ -177,12 +182,17 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--rank", type=int, default=16)
+  ap.add_argument("--full", action="store_true", help="full fine-tuning (every weight trains) instead of LoRA")
+  ap.add_argument("--frameworks", default="labor_jax,torch",
+                  help="comma-separated: which of labor_jax and torch (transformers + peft) to time")
   ap.add_argument("--bf16", action="store_true", help="also time bf16 compute")
   ap.add_argument("--workers", type=int, help="score only the first N test workers (default: all)")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   ap.add_argument("--measure", help=argparse.SUPPRESS)  # FRAMEWORK:DTYPE, in a child process (see measure)
   add_malloc_flag(ap)
   args = ap.parse_args()
+  if args.full:
+    args.rank = 0
   tuned = apply_malloc_flag(args)
   if args.measure:
     return measure_here(args.measure, args)
@@ -197,16 +207,20 @@ def main():
   print(f"cpu: {cpu_line()}", flush=True)
   if args.part in ("train", "both"):
     n = args.batch * args.seq
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    names = {"labor_jax": "labor_jax", "torch": "transformers" + ("" if args.full else "+peft")}
+    what = "full fine-tuning" if args.full else f"LoRA r={args.rank} on {', '.join(TARGETS)}"
     for dtype in ("float32", "bfloat16") if args.bf16 else ("float32",):
-      jt, jl, jn = measure("labor_jax", dtype, args)
-      tt, tl, tn = measure("torch", dtype, args)
-      tj, tp = min(jt[1:]), min(tt[1:])
-      print(f"LoRA r={args.rank} on {', '.join(TARGETS)}; batch {args.batch} x {args.seq}; compute {dtype}; "
-            f"trainable parameters labor_jax {jn:,}, peft {tn:,}")
-      print(f"  loss after {len(jl)} steps: labor_jax {jl[-1]:.4f}, transformers+peft {tl[-1]:.4f}")
-      print(f"  labor_jax           {n / tj:8.0f} tokens/s ({tj:.2f} s/step, best of {args.steps}; first {jt[0]:.1f} s)")
-      print(f"  transformers+peft   {n / tp:8.0f} tokens/s ({tp:.2f} s/step, best of {args.steps}; first {tt[0]:.1f} s)")
-      print(f"  ratio labor_jax / transformers+peft = {tp / tj:.2f}x", flush=True)
+      got = {f: measure(f, dtype, args) for f in frameworks}
+      print(f"{what}; batch {args.batch} x {args.seq}; compute {dtype}; trainable parameters "
+            + ", ".join(f"{names[f]} {got[f][2]:,}" for f in frameworks))
+      print(f"  loss after {args.steps + 1} steps: " + ", ".join(f"{names[f]} {got[f][1][-1]:.4f}" for f in frameworks))
+      best = {f: min(got[f][0][1:]) for f in frameworks}
+      for f in frameworks:
+        print(f"  {names[f]:<19} {n / best[f]:8.0f} tokens/s ({best[f]:.2f} s/step, best of {args.steps}; "
+              f"first {got[f][0][0]:.1f} s)")
+      if len(frameworks) == 2:
+        print(f"  ratio labor_jax / {names['torch']} = {best['torch'] / best['labor_jax']:.2f}x", flush=True)
   if args.part in ("score", "both"):
     import transformers
 

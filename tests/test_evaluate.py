@@ -166,3 +166,41 @@ def test_python_api_scores_a_run_and_its_hf_export_like_evaluate(trained_run, tm
   np.testing.assert_allclose([p for _, p in top], nxt_default.to_numpy(), rtol=1e-6)
   with pytest.raises(labor_jax.api.PanelError, match="occupation"):
     m.score(test.assign(occupation="not a title"))
+
+
+def test_in_context_scores_equal_a_forward_pass_over_context_history_and_title(trained_run, nlsy_dataset):
+  """With context tokens before each resume, the raw score of a title at an entry is the sum of the title's
+  token log-probabilities after context + the history before the entry, by a plain forward pass; with an
+  empty context the scores are the plain ones."""
+  import jax
+
+  from data_pipeline.dataset_dir import DatasetDir
+  from labor_jax import evaluation, model
+  data = DatasetDir(nlsy_dataset)
+  loaded = inference.open_model(trained_run)
+  titles = data.titles()
+  context = np.asarray(data.source("train")[0]["tokens"], np.int32)
+  plain = evaluation.llm_scores(loaded, titles, data.variant, data, "test", batch_workers=8)
+  empty = evaluation.llm_scores(loaded, titles, data.variant, data, "test", batch_workers=8,
+                                context=np.zeros(0, np.int32))
+  np.testing.assert_array_equal(np.stack(plain["llm_raw"]), np.stack(empty["llm_raw"]))
+  got = evaluation.llm_scores(loaded, titles, data.variant, data, "test", batch_workers=8, context=context)
+  e = data.source("test")[0]
+  t = 2  # the third entry of the first test worker
+  start = int(e["title_spans"][t, 0])
+  pick = lambda df: df[(df["person_id"] == e["person_id"].decode()) & (df["t"] == t)]["llm_raw"].iloc[0]  # noqa: E731
+  raw = pick(got)
+  cands = loaded.candidates(titles, data.variant)
+  want, depth = [], 0
+  for j, cand in enumerate(cands):
+    seq = np.concatenate([context, np.asarray(e["tokens"][:start], np.int32), np.asarray(cand, np.int32)])
+    logits = model.forward(loaded.config, loaded.params, jax.numpy.asarray(seq[None]))
+    logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+    first = len(seq) - len(cand)
+    want.append(sum(float(logp[first - 1 + k, tok]) for k, tok in enumerate(cand)))
+    depth = max(depth, len(cand))
+  # the fused scorer and the plain pass sum the same float32 log-probs over other orders: the bound of a
+  # forward pass over the sequence, at the scores' magnitude, times the title's tokens
+  bound = numerics.forward_terms(loaded.config, tokens=len(seq))
+  numerics.assert_close(raw, np.asarray(want), **bound, scale=np.abs(want).max() * depth, what="in-context scores")
+  assert np.abs(raw - pick(plain)).max() > 0  # the context changed the scores

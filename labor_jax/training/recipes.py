@@ -10,11 +10,12 @@ and :func:`synthetic_careers` draws such careers for other uses (a second data s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 
-from data_pipeline import simulator
+from data_pipeline import loader, simulator
 from data_pipeline.dataset_dir import build_dataset
 from data_pipeline.panel import validate
 from data_pipeline.titles import TitleTable
@@ -40,6 +41,25 @@ def train(recipe: str, run_dir: str | Path, data_dir: str | Path, hooks=None, **
   print("  python -m labor_jax.train --config " + str(path.relative_to(CONFIGS.parent)) + "".join(
       f" --set {k}={v}" for k, v in changes.items()), flush=True)
   return trainer.run(train_config.updated(train_config.load(path), changes), hooks)
+
+
+def planned_steps(recipe: str, data_dir: str | Path, changes: dict | None = None) -> int:
+  """The optimizer steps ``configs/<recipe>.yaml`` with dotted ``changes`` runs on ``data_dir``: its
+  ``steps``, or its ``epochs`` over the training split's rows (one process, as the trainer resolves them)."""
+  cfg = train_config.updated(recipe_config(recipe), {"data.dataset_dir": str(data_dir), **(changes or {})})
+  if train_config.needs_rows(cfg):
+    rows = loader.rows_per_epoch(data_dir, "train", seq_len=cfg.data.seq_len, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, pack=cfg.data.pack)
+    cfg = train_config.resolve_epochs(cfg, rows)
+  return int(cfg.steps)
+
+
+def finished_steps(run_dir: str | Path) -> int:
+  """The last step ``run_dir``'s metrics record (0 for a new run): what a resumed run does not repeat."""
+  metrics = Path(run_dir) / "metrics.jsonl"
+  if not metrics.exists():
+    return 0
+  return max((json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()), default=0)
 
 
 def synthetic_careers(titles: TitleTable, workers: int, years: int = STAGE1_YEARS, *, seed: int = 1,
