@@ -65,12 +65,13 @@ def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetD
 def score_transitions(source: str | Path, data: DatasetDir, table: pd.DataFrame, split: str, *,
                       adapter: str | Path | None = None, mesh: jax.sharding.Mesh | None = None,
                       batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
-                      context: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+                      context: np.ndarray | None = None, dtype: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
   """(normalised log-probs, raw log-probs, what was loaded) of the model ``source`` (any source
   :func:`labor_jax.inference.open_model` opens) for each row of ``table``: transitions of ``split``
   of ``data`` (:func:`labor_jax.baselines.transition_table`, any subset of them): [len(table), J]
-  each, in ``table``'s order. ``context``: tokens before every resume (:func:`llm_scores`)."""
-  loaded = inference.open_model(source, adapter=adapter, mesh=mesh)
+  each, in ``table``'s order. ``context``: tokens before every resume (:func:`llm_scores`); ``dtype``: the
+  compute dtype of a Hugging Face source (:func:`labor_jax.inference.open_model`)."""
+  loaded = inference.open_model(source, adapter=adapter, mesh=mesh, dtype=dtype)
   loaded.check_dataset(data)
   scores = llm_scores(loaded, data.titles(), data.variant, data, split, batch_workers=batch_workers, chunk=chunk,
                       progress=progress, context=context)

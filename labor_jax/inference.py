@@ -144,10 +144,13 @@ class Loaded:
 
 
 def open_model(source: str | os.PathLike, *, step: int | str | None = None, adapter: str | os.PathLike | None = None,
-               mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES) -> Loaded:
+               mesh: Mesh | None = None, rules: sharding.Rules = sharding.DEFAULT_RULES,
+               dtype: str | None = None) -> Loaded:
   """Opens a run directory, a Hugging Face directory (+ PEFT ``adapter``) or a GGUF file.
 
   ``step``: for a run, "best" (the default: lowest value of its ``eval_metric``), "last" or an int.
+  ``dtype``: the compute dtype of a Hugging Face or GGUF source ("float32", "bfloat16", or "auto":
+  :func:`labor_jax.runtime.auto_dtype`; default float32); a run computes in its own ``model.dtype``.
   With ``mesh`` the parameters are restored straight into their shardings under ``rules``; a
   vocabulary the mesh does not divide is padded (see the module docstring).
   """
@@ -158,6 +161,8 @@ def open_model(source: str | os.PathLike, *, step: int | str | None = None, adap
   if kind == RUN:
     if adapter is not None:
       raise ConfigError(f"{source}: --adapter applies to Hugging Face checkpoints; a run carries its own adapters")
+    if dtype is not None:
+      raise ConfigError(f"{source}: a run computes in its own model.dtype; dtype applies to Hugging Face sources")
     step = "best" if step is None else step
     if step not in STEPS and not isinstance(step, int):
       raise ConfigError(f"step must be 'best', 'last' or an integer, got {step!r}")
@@ -168,12 +173,15 @@ def open_model(source: str | os.PathLike, *, step: int | str | None = None, adap
     if step is not None:
       raise ConfigError(f"{source}: a checkpoint step applies to labor_jax.train runs only")
     directory = hf_dir(source)
-    config, params = hf.load(directory, mesh=mesh, rules=load_rules)
+    if dtype == "auto":
+      from labor_jax import runtime
+      dtype = runtime.auto_dtype()[0]
+    config, params = hf.load(directory, mesh=mesh, rules=load_rules, **({"dtype": dtype} if dtype else {}))
     if adapter is not None:
       config, params = peft.load_adapter(adapter, config, params, mesh=mesh, rules=load_rules)
     tokenizer = ResumeTokenizer.from_dir(directory)
     what = ("Hugging Face " if kind == HF else f"GGUF (converted to {directory}) ") + source + (
-        f" + adapter {adapter}" if adapter else "")
+        f" + adapter {adapter}" if adapter else "") + (f", {dtype} compute" if dtype else "")
     step = None
   if pad_to is not None:
     config, params = pad_vocab(config, params, mesh, pad_to, rules)

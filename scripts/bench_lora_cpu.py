@@ -33,6 +33,7 @@ import time
 from _reference import add_malloc_flag, apply_malloc_flag, cpu_line
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
 
 
 def model_dir(args):
@@ -54,7 +55,7 @@ def batches(vocab: int, b: int, t: int, n: int, seed: int = 0):
   return out
 
 
-def jax_train(hf_dir, data, rank: int, dtype: str):
+def jax_train(hf_dir, data, rank: int, dtype: str, targets: str):
   """Seconds per step (first, then each timed one) and the losses of labor_jax's LoRA step (every weight
   trains when ``rank`` is 0: full fine-tuning)."""
   import jax
@@ -63,7 +64,7 @@ def jax_train(hf_dir, data, rank: int, dtype: str):
   from labor_jax.interop import hf
   from labor_jax.training import core as train_core
   config, params = hf.load(hf_dir, dtype=dtype)
-  regex = r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
+  regex = targets
   if rank:
     lcfg, lparams = lora.add_adapters(config, params, jax.random.key(0), rank=rank, alpha=2.0 * rank, targets=regex)
   else:
@@ -152,7 +153,7 @@ def measure(framework: str, dtype: str, args) -> tuple[list[float], list[float],
   """(seconds per step, losses, trainable parameters) of one framework's LoRA steps, run in a fresh
   process (this script with ``--measure``)."""
   cmd = [sys.executable, __file__, "--measure", f"{framework}:{dtype}", "--steps", str(args.steps), "--batch",
-         str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank), "--threads", str(args.threads),
+         str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank), "--threads", str(args.threads), "--targets", args.targets,
          "--malloc-tuning", args.malloc_tuning] + (["--hf", args.hf] if args.hf else [])
   out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
   result = json.loads(out.strip().splitlines()[-1])
@@ -166,7 +167,7 @@ def measure_here(spec: str, args) -> None:
   vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
   data = batches(vocab, args.batch, args.seq, args.steps + 1)
   if framework == "labor_jax":
-    times, losses, trainable = jax_train(hf_dir, data, args.rank, dtype)
+    times, losses, trainable = jax_train(hf_dir, data, args.rank, dtype, args.targets)
   else:
     import torch
     torch.set_num_threads(args.threads)
@@ -182,10 +183,14 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=256)
   ap.add_argument("--rank", type=int, default=16)
+  ap.add_argument("--targets", default=ALL_TARGETS,
+                  help="labor_jax: the regex of the module paths that get adapters (default: every projection of every "
+                       "layer; e.g. 'layers_(1[5-9]|2[0-9])/' + that for the top 15 of 30 layers)")
   ap.add_argument("--full", action="store_true", help="full fine-tuning (every weight trains) instead of LoRA")
   ap.add_argument("--frameworks", default="labor_jax,torch",
                   help="comma-separated: which of labor_jax and torch (transformers + peft) to time")
   ap.add_argument("--bf16", action="store_true", help="also time bf16 compute")
+  ap.add_argument("--dtypes", help="comma-separated compute dtypes to time (default: float32, and bfloat16 with --bf16)")
   ap.add_argument("--workers", type=int, help="score only the first N test workers (default: all)")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   ap.add_argument("--measure", help=argparse.SUPPRESS)  # FRAMEWORK:DTYPE, in a child process (see measure)
@@ -209,8 +214,10 @@ def main():
     n = args.batch * args.seq
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     names = {"labor_jax": "labor_jax", "torch": "transformers" + ("" if args.full else "+peft")}
-    what = "full fine-tuning" if args.full else f"LoRA r={args.rank} on {', '.join(TARGETS)}"
-    for dtype in ("float32", "bfloat16") if args.bf16 else ("float32",):
+    what = "full fine-tuning" if args.full else f"LoRA r={args.rank} on " + (
+        ", ".join(TARGETS) if args.targets == ALL_TARGETS else f"labor_jax: {args.targets}")
+    dtypes = args.dtypes.split(",") if args.dtypes else ["float32", "bfloat16"] if args.bf16 else ["float32"]
+    for dtype in dtypes:
       got = {f: measure(f, dtype, args) for f in frameworks}
       print(f"{what}; batch {args.batch} x {args.seq}; compute {dtype}; trainable parameters "
             + ", ".join(f"{names[f]} {got[f][2]:,}" for f in frameworks))

@@ -204,3 +204,21 @@ def test_in_context_scores_equal_a_forward_pass_over_context_history_and_title(t
   bound = numerics.forward_terms(loaded.config, tokens=len(seq))
   numerics.assert_close(raw, np.asarray(want), **bound, scale=np.abs(want).max() * depth, what="in-context scores")
   assert np.abs(raw - pick(plain)).max() > 0  # the context changed the scores
+
+
+def test_open_model_dtype_applies_to_hugging_face_sources_only(trained_run, tmp_path):
+  """A Hugging Face source opens in the compute dtype asked for ("auto": the hardware's choice); a run
+  keeps its own and refuses another."""
+  import jax
+
+  from labor_jax import runtime
+  from labor_jax.config import ConfigError
+  from labor_jax.interop import hf
+  loaded = inference.open_model(trained_run)
+  hf.save(loaded.config, jax.device_get(loaded.params), tmp_path / "hf", tokenizer_dir=trained_run / "tokenizer")
+  assert inference.open_model(tmp_path / "hf").config.dtype == "float32"
+  got = inference.open_model(tmp_path / "hf", dtype="bfloat16")
+  assert got.config.dtype == "bfloat16" and "bfloat16 compute" in got.description
+  assert inference.open_model(tmp_path / "hf", dtype="auto").config.dtype == runtime.auto_dtype()[0]
+  with pytest.raises(ConfigError, match="its own model.dtype"):
+    inference.open_model(trained_run, dtype="bfloat16")

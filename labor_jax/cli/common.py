@@ -103,6 +103,39 @@ def step(args: argparse.Namespace) -> int | str:
   return int(args.step) if str(args.step).isdigit() else args.step
 
 
+class JobBar:
+  """One progress bar with an ETA over a whole job (the main job, ``experiments foundation``) whose pieces of
+  work are weighted in ``units`` (estimates of their cost; only the ETA depends on them). It never runs past
+  its total, so an estimate too low for one piece costs accuracy, not the bar."""
+
+  def __init__(self, total: float, desc: str):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, unit="step", desc=desc, dynamic_ncols=True, file=sys.stdout,
+                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
+
+  def advance(self, units: float) -> None:
+    self.bar.update(max(0.0, min(units, self.bar.total - self.bar.n)))
+
+  def write(self, line: str) -> None:
+    self.bar.write(line)
+
+  def close(self) -> None:
+    self.advance(self.bar.total)  # the job is done whatever the estimates said
+    self.bar.close()
+
+  def hook(self, units: float = 1.0) -> hooks.Hook:
+    """A training hook that advances the bar ``units`` per optimizer step."""
+    return _StepProgress(self, units)
+
+
+class _StepProgress(hooks.Hook):
+  def __init__(self, job: JobBar, units: float):
+    self.job, self.units = job, units
+
+  def after_step(self, trainer, info):
+    self.job.advance(self.units)
+
+
 def diff_cell(row: dict, star: bool = False) -> str:
   """A report's log-perplexity difference with its 95% interval, ``+0.012 [-0.003, +0.027]`` (with `` *``
   after it when ``star`` and the interval excludes zero), or ``-`` for a row without a difference."""

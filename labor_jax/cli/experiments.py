@@ -1,15 +1,16 @@
-"""``python -m labor_jax.experiments``: the paper's ablations on the embedded panel, in one table.
+"""``python -m labor_jax.experiments``: the paper's ablations on the embedded panel with a tiny LLM, in one table.
 
-The main recipe is the main job's LABOR-LLM (:mod:`labor_jax.main`): stage 1 on synthetic careers,
-then stage 2 on the NLSY resumes with occupation titles and birth year, a 0.6M-parameter model.
-Each variant changes one thing:
+The main recipe is a 0.6M-parameter Llama trained from scratch in two stages (the main job's model until
+2026-12-04, when the main job moved to a pretrained SmolLM2; ``experiments foundation`` runs the paper's
+comparisons with that model): stage 1 on synthetic careers, then stage 2 on the NLSY resumes with occupation
+titles and birth year. Each variant changes one thing:
 
 * numeric codes: the resumes name occupations by code (``1980 (some college): 4``). Stage 2
   starts from the same, title-trained stage 1 and the resumes use the main tokenizer: the
   paper's foundation model, too, learnt from text with titles, never from the survey's codes;
 * without birth year: the panel's ``birth_year`` column is dropped, so the header loses
   "The worker was born in ...";
-* without stage 1: trained on NLSY alone (``configs/main/scratch.yaml``, the main job's ablation);
+* without stage 1: trained on NLSY alone (``configs/main/scratch.yaml``, the main job's from-scratch row);
 * larger model: 3.4M parameters (hidden 256, 4 layers; ``configs/experiments/``), with its own
   stage 1 on the same synthetic corpus;
 * pooled data: stage 2 on NLSY pooled with as many simulated careers (another draw of the

@@ -27,11 +27,8 @@ machine is in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-
-from tqdm import tqdm
 
 from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
 from labor_jax import inference
@@ -52,20 +49,10 @@ SCORE_UNITS = 10  # a scoring pass of the foundation model counts as this many o
 TINY_UNITS = 0.01  # a training step of the tiny LLM, in the same units
 
 
-class StepBar(hooks_lib.Hook):
-  """Moves the experiment's progress bar ``units`` per training step of a run."""
-
-  def __init__(self, bar: tqdm, units: float = 1.0):
-    self.bar, self.units = bar, units
-
-  def after_step(self, trainer, info):
-    self.bar.update(self.units)
-
-
 def _train(bar, recipe, run_dir, data_dir, units=1.0, **changes):
   """A run of ``recipe`` whose steps move ``bar`` (its already finished steps count as done)."""
-  bar.update(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)
-  return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), StepBar(bar, units)], **changes)
+  bar.advance(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)
+  return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), bar.hook(units)], **changes)
 
 
 def in_context_tokens(data: DatasetDir, k: int, seed: int = 0):
@@ -124,9 +111,8 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
   runs = {key: [out / key / f"seed{k}" for k in range(seeds)] for key, *_ in VARIANTS}
   steps_of = {key: planned_steps(recipe, data[variant].path, changes) for key, recipe, variant, _ in VARIANTS}
   total = (seeds * sum(steps_of.values()) + TINY_UNITS * sum(tiny_steps.values())
-           + SCORE_UNITS * (1 + (4 if in_context else 0) + len(VARIANTS) * seeds) + 1)
-  bar = tqdm(total=total, unit="step", desc="foundation experiment", dynamic_ncols=True, file=sys.stdout,
-             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
+           + SCORE_UNITS * (1 + (4 if in_context else 0) + len(VARIANTS) * seeds) + 0.5 + 1)
+  bar = cli.JobBar(total, "foundation experiment")
   for key, recipe, variant, what in VARIANTS:
     for k, run_dir in enumerate(runs[key]):
       bar.write(f"== {model_name}, {what}, seed {k} ({steps_of[key]} steps, configs/{recipe}.yaml)")
@@ -142,7 +128,7 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
 
   def score(key, name, source, d, units=SCORE_UNITS, **kw):
     norm = table.score(key, name, source, d, **kw)
-    bar.update(units)
+    bar.advance(units)
     return norm
 
   score("zero_shot", f"{model_name} zero-shot (off the shelf)", hf, data["titles"])
@@ -157,7 +143,7 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
   score("tiny_llm", "tiny LLM (stage 1 on synthetic careers + NLSY, 0.6M parameters, from scratch)" +
         (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data, units=0.5)
   table.add_baselines()
-  bar.update(1)
+  bar.advance(1)
   bar.close()
 
   result = {"model": str(model), "hf_dir": str(hf), "seeds": seeds, "steps": steps_of, "quick": quick,

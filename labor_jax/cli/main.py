@@ -33,8 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
 from labor_jax import inference, runtime
 from labor_jax.cli import common as cli
@@ -51,16 +49,6 @@ TINY_STEP = 0.01
 SCORE_FOUNDATION = 10.0  # scoring the test split with the foundation model
 SCORE_TINY = 0.5
 BASELINES = 3.0  # fitting and scoring the baselines (the CAREER-style transformer trains)
-
-
-class Progress(hooks_lib.Hook):
-  """Moves the job's bar ``units`` for each training step of a run."""
-
-  def __init__(self, bar: tqdm, units: float):
-    self.bar, self.units = bar, units
-
-  def after_step(self, trainer, info):
-    self.bar.update(self.units)
 
 
 def main(argv=None) -> int:
@@ -113,12 +101,11 @@ def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bo
   steps = planned_steps(RECIPE, data.path, llm_changes[0])
   scratch_steps = planned_steps(SCRATCH, tiny_data.path, quick_changes)
   total = (seeds * steps + scratch_steps * TINY_STEP + (1 + seeds) * SCORE_FOUNDATION + SCORE_TINY + BASELINES)
-  bar = tqdm(total=total, unit="step", desc="main job", dynamic_ncols=True, file=sys.stdout,
-             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
+  bar = cli.JobBar(total, "main job")
 
   def fit(recipe, run_dir, data_dir, units, **changes):
-    bar.update(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)  # the steps an interrupted job already ran
-    return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), Progress(bar, units)], **changes)
+    bar.advance(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)  # already run
+    return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), bar.hook(units)], **changes)
 
   bar.write(f"\n== 2/5 stage 1, the foundation model: {model_name} as pretrained ({hf})")
   bar.write(f"\n== 3/5 stage 2, LABOR-LLM: {model_name} fine-tuned on the NLSY training resumes, {steps} steps "
@@ -133,15 +120,15 @@ def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bo
   norms = []
   for k, run_dir in enumerate(llm_dirs):
     norms.append(rows.score(f"labor_llm_seed{k}", f"LABOR-LLM ({model_name} fine-tuned), seed {k}", run_dir))
-    bar.update(SCORE_FOUNDATION)
+    bar.advance(SCORE_FOUNDATION)
   if seeds > 1:
     rows.ensemble("labor_llm_ensemble", f"LABOR-LLM ({model_name} fine-tuned), ensemble of {seeds} seeds", norms)
   rows.score("off_the_shelf", f"{model_name} off the shelf (stage 1, not fine-tuned)", hf)
-  bar.update(SCORE_FOUNDATION)
+  bar.advance(SCORE_FOUNDATION)
   rows.score("nlsy_only", "Llama 0.6M trained on NLSY alone (no language pretraining)", scratch_dir, tiny_data)
-  bar.update(SCORE_TINY)
+  bar.advance(SCORE_TINY)
   rows.add_baselines()
-  bar.update(BASELINES)
+  bar.advance(BASELINES)
   bar.close()
 
   result = {"model": str(model), "hf_dir": str(hf), "recipe": RECIPE, "seeds": seeds, "steps_per_seed": steps,

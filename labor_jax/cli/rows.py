@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.dataset_dir import DatasetDir
-from labor_jax import baselines, evaluation
+from labor_jax import baselines, evaluation, inference
 from labor_jax.career import CareerBaseline
 from labor_jax.cli import common as cli
 from labor_jax.metrics import bootstrap_intervals, perplexity, worker_keys
@@ -46,11 +46,13 @@ class Rows:
             context: np.ndarray | None = None) -> np.ndarray:
     """Scores the model ``source`` (a run or Hugging Face directory) on ``data`` (default: the table's),
     with ``context`` tokens before every resume, adds its row, says its perplexity, and returns its
-    normalised log-probabilities [N, J]."""
+    normalised log-probabilities [N, J]. A run computes in its own ``model.dtype``, a Hugging Face model
+    in ``model.dtype: auto``'s (bfloat16 where the hardware runs it natively), as a fine-tune of it does."""
     data = self.data if data is None else data
     table = evaluation.transitions_of(data, self.surveys)
     evaluation.check_same_transitions(self.ref, table, f"{name} ({data.path})")
-    norm, _, what = evaluation.score_transitions(source, data, table, "test", context=context)
+    dtype = None if inference.source_kind(source) == inference.RUN else "auto"
+    norm, _, what = evaluation.score_transitions(source, data, table, "test", context=context, dtype=dtype)
     self.add(key, name, norm[np.arange(len(self.y)), self.y])
     self.log(f"{name} ({what}): perplexity {perplexity(self.logp[key]):.3f}")
     return norm
