@@ -47,6 +47,22 @@ def nlsy_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, nlsy_dataset):
+  """A tiny random Llama as a Hugging Face directory with the NLSY dataset's tokenizer: SmolLM2's stand-in."""
+  import jax
+
+  from data_pipeline.dataset_dir import DatasetDir
+  from labor_jax import model
+  from labor_jax.config import llama_tiny
+  from labor_jax.interop import hf
+  out = tmp_path_factory.mktemp("tiny_hf") / "hf"
+  data = DatasetDir(nlsy_dataset)
+  config = llama_tiny(vocab_size=data.tokenizer().vocab_size)
+  hf.save(config, model.init_params(config, jax.random.key(0)), out, tokenizer_dir=data.tokenizer_dir)
+  return out
+
+
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, nlsy_dataset):
   """A tiny run of 8 steps with checkpoints at 4 and 8, trained once per session."""
   from tests.runs import run_train
@@ -59,7 +75,8 @@ def uninterrupted(tmp_path_factory, nlsy_dataset):
 
 # The longest files start first (by their durations in a full run, 2026-12-04), so that under pytest-xdist (scripts/test.sh: two workers, one file each at a
 # time) none of them is left running alone at the end.
-SLOW_FIRST = ("test_experiments.py", "test_train.py", "test_sharded_scoring.py", "test_forecast.py", "test_bench_gpu.py",
+SLOW_FIRST = ("test_sharded_scoring.py", "test_experiments.py", "test_train.py", "test_forecast.py", "test_bench_gpu.py",
+              "test_main_job.py", "test_foundation_job.py",
               "test_evaluate.py", "test_peft.py", "test_untrusted.py", "test_plan.py", "test_kernels.py",
               "test_selection.py", "test_checkpoints.py", "test_scorer.py", "test_train_core.py", "test_epochs.py",
               "test_multihost_save.py", "test_docs_examples.py", "test_full_disk.py", "test_gguf.py", "test_fuzz_panels.py",

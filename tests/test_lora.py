@@ -151,3 +151,40 @@ def test_dropout_keeps_the_adapter_branch():
   merged = model.forward(config.replace(lora_dropout=0.0), params, tokens, dropout_rng=jax.random.key(2))
   # Both run the merged product (no dropout key and rate 0 alike): one forward pass's float32 bound.
   numerics.assert_close(merged, plain, **numerics.forward_terms(config, tokens=8), what="rate 0 versus no key")
+
+
+def test_top_layers_adapts_the_last_blocks_and_leaves_no_backward_pass_below():
+  """lora.top_layers: adapters in the last N blocks only (every block of a smaller model); the gradient with
+  respect to them has no products below those blocks (fewer dot products in its program than with adapters
+  everywhere); scanned layers, which share one set of adapters, are refused."""
+  from labor_jax.config import ConfigError
+  from labor_jax.training import config as train_config
+  config = llama_tiny(vocab_size=128, num_hidden_layers=4)
+  params = model.init_params(config, jax.random.key(0))
+  targets = r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)"
+
+  def adapted_blocks(top):
+    rx = train_config.lora_targets(train_config.LoraConfig(enabled=True, targets=targets, top_layers=top), config)
+    cfg, p = lora.add_adapters(config, params, jax.random.key(1), rank=4, targets=rx)
+    blocks = sorted(k for k, v in p.items() if k.startswith("layers_") and any(
+        labels.is_adapter(labels.path_str(path)) for path, _ in jax.tree_util.tree_flatten_with_path(v)[0]))
+    return cfg, p, blocks
+
+  cfg_top, p_top, blocks = adapted_blocks(1)
+  assert blocks == ["layers_3"]
+  assert adapted_blocks(2)[2] == ["layers_2", "layers_3"] and adapted_blocks(9)[2] == [f"layers_{i}" for i in range(4)]
+  cfg_all, p_all, _ = adapted_blocks(None)
+  tokens = jnp.arange(12, dtype=jnp.int32)[None] % 128
+
+  def grad_dots(cfg, p):
+    tree = labels.label_tree(p, labels.ADAPTERS)
+    train, frozen = labels.split(p, tree)
+    loss = lambda t: model.forward(cfg, labels.merge(t, frozen), tokens).astype(jnp.float32).sum()  # noqa: E731
+    return str(jax.make_jaxpr(jax.grad(loss))(train)).count("dot_general")
+
+  # the forward pass's products are the same in both; the backward pass of 3 more blocks adds products
+  assert grad_dots(cfg_top, p_top) < grad_dots(cfg_all, p_all)
+  with pytest.raises(ConfigError, match="scan_layers"):
+    train_config.lora_targets(train_config.LoraConfig(enabled=True, top_layers=1), config.replace(scan_layers=True))
+  with pytest.raises(ConfigError, match="positive"):
+    train_config.lora_targets(train_config.LoraConfig(enabled=True, top_layers=0), config)

@@ -1,7 +1,7 @@
 """The main job (``python -m labor_jax.main``): ``--quick`` end to end in a subprocess on a tiny random
-Hugging Face model in place of SmolLM2 (the same path: data with the model's tokenizer, the fine-tune by
-``configs/main/smollm2.yaml``, the from-scratch model, scoring and the table), and the recipe's length in
-epochs on the embedded NLSY data."""
+Hugging Face model in place of SmolLM2 (``tiny_hf`` in tests/conftest.py; the same path: data with the model's
+tokenizer, the fine-tune by ``configs/main/smollm2.yaml``, the from-scratch model, scoring and the table), and
+the recipe's length in epochs on the embedded NLSY data."""
 
 import json
 import math
@@ -20,21 +20,18 @@ ROWS = {"labor_llm_seed0", "off_the_shelf", "nlsy_only", "multinomial_logit", "f
         "empirical_frequencies", "career"}
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory, nlsy_dataset):
-  import jax
+def job_env():
+  """One CPU device; every compiled program goes to the run's compilation cache (tests/conftest.py), so
+  programs of the same shapes (the main job's and experiments foundation's fine-tunes) compile once a run."""
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
-  from labor_jax import model
-  from labor_jax.config import llama_tiny
-  from labor_jax.interop import hf
-  tmp = tmp_path_factory.mktemp("main_job")
-  data = DatasetDir(nlsy_dataset)
-  config = llama_tiny(vocab_size=data.tokenizer().vocab_size)
-  hf.save(config, model.init_params(config, jax.random.key(0)), tmp / "hf", tokenizer_dir=data.tokenizer_dir)
-  out = tmp / "out"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, "-m", "labor_jax.main", "--quick", "--model", str(tmp / "hf"), "--out",
-                      str(out), "--bootstrap", "100"], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, tiny_hf):
+  out = tmp_path_factory.mktemp("main_job") / "out"
+  p = subprocess.run([sys.executable, "-m", "labor_jax.main", "--quick", "--model", str(tiny_hf), "--out",
+                      str(out), "--bootstrap", "100"], cwd=ROOT, env=job_env(), capture_output=True, text=True, check=False)
   assert p.returncode == 0, p.stderr[-3000:]
   return out, p.stdout
 

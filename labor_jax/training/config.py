@@ -70,6 +70,7 @@ class LoraConfig:
   alpha: float = 16.0  # adapter scale numerator (branch scaled by alpha / rank)
   dropout: float = 0.0  # dropout on the adapter input, training only
   targets: str = r"self_attn/(q|k|v|o)_proj"  # regex over module paths that get adapters
+  top_layers: int | None = None  # adapters only in the last N blocks (all, if fewer): no backward pass below them
 
 
 @dataclasses.dataclass
@@ -341,8 +342,24 @@ def model_config(cfg: TrainConfig, base: LlamaConfig | None = None, *, vocab_siz
     config = base.replace(**policy)
   if cfg.lora.enabled:
     config = config.replace(lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                            lora_targets=cfg.lora.targets)
+                            lora_targets=lora_targets(cfg.lora, config))
   return config
+
+
+def lora_targets(lora: LoraConfig, config: LlamaConfig) -> str:
+  """The adapters' module-path regex: ``lora.targets``, limited to the last ``lora.top_layers`` blocks of
+  ``config`` when that is set (``layers_15/...`` to ``layers_29/...`` for 15 of 30; every block of a model
+  with fewer)."""
+  if lora.top_layers is None:
+    return lora.targets
+  n = config.num_hidden_layers
+  if lora.top_layers < 1:
+    raise ConfigError(f"lora.top_layers: must be positive or null, got {lora.top_layers}")
+  if config.scan_layers:
+    raise ConfigError("lora.top_layers: scanned layers (model.scan_layers) share one set of adapters; "
+                      "set model.scan_layers: false")
+  blocks = "|".join(str(i) for i in range(max(n - lora.top_layers, 0), n))
+  return f"(^|/)layers_({blocks})/.*({lora.targets})"
 
 
 def check_devices(cfg: TrainConfig, n_devices: int, n_processes: int):
