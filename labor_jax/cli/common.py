@@ -106,7 +106,14 @@ def step(args: argparse.Namespace) -> int | str:
 class JobBar:
   """One progress bar with an ETA over a whole job (the main job, ``experiments foundation``) whose pieces of
   work are weighted in ``units`` (estimates of their cost; only the ETA depends on them). It never runs past
-  its total, so an estimate too low for one piece costs accuracy, not the bar."""
+  its total, so an estimate too low for one piece costs accuracy, not the bar.
+
+  The unit is one training step of a SmolLM2-sized fine-tune; the other pieces' costs against it come from
+  the main job's parts on the 2-core CPU (docs/main_job.md#what-it-costs)."""
+  TINY_STEP = 0.025  # a step of the 0.6M tiny LLM: 600 steps and 12 validations in about 73 s, against 4.55 s
+  SCORE = 26.0  # scoring the NLSY test split with the foundation model: about 2 minutes
+  SCORE_TINY = 1.0  # the same with the tiny LLM
+  BASELINES = 6.0  # fitting and scoring the baselines (the CAREER-style transformer trains)
 
   def __init__(self, total: float, desc: str):
     from tqdm import tqdm
@@ -126,6 +133,31 @@ class JobBar:
   def hook(self, units: float = 1.0) -> hooks.Hook:
     """A training hook that advances the bar ``units`` per optimizer step."""
     return _StepProgress(self, units)
+
+  def train(self, recipe: str, run_dir: str | Path, data_dir: str | Path, units: float = 1.0, **changes) -> dict:
+    """:func:`labor_jax.training.recipes.train` with the bar advancing ``units`` a step; the steps an
+    interrupted run already made count as done."""
+    from labor_jax.training.recipes import finished_steps, planned_steps, train
+    self.advance(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)
+    return train(recipe, run_dir, data_dir, hooks=[*hooks.default_hooks(), self.hook(units)], **changes)
+
+
+def model_name(model: str | Path, hf_dir: Path) -> str:
+  """A foundation model's short name for tables: a GGUF file's stem before its quantisation suffix
+  (``SmolLM2-135M-Instruct``), else the Hugging Face directory's name (not the conversion cache's hashed one)."""
+  return Path(model).stem.split(".")[0] if str(model).endswith(".gguf") else Path(hf_dir).name
+
+
+def dataset(path: str | Path, build: Callable[[Path], dict], show: bool = True) -> "DatasetDir":
+  """The dataset directory ``path``, first built by ``build(path)`` (which returns the summary, printed with
+  ``show``) unless a finished one is there (an interrupted job reuses it)."""
+  from data_pipeline.dataset_dir import DatasetDir, format_summary
+  d = DatasetDir(path)
+  if not (d.path / "summary.json").exists():
+    info = build(d.path)
+    if show:
+      print(format_summary(info), flush=True)
+  return d.check()
 
 
 class _StepProgress(hooks.Hook):

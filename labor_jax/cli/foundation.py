@@ -30,13 +30,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
+from data_pipeline.dataset_dir import DatasetDir, build_dataset, load_default
 from labor_jax import inference
 from labor_jax.cli import common as cli
 from labor_jax.cli.rows import Rows, table_lines
 from labor_jax.rundir import RunDir
-from labor_jax.training import hooks as hooks_lib
-from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, finished_steps, planned_steps, recipe_config, train
+from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, planned_steps, recipe_config
 
 VARIANTS = (  # key, recipe, dataset variant, what the row says
     ("lora_titles", "main/smollm2", "titles", "LoRA, titles"),
@@ -45,14 +44,7 @@ VARIANTS = (  # key, recipe, dataset variant, what the row says
 )
 IN_CONTEXT = 3  # training resumes placed before each test worker's in the in-context row
 QUICK_STEPS = 2  # --quick
-SCORE_UNITS = 10  # a scoring pass of the foundation model counts as this many of its training steps on the bar
-TINY_UNITS = 0.01  # a training step of the tiny LLM, in the same units
-
-
-def _train(bar, recipe, run_dir, data_dir, units=1.0, **changes):
-  """A run of ``recipe`` whose steps move ``bar`` (its already finished steps count as done)."""
-  bar.advance(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)
-  return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), bar.hook(units)], **changes)
+UNITS = cli.JobBar  # the progress bar's cost estimates: a scoring pass, a tiny LLM's step, the baselines
 
 
 def in_context_tokens(data: DatasetDir, k: int, seed: int = 0):
@@ -78,7 +70,7 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
     from labor_jax.interop import gguf
     model = gguf.smollm2_path()
   hf = inference.hf_dir(model)
-  model_name = Path(model).stem.split(".")[0] if str(model).endswith(".gguf") else hf.name  # not the cache's hashed name
+  model_name = cli.model_name(model, hf)
   quick_changes = ({"steps": QUICK_STEPS, "eval_every": QUICK_STEPS, "ckpt_every": QUICK_STEPS,
                     "log_every": QUICK_STEPS, "optim.warmup_steps": 1} if quick else {})
   if quick:
@@ -89,44 +81,38 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
                     "log_every": max(1, steps // 8), "optim.warmup_steps": max(1, steps // 10)})
   panel, titles, source = load_default()
   print(f"== data: the embedded NLSY panel, tokenised with {model_name}'s tokenizer (titles, codes)", flush=True)
-  data = {}
-  for variant in ("titles", "codes"):
-    d = DatasetDir(out / f"data_{variant}")
-    if not (d.path / "summary.json").exists():
-      print(format_summary(build_dataset(panel, titles, d.path, tokenizer_dir=hf, variant=variant,
-                                         source=f"{source}, {variant}, {model_name} tokenizer")), flush=True)
-    data[variant] = d.check()
+  data = {variant: cli.dataset(out / f"data_{variant}", lambda p, v=variant: build_dataset(
+      panel, titles, p, tokenizer_dir=hf, variant=v, source=f"{source}, {v}, {model_name} tokenizer"))
+      for variant in ("titles", "codes")}
   if tiny_llm is None:
     tiny_llm = out / "tiny_llm"
-    tiny_data = DatasetDir(out / "data_tiny")
-    if not (tiny_data.path / "summary.json").exists():
-      build_dataset(panel, titles, tiny_data.path, source=source)  # the main job's SentencePiece dataset
-    stage1_data = DatasetDir(out / "data_stage1")
-    if not (stage1_data.path / "summary.json").exists():
-      build_stage1_data(stage1_data.path, titles, tiny_data.tokenizer_dir, workers=200 if quick else STAGE1_WORKERS)
+    tiny_data = cli.dataset(out / "data_tiny", lambda p: build_dataset(panel, titles, p, source=source),
+                            show=False)  # the main job's SentencePiece dataset
+    stage1_data = cli.dataset(out / "data_stage1", lambda p: build_stage1_data(
+        p, titles, tiny_data.tokenizer_dir, workers=200 if quick else STAGE1_WORKERS), show=False)
     tiny_steps = {k: QUICK_STEPS if quick else recipe_config(f"main/{k}").steps for k in ("stage1", "stage2")}
   else:  # a finished run, scored on the dataset it trained on
     tiny_llm, tiny_steps = Path(tiny_llm), {}
     tiny_data = RunDir(tiny_llm).check().dataset().check()
   runs = {key: [out / key / f"seed{k}" for k in range(seeds)] for key, *_ in VARIANTS}
   steps_of = {key: planned_steps(recipe, data[variant].path, changes) for key, recipe, variant, _ in VARIANTS}
-  total = (seeds * sum(steps_of.values()) + TINY_UNITS * sum(tiny_steps.values())
-           + SCORE_UNITS * (1 + (4 if in_context else 0) + len(VARIANTS) * seeds) + 0.5 + 1)
+  total = (seeds * sum(steps_of.values()) + UNITS.TINY_STEP * sum(tiny_steps.values())
+           + UNITS.SCORE * (1 + (4 if in_context else 0) + len(VARIANTS) * seeds) + UNITS.SCORE_TINY + UNITS.BASELINES)
   bar = cli.JobBar(total, "foundation experiment")
   for key, recipe, variant, what in VARIANTS:
     for k, run_dir in enumerate(runs[key]):
       bar.write(f"== {model_name}, {what}, seed {k} ({steps_of[key]} steps, configs/{recipe}.yaml)")
-      _train(bar, recipe, run_dir, data[variant].path, seed=k, **changes)
+      bar.train(recipe, run_dir, data[variant].path, seed=k, **changes)
   if tiny_steps:
     bar.write("== the tiny LLM (stage 1 on synthetic careers, then NLSY; 0.6M parameters, from scratch), seed 0")
-    _train(bar, "main/stage1", out / "tiny_stage1", stage1_data.path, TINY_UNITS,
+    bar.train("main/stage1", out / "tiny_stage1", stage1_data.path, UNITS.TINY_STEP,
            **{**quick_changes, "steps": tiny_steps["stage1"]})
-    _train(bar, "main/stage2", tiny_llm, tiny_data.path, TINY_UNITS, seed=0,
+    bar.train("main/stage2", tiny_llm, tiny_data.path, UNITS.TINY_STEP, seed=0,
            **{**quick_changes, "steps": tiny_steps["stage2"], "model.init_from": str(out / "tiny_stage1")})
 
   table = Rows(data["titles"], log=bar.write)
 
-  def score(key, name, source, d, units=SCORE_UNITS, **kw):
+  def score(key, name, source, d, units=UNITS.SCORE, **kw):
     norm = table.score(key, name, source, d, **kw)
     bar.advance(units)
     return norm
@@ -134,16 +120,16 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
   score("zero_shot", f"{model_name} zero-shot (off the shelf)", hf, data["titles"])
   if in_context:
     score("in_context", f"{model_name} in context ({in_context} training resumes before the worker's, not fine-tuned)",
-          hf, data["titles"], units=4 * SCORE_UNITS, context=in_context_tokens(data["titles"], in_context))
+          hf, data["titles"], units=4 * UNITS.SCORE, context=in_context_tokens(data["titles"], in_context))
   for key, recipe, variant, what in VARIANTS:
     norms = [score(f"{key}_seed{k}", f"{model_name} + {what}, seed {k}", run_dir, data[variant])
              for k, run_dir in enumerate(runs[key])]
     if seeds > 1:
       table.ensemble(f"{key}_ensemble", f"{model_name} + {what}, ensemble of the {seeds} seeds", norms)
   score("tiny_llm", "tiny LLM (stage 1 on synthetic careers + NLSY, 0.6M parameters, from scratch)" +
-        (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data, units=0.5)
+        (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data, units=UNITS.SCORE_TINY)
   table.add_baselines()
-  bar.advance(1)
+  bar.advance(UNITS.BASELINES)
   bar.close()
 
   result = {"model": str(model), "hf_dir": str(hf), "seeds": seeds, "steps": steps_of, "quick": quick,

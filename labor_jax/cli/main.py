@@ -33,24 +33,15 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipeline.dataset_dir import DatasetDir, build_dataset, format_summary, load_default
+from data_pipeline.dataset_dir import build_dataset, load_default
 from labor_jax import inference, runtime
 from labor_jax.cli import common as cli
 from labor_jax.cli.rows import Rows, table_lines
-from labor_jax.training import hooks as hooks_lib
-from labor_jax.training.recipes import finished_steps, planned_steps, train
+from labor_jax.training.recipes import planned_steps
 
 RECIPE = "main/smollm2"  # stage 2
 SCRATCH = "main/scratch"  # no language pretraining
 QUICK_STEPS = 2
-# Units of the progress bar, in foundation-model training steps: what each other piece of work costs
-# against one such step (from the main job's parts on the 2-core CPU, docs/main_job.md#what-it-costs; only
-# the ETA depends on them).
-TINY_STEP = 0.025  # 600 steps and 12 validations in about 73 s, against 4.55 s a fine-tuning step
-SCORE_FOUNDATION = 26.0  # scoring the test split with the foundation model: about 2 minutes
-SCORE_TINY = 1.0
-BASELINES = 6.0  # fitting and scoring the baselines (the CAREER-style transformer trains)
-
 
 def main(argv=None) -> int:
   runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
@@ -82,17 +73,12 @@ def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bo
     model = gguf.smollm2_path()
   print(f"== 1/5 data: the embedded NLSY panel -> resumes -> tokens ({model})", flush=True)
   hf = inference.hf_dir(model)  # a GGUF file is converted once (cached)
-  model_name = Path(model).stem.split(".")[0] if str(model).endswith(".gguf") else hf.name
+  model_name = cli.model_name(model, hf)
   panel, titles, source = load_default()
-  data = DatasetDir(out / "data")
-  if not (data.path / "summary.json").exists():
-    print(format_summary(build_dataset(panel, titles, data.path, tokenizer_dir=hf,
-                                       source=f"{source}, {model_name} tokenizer")), flush=True)
-  data.check()
-  tiny_data = DatasetDir(out / "data_tiny")
-  if not (tiny_data.path / "summary.json").exists():
-    build_dataset(panel, titles, tiny_data.path, source=f"{source}, SentencePiece tokenizer trained here")
-  tiny_data.check()
+  data = cli.dataset(out / "data", lambda p: build_dataset(panel, titles, p, tokenizer_dir=hf,
+                                                           source=f"{source}, {model_name} tokenizer"))
+  tiny_data = cli.dataset(out / "data_tiny", lambda p: build_dataset(
+      panel, titles, p, source=f"{source}, SentencePiece tokenizer trained here"), show=False)
 
   quick_changes = ({"steps": QUICK_STEPS, "eval_every": QUICK_STEPS, "ckpt_every": QUICK_STEPS,
                     "log_every": 1, "optim.warmup_steps": 1} if quick else {})
@@ -101,35 +87,32 @@ def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bo
   llm_changes = [{"model.hf_path": str(hf), "seed": k, **quick_changes} for k in range(seeds)]
   steps = planned_steps(RECIPE, data.path, llm_changes[0])
   scratch_steps = planned_steps(SCRATCH, tiny_data.path, quick_changes)
-  total = (seeds * steps + scratch_steps * TINY_STEP + (1 + seeds) * SCORE_FOUNDATION + SCORE_TINY + BASELINES)
-  bar = cli.JobBar(total, "main job")
-
-  def fit(recipe, run_dir, data_dir, units, **changes):
-    bar.advance(min(finished_steps(run_dir), planned_steps(recipe, data_dir, changes)) * units)  # already run
-    return train(recipe, run_dir, data_dir, hooks=[*hooks_lib.default_hooks(), bar.hook(units)], **changes)
+  units = cli.JobBar
+  bar = cli.JobBar(seeds * steps + scratch_steps * units.TINY_STEP + (1 + seeds) * units.SCORE + units.SCORE_TINY
+                   + units.BASELINES, "main job")
 
   bar.write(f"\n== 2/5 stage 1, the foundation model: {model_name} as pretrained ({hf})")
   bar.write(f"\n== 3/5 stage 2, LABOR-LLM: {model_name} fine-tuned on the NLSY training resumes, {steps} steps "
             f"a seed ({seeds} seed(s))")
   for run_dir, changes in zip(llm_dirs, llm_changes):
-    fit(RECIPE, run_dir, data.path, 1.0, **changes)
+    bar.train(RECIPE, run_dir, data.path, **changes)
   bar.write("\n== 4/5 no language pretraining: a 0.6M-parameter Llama trained on the NLSY resumes alone, seed 0")
-  fit(SCRATCH, scratch_dir, tiny_data.path, TINY_STEP, seed=0, **quick_changes)
+  bar.train(SCRATCH, scratch_dir, tiny_data.path, bar.TINY_STEP, seed=0, **quick_changes)
 
   bar.write("\n== 5/5 the table on the NLSY test split")
   rows = Rows(data, log=bar.write)
   norms = []
   for k, run_dir in enumerate(llm_dirs):
     norms.append(rows.score(f"labor_llm_seed{k}", f"LABOR-LLM ({model_name} fine-tuned), seed {k}", run_dir))
-    bar.advance(SCORE_FOUNDATION)
+    bar.advance(bar.SCORE)
   if seeds > 1:
     rows.ensemble("labor_llm_ensemble", f"LABOR-LLM ({model_name} fine-tuned), ensemble of {seeds} seeds", norms)
   rows.score("off_the_shelf", f"{model_name} off the shelf (stage 1, not fine-tuned)", hf)
-  bar.advance(SCORE_FOUNDATION)
+  bar.advance(bar.SCORE)
   rows.score("nlsy_only", "Llama 0.6M trained on NLSY alone (no language pretraining)", scratch_dir, tiny_data)
-  bar.advance(SCORE_TINY)
+  bar.advance(bar.SCORE_TINY)
   rows.add_baselines()
-  bar.advance(BASELINES)
+  bar.advance(bar.BASELINES)
   bar.close()
 
   result = {"model": str(model), "hf_dir": str(hf), "recipe": RECIPE, "seeds": seeds, "steps_per_seed": steps,
