@@ -41,11 +41,12 @@ MAIN_LLM = "LABOR-LLM (this run)"
 
 def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetDir, split: str, *,
                batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
-               context: np.ndarray | None = None) -> pd.DataFrame:
+               context: np.ndarray | None = None, shared: inference.SharedLower | None = None) -> pd.DataFrame:
   """Normalised and raw log-probs [J] for every entry (t >= 0) of every worker of ``split``, from the
   scoring step of the inference layer (:func:`labor_jax.inference.score_examples`): ``batch_workers``
   workers a call, split over the mesh's batch axes; every process receives all scores. ``context``:
-  tokens placed before every worker's resume (in-context examples); the scores are the same entries'."""
+  tokens placed before every worker's resume (in-context examples); the scores are the same entries'.
+  ``shared``: first blocks' output shared with other models scored alike (:class:`labor_jax.inference.SharedLower`)."""
   src = dataset.source(split)
   examples = [src[i] for i in range(len(src))]
   pre = np.zeros(0, np.int32) if context is None else np.asarray(context, np.int32)
@@ -53,7 +54,7 @@ def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetD
           for e in examples]
   scores = inference.score_examples(loaded, titles, variant, rows,
                                     batch_workers=batch_workers, chunk=chunk, progress=progress,
-                                    desc=f"scoring {split}")
+                                    desc=f"scoring {split}", shared=shared)
   rows = []
   for e, (norm, raw) in zip(examples, scores):
     for t in range(len(e["years"])):
@@ -65,17 +66,20 @@ def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetD
 def score_transitions(source: str | Path, data: DatasetDir, table: pd.DataFrame, split: str, *,
                       adapter: str | Path | None = None, mesh: jax.sharding.Mesh | None = None,
                       batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
-                      context: np.ndarray | None = None, dtype: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+                      context: np.ndarray | None = None, dtype: str | None = None,
+                      shared: inference.SharedLower | None = None) -> tuple[np.ndarray, np.ndarray, str]:
   """(normalised log-probs, raw log-probs, what was loaded) of the model ``source`` (any source
   :func:`labor_jax.inference.open_model` opens) for each row of ``table``: transitions of ``split``
   of ``data`` (:func:`labor_jax.baselines.transition_table`, any subset of them): [len(table), J]
   each, in ``table``'s order. ``context``: tokens before every resume (:func:`llm_scores`); ``dtype``: the
-  compute dtype of a Hugging Face source (:func:`labor_jax.inference.open_model`)."""
+  compute dtype of a Hugging Face source (:func:`labor_jax.inference.open_model`); ``shared``: as in
+  :func:`llm_scores` (the description then says whether this model used it)."""
   loaded = inference.open_model(source, adapter=adapter, mesh=mesh, dtype=dtype)
   loaded.check_dataset(data)
   scores = llm_scores(loaded, data.titles(), data.variant, data, split, batch_workers=batch_workers, chunk=chunk,
-                      progress=progress, context=context)
-  what = loaded.description
+                      progress=progress, context=context, shared=shared)
+  what = loaded.description + (f"; blocks 0-{shared.n_layers - 1} as computed for the first model scored with them"
+                                if shared is not None and shared.last_used else "")
   del loaded
   merged = table.merge(scores, on=["dataset", "person_id", "t"], how="left", validate="one_to_one")
   if merged["llm_norm"].isna().any():

@@ -223,7 +223,7 @@ def pad_vocab(config: LlamaConfig, params: Any, mesh: Mesh, rows: int,
 # ---------------------------------------------------------------------------------------------- scoring
 @functools.lru_cache(maxsize=8)
 def scoring_step(config: LlamaConfig, candidates: tuple[tuple[int, ...], ...], mesh: Mesh | None = None,
-                 chunk: int | None = None, token_loss: bool = False) -> Callable:
+                 chunk: int | None = None, token_loss: bool = False, first_layer: int = 0) -> Callable:
   """The jitted ``(params, tokens_BN, mask_BN, ends_BT) -> {"logp": [B, T, J], "raw": [B, T, J]}``.
 
   ``logp`` is log P(title j | resume b's first ``ends_BT[b, t]`` tokens) renormalised over the
@@ -232,12 +232,16 @@ def scoring_step(config: LlamaConfig, candidates: tuple[tuple[int, ...], ...], m
   ``i + 1`` at position ``i``), and adds ``xent`` (the weighted token cross-entropy summed) and
   ``tokens`` (the weights summed) from the same encoding of the resumes (validation during training).
   Built once per config, candidates, mesh, chunk and loss in a process: runs of the same shapes (the
-  main job's seeds) share the compiled code. Inputs arrive placed (:func:`place_batch`)."""
+  main job's seeds) share the compiled code. Inputs arrive placed (:func:`place_batch`).
+  ``first_layer``: the step takes ``lower=``, the batch's :func:`lower_step` output, and runs the blocks from
+  ``first_layer`` up only (validation of a run whose lower blocks are frozen)."""
   tree = scorer.CandidateTree.build(candidates)
 
-  def step(params, tokens_BN, mask_BN, ends_BT, weight_BN=None):
+  def step(params, tokens_BN, mask_BN, ends_BT, weight_BN=None, lower=None):
+    if (lower is None) != (first_layer == 0):
+      raise ValueError("a step built with first_layer takes lower= (the first blocks' output), and only it does")
     raw_BTJ, x_BND = scorer.score(config, params, tree, tokens_BN, mask_BN, ends_BT, chunk=chunk, mesh=mesh,
-                                  return_hidden=True)
+                                  return_hidden=True, lower=lower, first_layer=first_layer)
     out = {"logp": jax.nn.log_softmax(raw_BTJ, axis=-1), "raw": raw_BTJ}
     if token_loss:
       next_BN = jnp.concatenate([tokens_BN[:, 1:], jnp.zeros_like(tokens_BN[:, :1])], axis=1)
@@ -247,6 +251,17 @@ def scoring_step(config: LlamaConfig, candidates: tuple[tuple[int, ...], ...], m
       out["tokens"] = jnp.sum(weight_BN)
     return out
   return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=8)
+def lower_step(config: LlamaConfig, candidates: tuple[tuple[int, ...], ...], n_layers: int, mesh: Mesh | None = None,
+               chunk: int | None = None) -> Callable:
+  """The jitted ``(params, tokens_BN, mask_BN, ends_BT) -> scorer.Lower``: the first ``n_layers`` blocks'
+  output for a batch (:func:`labor_jax.scorer.encode_lower`), which ``scoring_step(..., first_layer=n_layers)``
+  continues."""
+  tree = scorer.CandidateTree.build(candidates)
+  return jax.jit(lambda params, tokens_BN, mask_BN, ends_BT: scorer.encode_lower(
+      config, params, tree, tokens_BN, mask_BN, ends_BT, n_layers, chunk=chunk, mesh=mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -274,16 +289,68 @@ def pack(rows: Sequence[tuple[np.ndarray, np.ndarray]], batch: int, n: int, t: i
   return tokens_BN, mask_BN, ends_BT
 
 
+class SharedLower:
+  """The first ``n_layers`` blocks' output on scoring batches (:func:`lower_step`), kept for every model scored
+  with it whose embedding and first ``n_layers`` blocks are the same weights computed in the same dtype: a base
+  model and its fine-tunes with adapters in the top blocks only (``lora.top_layers``), as the main job scores
+  them. Such a model runs only the blocks above. The first model that qualifies fixes the weights: each model's
+  lower weights are fingerprinted (a hash of their bytes), and one whose fingerprint differs is scored whole,
+  as is one without those blocks (scanned layers, adapters in them, fewer blocks)."""
+
+  def __init__(self, n_layers: int):
+    self.n_layers = n_layers
+    self.fingerprint: str | None = None
+    self.lowers: dict[tuple, scorer.Lower] = {}
+    self.last_used = False  # whether the last model scored with this used it
+
+  def _fingerprint(self, loaded: Loaded) -> str | None:
+    config, params = loaded.config, loaded.params
+    if not 0 < self.n_layers < config.num_hidden_layers or config.scan_layers:
+      return None
+    import hashlib
+    from labor_jax import labels
+    digest = hashlib.blake2b(repr((config.dtype, config.padded_vocab_size, config.hidden_size)).encode(),
+                             digest_size=16)
+    for name in ["embed_tokens", *(f"layers_{i}" for i in range(self.n_layers))]:
+      for path, x in jax.tree_util.tree_leaves_with_path(params[name]):
+        if labels.is_adapter(labels.path_str(path)):
+          return None
+        digest.update(f"{name}/{labels.path_str(path)}:{x.dtype}{x.shape}".encode())
+        digest.update(np.ascontiguousarray(sharding.to_host(x)).tobytes())
+    return digest.hexdigest()
+
+  def usable(self, loaded: Loaded) -> bool:
+    """Whether ``loaded`` has the lower blocks of the models scored with this before (the first always has)."""
+    found = self._fingerprint(loaded)
+    if found is None:
+      return False
+    if self.fingerprint is None:
+      self.fingerprint = found
+    return found == self.fingerprint
+
+  def get(self, key: tuple, compute: Callable[[], scorer.Lower]) -> scorer.Lower:
+    if key not in self.lowers:
+      self.lowers[key] = compute()
+    return self.lowers[key]
+
+
 def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
                    batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
-                   desc: str = "scoring") -> list[tuple[np.ndarray, np.ndarray]]:
+                   desc: str = "scoring", shared: SharedLower | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
   """(normalised, raw) log-probs [T_i, J] of each row (tokens, the token index where each of its T_i
   titles starts), ``batch_workers`` rows per call of the scoring step (a multiple of
-  :func:`batch_size`), in batches of one shape (compiled once). Every process gets every score."""
+  :func:`batch_size`), in batches of one shape (compiled once). Every process gets every score.
+  ``shared``: the first blocks' output, computed by the first model scored with it and reused by later ones
+  that have the same first blocks (:class:`SharedLower`)."""
   if batch_workers % batch_size(loaded.mesh):
     raise ConfigError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
                       f"{batch_size(loaded.mesh)}")
-  step = loaded.scoring_step(titles, variant, chunk=chunk, batch_workers=batch_workers)
+  first = shared.n_layers if shared is not None and shared.usable(loaded) else 0
+  if shared is not None:
+    shared.last_used = bool(first)
+  cands = loaded.candidates(titles, variant)
+  chunk = chunk or default_chunk(loaded.config, loaded.mesh, batch_workers)
+  step = scoring_step(loaded.config, cands, loaded.mesh, chunk, False, first)
   n = max(len(tokens) for tokens, _ in rows)
   t = max(max(len(ends) for _, ends in rows), 1)
   out = []
@@ -291,8 +358,14 @@ def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Seque
              disable=not (progress and jax.process_index() == 0))
   for s in range(0, len(rows), batch_workers):
     part = rows[s:s + batch_workers]
-    batch = (place_batch(x, loaded.mesh) for x in pack(part, batch_workers, n, t))
-    found = step(loaded.params, *batch)
+    host = pack(part, batch_workers, n, t)
+    batch = [place_batch(x, loaded.mesh) for x in host]
+    if first:
+      key = (cands, first, *(x.tobytes() for x in host))
+      lower = shared.get(key, lambda: lower_step(loaded.config, cands, first, loaded.mesh, chunk)(loaded.params, *batch))
+      found = step(loaded.params, *batch, lower=lower)
+    else:
+      found = step(loaded.params, *batch)
     logp, raw = sharding.to_host(found["logp"]), sharding.to_host(found["raw"])
     out += [(logp[i, :len(ends)], raw[i, :len(ends)]) for i, (_, ends) in enumerate(part)]
     bar.update(len(part))

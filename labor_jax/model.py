@@ -310,13 +310,15 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, mask: attention_lib.Mask, prefix: Cache | None,
-               tree: Tree | None = None, head: bool = True):
+               tree: Tree | None = None, head: bool = True, hidden_BTD=None, first_layer: int = 0,
+               stop_layer: int | None = None):
     cfg = self.cfg
     embed = nn.Embed(cfg.embedding_rows, cfg.hidden_size, name="embed_tokens", dtype=cfg.jnp_dtype,
                      param_dtype=cfg.jnp_param_dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                  ("vocab", "embed")))
-    x_BTD = nn.with_logical_constraint(embed(tokens_BT), ("batch", "length", "act_embed"))
+    x_BTD = embed(tokens_BT) if hidden_BTD is None else hidden_BTD.astype(cfg.jnp_dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "act_embed"))
     inv_freq_E2 = jnp.asarray(rope_inv_freq(cfg))
     angles_BTE2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_E2
     angles_BTE = jnp.concatenate([angles_BTE2, angles_BTE2], axis=-1)
@@ -332,11 +334,14 @@ class Llama(nn.Module):
       x_BTD, kvs = stack(cfg, name="layers")(x_BTD, *args)
     else:
       kvs = []
-      for i in range(cfg.num_hidden_layers):
+      for i in range(first_layer, cfg.num_hidden_layers if stop_layer is None else stop_layer):
+        # a prefix holds the keys/values of this call's blocks only: block i's are its entry i - first_layer
         x_BTD, kv = layer_cls(cfg, name=f"layers_{i}")(
-            x_BTD, cos_BTE, sin_BTE, mask, None if prefix is None else cache_layer(prefix, i), tree)
+            x_BTD, cos_BTE, sin_BTE, mask, None if prefix is None else cache_layer(prefix, i - first_layer), tree)
         kvs.append(kv)
       kvs = tuple(kvs)
+    if stop_layer is not None:  # the residual stream after block stop_layer - 1 (lower_hidden)
+      return x_BTD, kvs
     x_BTD = RMSNorm(cfg, name="norm")(x_BTD)
     if not head:  # the final hidden states, for a loss fused with the head (labor_jax.losses)
       return x_BTD, kvs
@@ -401,7 +406,10 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
             mesh: jax.sharding.Mesh | None = None,
             rules=None,
             return_kv: bool = False,
-            return_hidden: bool = False):
+            return_hidden: bool = False,
+            hidden_BTD: jax.Array | None = None,
+            first_layer: int = 0,
+            stop_layer: int | None = None):
   """Logits [B, T, V] (float32) of a Llama model: a pure function of (config, params, tokens).
 
   Args:
@@ -428,17 +436,32 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
       KVs, or one stacked KV for ``scan_layers`` models; see :func:`cache_map`).
     return_hidden: return the final normed hidden states [B, T, D] (compute dtype) in place
       of the logits; :func:`head_weight` gives the matching output projection.
+    hidden_BTD, first_layer: start from the residual stream after the first ``first_layer``
+      blocks, as ``stop_layer=first_layer`` (or :func:`lower_hidden`) returns it for these tokens
+      (``tokens_BT`` may then be None; the mask, positions, segment ids and prefix must be the ones
+      it was computed with). Blocks below ``first_layer`` are not run, and their parameters need not
+      be in ``params``; a ``prefix`` holds the keys/values of blocks ``first_layer`` and above.
+    stop_layer: return the residual stream [B, T, D] after block ``stop_layer - 1`` (compute dtype, not
+      normed) in place of the logits: the frozen lower blocks' output that a later call continues with
+      ``first_layer``. With ``return_kv``, the keys/values of the blocks run.
   """
-  tokens_BT = jnp.asarray(tokens_BT)
-  if tokens_BT.ndim != 2:
-    raise ValueError(f"tokens_BT must be [batch, length], got shape {tokens_BT.shape}")
-  b, t = tokens_BT.shape
+  stop = check_layers(config, first_layer, stop_layer)
+  if hidden_BTD is not None:
+    b, t = hidden_BTD.shape[:2]
+  elif first_layer:
+    raise ValueError("first_layer needs hidden_BTD, the lower blocks' output")
+  else:
+    tokens_BT = jnp.asarray(tokens_BT)
+    if tokens_BT.ndim != 2:
+      raise ValueError(f"tokens_BT must be [batch, length], got shape {tokens_BT.shape}")
+    b, t = tokens_BT.shape
   if mask_BT is None:
     mask_BT = jnp.ones((b, t), dtype=jnp.int32) if segment_ids_BT is None else (segment_ids_BT > 0)
   if segment_ids_BT is not None and prefix is not None:
     raise ValueError("segment_ids_BT (packed rows) cannot be combined with a cached prefix")
-  if prefix is not None and cache_layers(prefix) != config.num_hidden_layers:
-    raise ValueError(f"prefix has {cache_layers(prefix)} layers, the model has {config.num_hidden_layers}")
+  if prefix is not None and cache_layers(prefix) != stop - first_layer:
+    raise ValueError(f"prefix has {cache_layers(prefix)} layers, the call runs {stop - first_layer} "
+                     f"(blocks {first_layer} to {stop - 1})")
   if prefix is not None and prefix_mask_BS is None:
     prefix_mask_BS = jnp.ones(cache_layer(prefix, 0).k.shape[:2], dtype=jnp.int32)
   if positions_BT is None:
@@ -448,9 +471,33 @@ def forward(config: LlamaConfig, params: Params, tokens_BT: jax.Array, *,
   mask = _pass_mask(mask_BT, prefix_mask_BS, segment_ids_BT)
   with _constraints(mesh, rules):
     logits_BTV, kvs = Llama(config).apply({"params": params}, tokens_BT, positions_BT, mask,
-                                          prefix, None, not return_hidden,
+                                          prefix, None, not return_hidden, hidden_BTD, first_layer, stop_layer,
                                           rngs=None if dropout_rng is None else {"dropout": dropout_rng})
   return (logits_BTV, kvs) if return_kv else logits_BTV
+
+
+def check_layers(config: LlamaConfig, first_layer: int = 0, stop_layer: int | None = None) -> int:
+  """The end of the block range [first_layer, stop_layer) of a call (ValueError when it is not one of the
+  model's unscanned blocks, or empty)."""
+  n = config.num_hidden_layers
+  stop = n if stop_layer is None else stop_layer
+  if (first_layer or stop_layer is not None) and config.scan_layers:
+    raise ValueError("a block range (first_layer, stop_layer) needs unscanned layers (model.scan_layers: false)")
+  if not 0 <= first_layer <= stop <= n or (stop_layer is not None and stop_layer <= first_layer):
+    raise ValueError(f"blocks {first_layer} to {stop} are not a range of the model's {n} blocks")
+  return stop
+
+
+def lower_hidden(config: LlamaConfig, params: Params, tokens_BT: jax.Array, n_layers: int, *,
+                 mask_BT: jax.Array | None = None, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None, mesh: jax.sharding.Mesh | None = None,
+                 rules=None) -> jax.Array:
+  """The residual stream [B, T, D] (compute dtype) after the first ``n_layers`` blocks: what
+  ``forward(..., hidden_BTD=..., first_layer=n_layers)`` continues from. When those blocks and the
+  embedding are frozen, a row's output here never changes during training, so it can be computed
+  once and cached (``lora.cache_frozen``). Arguments as in :func:`forward` (no prefix)."""
+  return forward(config, params, tokens_BT, mask_BT=mask_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                 mesh=mesh, rules=rules, stop_layer=n_layers)
 
 
 @contextlib.contextmanager
@@ -465,7 +512,9 @@ def _constraints(mesh: jax.sharding.Mesh | None, rules):
 
 def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, tree_depth_L: jax.Array,
                  tree_ancestors_LA: jax.Array, prefix: Cache, prefix_len_BG: jax.Array,
-                 return_hidden: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
+                 return_hidden: bool = False, mesh: jax.sharding.Mesh | None = None, rules=None,
+                 hidden_BGLD: jax.Array | None = None, first_layer: int = 0,
+                 stop_layer: int | None = None) -> jax.Array:
   """Logits [B, G, L, V] of one token tree continued from G prefixes of each row's cache
   (with ``return_hidden``, the final normed hidden states [B, G, L, D] instead).
 
@@ -475,8 +524,15 @@ def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, 
   the first ``prefix_len_BG[b, g]`` tokens of ``prefix`` (keys/values from
   ``forward(..., return_kv=True)``); node l sits at position ``prefix_len + depth_l``.
   Equivalent to running every root-to-node path after every prefix separately, in one pass.
-  ``mesh``, ``rules``: as in :func:`forward`.
+  ``mesh``, ``rules``, ``first_layer`` (with ``hidden_BGLD``, the nodes' residual stream after block
+  ``first_layer - 1``) and ``stop_layer`` (returns that residual stream [B, G, L, D]): as in :func:`forward`;
+  ``prefix`` holds the keys/values of the blocks the call runs.
   """
+  stop = check_layers(config, first_layer, stop_layer)
+  if cache_layers(prefix) != stop - first_layer:
+    raise ValueError(f"prefix has {cache_layers(prefix)} layers, the call runs {stop - first_layer}")
+  if first_layer and hidden_BGLD is None:
+    raise ValueError("first_layer needs hidden_BGLD, the lower blocks' output")
   b, g = prefix_len_BG.shape
   l = tree_tokens_L.shape[0]
   depth_L = jnp.asarray(tree_depth_L)
@@ -488,7 +544,8 @@ def forward_tree(config: LlamaConfig, params: Params, tree_tokens_L: jax.Array, 
   dummy_mask = attention_lib.Mask(jnp.ones((1, 1, 1), bool), None)  # unused in tree mode
   with _constraints(mesh, rules):
     out_BTX, _ = Llama(config).apply({"params": params}, tokens_BT, positions_BT, dummy_mask, prefix, tree,
-                                     not return_hidden)
+                                     not return_hidden, None if hidden_BGLD is None else hidden_BGLD.reshape(b, g * l, -1),
+                                     first_layer, stop_layer)
   return out_BTX.reshape(b, g, l, -1)
 
 

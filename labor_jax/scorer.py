@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,17 +133,66 @@ def head_weight(config: LlamaConfig, params: Any) -> jax.Array:
   return w_DV
 
 
+class Lower(NamedTuple):
+  """The frozen lower blocks' output for a batch of resumes (:func:`encode_lower`): the residual stream
+  after the first ``first_layer`` blocks at every resume token and at every tree node of every step. It
+  depends only on those blocks, so one computation serves every scoring of models that share them (the
+  validation passes of a run with adapters in its top blocks only)."""
+  resume_BND: jax.Array
+  tree_BTLD: jax.Array
+
+
+def _by_chunks(fn, b: int, chunk: int | None, kv, *rows):
+  """``fn((kv_c, *rows_c))`` over chunks of ``chunk`` of the ``b`` workers (all at once without a chunk):
+  chunk i holds workers i, i + b / chunk, ..., so a batch split over devices in contiguous blocks stays
+  split within every chunk. ``rows``: arrays with the workers on axis 0 (None passes through)."""
+  c = b if chunk is None else max(1, min(chunk, b))
+  if b % c:
+    raise ValueError(f"chunk={c} must divide the batch of {b} workers")
+  if c == b:
+    return fn((kv, *rows))
+  k = b // c  # chunks
+
+  def strided(x, axis):  # [.., B, ..] -> [k, .., c, ..]
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], c, k, *x.shape[axis + 1:]), axis + 1, 0)
+  out_KC = jax.lax.map(fn, (model.cache_map(kv, strided), *(None if r is None else strided(r, 0) for r in rows)))
+  return jnp.moveaxis(out_KC, 0, 1).reshape(b, *out_KC.shape[2:])
+
+
 def encode(config: LlamaConfig, params: Any, tokens_BN: jax.Array, mask_BN: jax.Array, *,
-           mesh: jax.sharding.Mesh | None = None, rules=None):
+           mesh: jax.sharding.Mesh | None = None, rules=None, lower: Lower | None = None, first_layer: int = 0):
   """(final normed hidden states [B, N, D], keys/values per layer): the resumes encoded once, the cache
-  that :func:`score_from_cache` continues."""
-  return model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True,
-                       mesh=mesh, rules=rules)
+  that :func:`score_from_cache` continues. With ``lower`` (from :func:`encode_lower`), the blocks from
+  ``first_layer`` up only, from its resume states (the keys/values are then those blocks')."""
+  if lower is None:
+    return model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, return_hidden=True,
+                         mesh=mesh, rules=rules)
+  if not first_layer:
+    raise ValueError("lower (the first blocks' output) needs first_layer, the number of blocks it ran")
+  return model.forward(config, params, None, mask_BT=mask_BN, return_kv=True, return_hidden=True, mesh=mesh,
+                       rules=rules, hidden_BTD=lower.resume_BND, first_layer=first_layer)
+
+
+def encode_lower(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.Array, mask_BN: jax.Array,
+                 prefix_ends_BT: jax.Array, n_layers: int, *, chunk: int | None = None,
+                 mesh: jax.sharding.Mesh | None = None, rules=None) -> Lower:
+  """The first ``n_layers`` blocks' output for the resumes and for the tree after each step's prefix
+  (arguments as in :func:`score`): ``score(..., lower=, first_layer=n_layers)`` continues from it and
+  gives what :func:`score` gives, without running those blocks again."""
+  x_BND, kv = model.forward(config, params, tokens_BN, mask_BT=mask_BN, return_kv=True, stop_layer=n_layers,
+                            mesh=mesh, rules=rules)
+
+  def nodes(args):
+    kv_c, ends_c = args
+    return model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c,
+                              mesh=mesh, rules=rules, stop_layer=n_layers)
+  return Lower(x_BND, _by_chunks(nodes, x_BND.shape[0], chunk, kv, prefix_ends_BT))
 
 
 def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, hidden_BTD: jax.Array,
                      prefix_len_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None,
-                     mesh: jax.sharding.Mesh | None = None, rules=None) -> jax.Array:
+                     mesh: jax.sharding.Mesh | None = None, rules=None, tree_BTLD: jax.Array | None = None,
+                     first_layer: int = 0) -> jax.Array:
   """log P(candidate j | the first ``prefix_len_BT[b, t]`` cached tokens of row b): [B, T, J] float32.
 
   Args:
@@ -154,6 +203,8 @@ def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, 
     prefix_len_BT: cached tokens before each step's candidate (positions 0 .. prefix_len - 1 must be the
       row's tokens in order: the candidates sit at positions prefix_len, prefix_len + 1, ...).
     normalize, chunk, mesh, rules: as in :func:`score`.
+    tree_BTLD, first_layer: the tree nodes' states after the first ``first_layer`` blocks
+      (:attr:`Lower.tree_BTLD`); ``kv`` then holds the blocks from ``first_layer`` up.
   """
   w_DV = head_weight(config, params)
   logits_BTV = _logits(config, hidden_BTD, w_DV)
@@ -161,9 +212,10 @@ def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, 
   w_edges_DE = w_DV[:, tree.edge_token_E]
 
   def rest(args):
-    kv_c, ends_c = args
+    kv_c, ends_c, lower_c = args
     x_CTLD = model.forward_tree(config, params, tree.nodes_L, tree.depth_L, tree.ancestors_LA, kv_c, ends_c,
-                                return_hidden=True, mesh=mesh, rules=rules)
+                                return_hidden=True, mesh=mesh, rules=rules, hidden_BGLD=lower_c,
+                                first_layer=first_layer)
     c, t, l, d = x_CTLD.shape
     logz_CTL = _log_normalizer(config, x_CTLD.reshape(c * t * l, d), w_DV).reshape(c, t, l)
     edge_CTE = jnp.einsum("cted,de->cte", x_CTLD[:, :, tree.edge_node_E], w_edges_DE.astype(x_CTLD.dtype),
@@ -171,26 +223,15 @@ def score_from_cache(config: LlamaConfig, params: Any, tree: CandidateTree, kv, 
     picked_CTJK = edge_CTE[:, :, tree.edge_JK] - logz_CTL[:, :, tree.path_JK]
     return jnp.sum(jnp.where(tree.valid_JK, picked_CTJK, 0.0), axis=-1)
 
-  b = hidden_BTD.shape[0]
-  c = b if chunk is None else max(1, min(chunk, b))
-  if b % c:
-    raise ValueError(f"chunk={c} must divide the batch of {b} workers")
-  if c == b:
-    rest_BTJ = rest((kv, prefix_len_BT))
-  else:
-    k = b // c  # chunks; chunk i holds workers i, i + k, i + 2k, ...
-
-    def strided(x, axis):  # [.., B, ..] -> [k, .., c, ..]
-      return jnp.moveaxis(x.reshape(*x.shape[:axis], c, k, *x.shape[axis + 1:]), axis + 1, 0)
-    out_KCTJ = jax.lax.map(rest, (model.cache_map(kv, strided), strided(prefix_len_BT, 0)))
-    rest_BTJ = jnp.moveaxis(out_KCTJ, 0, 1).reshape(b, *out_KCTJ.shape[2:])
+  rest_BTJ = _by_chunks(rest, hidden_BTD.shape[0], chunk, kv, prefix_len_BT, tree_BTLD)
   logp_BTJ = first_BTJ + rest_BTJ
   return jax.nn.log_softmax(logp_BTJ, axis=-1) if normalize else logp_BTJ
 
 
 def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.Array, mask_BN: jax.Array,
           prefix_ends_BT: jax.Array, *, normalize: bool = False, chunk: int | None = None,
-          mesh: jax.sharding.Mesh | None = None, rules=None, return_hidden: bool = False):
+          mesh: jax.sharding.Mesh | None = None, rules=None, return_hidden: bool = False,
+          lower: Lower | None = None, first_layer: int = 0):
   """log P(candidate j | the first ``prefix_ends_BT[b, t]`` tokens of resume b): [B, T, J] float32
   (and, with ``return_hidden``, the resumes' final normed hidden states [B, N, D], from which a token
   loss of the same pass can be read).
@@ -211,6 +252,8 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
       constraints of training (workers on the batch axes ``data`` and ``fsdp``, heads and MLP
       on ``tensor``), so parameters sharded by :func:`labor_jax.model.param_shardings` stay
       sharded. Without a mesh: no constraints.
+    lower, first_layer: the first ``first_layer`` blocks' output for this batch (:func:`encode_lower`,
+      with the same parameters in those blocks): only the blocks above run.
 
   Full [.., V] logits are only formed at the T title positions of each resume and, for the
   log-normaliser of each tree node, LOGITS_PER_CHUNK at a time; the candidates' own tokens
@@ -219,10 +262,11 @@ def score(config: LlamaConfig, params: Any, tree: CandidateTree, tokens_BN: jax.
   """
   tokens_BN = jnp.asarray(tokens_BN)
   b, n = tokens_BN.shape
-  x_BND, kv = encode(config, params, tokens_BN, mask_BN, mesh=mesh, rules=rules)
+  x_BND, kv = encode(config, params, tokens_BN, mask_BN, mesh=mesh, rules=rules, lower=lower, first_layer=first_layer)
   last_BT = jnp.clip(prefix_ends_BT - 1, 0, n - 1)
   logp_BTJ = score_from_cache(config, params, tree, kv, x_BND[jnp.arange(b)[:, None], last_BT], prefix_ends_BT,
-                              normalize=normalize, chunk=chunk, mesh=mesh, rules=rules)
+                              normalize=normalize, chunk=chunk, mesh=mesh, rules=rules,
+                              tree_BTLD=None if lower is None else lower.tree_BTLD, first_layer=first_layer)
   return (logp_BTJ, x_BND) if return_hidden else logp_BTJ
 
 

@@ -55,16 +55,24 @@ def batches(vocab: int, b: int, t: int, n: int, seed: int = 0):
   return out
 
 
-def jax_train(hf_dir, data, rank: int, dtype: str, targets: str):
+def jax_train(hf_dir, data, rank: int, dtype: str, targets: str, top_layers: int | None = None,
+              cache_frozen: bool = False):
   """Seconds per step (first, then each timed one) and the losses of labor_jax's LoRA step (every weight
-  trains when ``rank`` is 0: full fine-tuning)."""
+  trains when ``rank`` is 0: full fine-tuning). ``top_layers``: adapters in the last N blocks only
+  (``lora.top_layers``); ``cache_frozen``: the step starts from the frozen blocks' output, computed once per
+  batch beforehand and not timed in the step (``lora.cache_frozen``; its time is printed on stderr)."""
   import jax
 
-  from labor_jax import labels, lora, sharding
+  from labor_jax import labels, lora, model, sharding
   from labor_jax.interop import hf
+  from labor_jax.training import config as train_config
   from labor_jax.training import core as train_core
+  from labor_jax.training import frozen_cache
   config, params = hf.load(hf_dir, dtype=dtype)
   regex = targets
+  if top_layers:
+    regex = train_config.lora_targets(train_config.LoraConfig(enabled=True, targets=targets, top_layers=top_layers),
+                                      config)
   if rank:
     lcfg, lparams = lora.add_adapters(config, params, jax.random.key(0), rank=rank, alpha=2.0 * rank, targets=regex)
   else:
@@ -74,7 +82,19 @@ def jax_train(hf_dir, data, rank: int, dtype: str, targets: str):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   sh = train_core.state_shardings(lcfg, opt, mesh)
   state = train_core.create_state(lcfg, opt, sh, jax.random.key(1), params=lparams)
-  step = train_core.make_train_step(lcfg, opt, sh, train_core.batch_sharding(mesh), labels=label_tree)
+  first = frozen_cache.first_trained_layer(config.num_hidden_layers, top_layers) if cache_frozen else 0
+  step = train_core.make_train_step(lcfg, opt, sh, train_core.batch_sharding(mesh), labels=label_tree,
+                                    first_layer=first)
+  if first:
+    lower = jax.jit(lambda p, b: model.lower_hidden(lcfg, p, b["inputs"], first, positions_BT=b["positions"],
+                                                    segment_ids_BT=b["segment_ids"]))
+    lower_times = []
+    for bt in data:
+      t0 = time.perf_counter()
+      bt["hidden"] = jax.device_get(lower(lparams, bt))
+      lower_times.append(time.perf_counter() - t0)
+    print(f"lower {first} blocks, once per batch: first {lower_times[0]:.2f} s, best {min(lower_times[1:]):.2f} s",
+          file=sys.stderr, flush=True)
   times, losses = [], []
   for bt in data:
     t0 = time.perf_counter()
@@ -154,7 +174,9 @@ def measure(framework: str, dtype: str, args) -> tuple[list[float], list[float],
   process (this script with ``--measure``)."""
   cmd = [sys.executable, __file__, "--measure", f"{framework}:{dtype}", "--steps", str(args.steps), "--batch",
          str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank), "--threads", str(args.threads), "--targets", args.targets,
-         "--malloc-tuning", args.malloc_tuning] + (["--hf", args.hf] if args.hf else [])
+         "--malloc-tuning", args.malloc_tuning] + (["--hf", args.hf] if args.hf else []) + (
+         ["--top-layers", str(args.top_layers)] if args.top_layers else []) + (
+         ["--cache-frozen"] if args.cache_frozen else [])
   out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
   result = json.loads(out.strip().splitlines()[-1])
   return result["times"], result["losses"], result["trainable"]
@@ -167,7 +189,8 @@ def measure_here(spec: str, args) -> None:
   vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
   data = batches(vocab, args.batch, args.seq, args.steps + 1)
   if framework == "labor_jax":
-    times, losses, trainable = jax_train(hf_dir, data, args.rank, dtype, args.targets)
+    times, losses, trainable = jax_train(hf_dir, data, args.rank, dtype, args.targets, args.top_layers,
+                                         args.cache_frozen)
   else:
     import torch
     torch.set_num_threads(args.threads)
@@ -187,6 +210,9 @@ def main():
                   help="labor_jax: the regex of the module paths that get adapters (default: every projection of every "
                        "layer; e.g. 'layers_(1[5-9]|2[0-9])/' + that for the top 15 of 30 layers)")
   ap.add_argument("--full", action="store_true", help="full fine-tuning (every weight trains) instead of LoRA")
+  ap.add_argument("--top-layers", type=int, help="labor_jax: adapters in the last N blocks only (lora.top_layers)")
+  ap.add_argument("--cache-frozen", action="store_true",
+                  help="labor_jax: steps from the frozen blocks' cached output (lora.cache_frozen; needs --top-layers)")
   ap.add_argument("--frameworks", default="labor_jax,torch",
                   help="comma-separated: which of labor_jax and torch (transformers + peft) to time")
   ap.add_argument("--bf16", action="store_true", help="also time bf16 compute")
@@ -215,7 +241,9 @@ def main():
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     names = {"labor_jax": "labor_jax", "torch": "transformers" + ("" if args.full else "+peft")}
     what = "full fine-tuning" if args.full else f"LoRA r={args.rank} on " + (
-        ", ".join(TARGETS) if args.targets == ALL_TARGETS else f"labor_jax: {args.targets}")
+        ", ".join(TARGETS) if args.targets == ALL_TARGETS else f"labor_jax: {args.targets}") + (
+        f" (labor_jax: the top {args.top_layers} blocks)" if args.top_layers else "") + (
+        " from the frozen blocks' cached output" if args.cache_frozen else "")
     dtypes = args.dtypes.split(",") if args.dtypes else ["float32", "bfloat16"] if args.bf16 else ["float32"]
     for dtype in dtypes:
       got = {f: measure(f, dtype, args) for f in frameworks}

@@ -4,7 +4,15 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Unoptimised XLA:CPU code generation: the suite's models are tiny, so compiling, not running, is most of its time
+# (about a third less CPU time than the default level); numerical bounds come from float32 arithmetic
+# (tests/numerics.py), which an optimisation level does not change. Subprocesses take these flags through
+# tests.runs.cpu_env, with their own device count.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Every compiled program goes to the run's compilation cache (pytest_configure), however quick to compile: the
+# suite's processes (two workers and the CLIs they start) compile many programs of the same shapes.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,17 @@ def train_args(run_dir, data_dir, *extra):
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_env(devices: int = 1, **extra) -> dict:
+  """The environment of a subprocess of the suite on ``devices`` CPU devices: the suite's XLA flags
+  (tests/conftest.py: unoptimised code generation) with that device count, and ``extra``."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).split()
+  return dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+              JAX_PLATFORMS="cpu", **extra)
+
+
 def spawn_train(run_dir, data_dir, *extra, devices=1, sleep=0.0):
   """``python -m labor_jax.train`` in a subprocess; ``sleep`` > 0 paces every step (tests.paced_train)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = cpu_env(devices)
   cmd = ["-m", "labor_jax.train"] if not sleep else ["-m", "tests.paced_train", str(sleep)]
   return subprocess.Popen([sys.executable, *cmd, *train_args(run_dir, data_dir, *extra)], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ import pytest
 from data_pipeline.dataset_dir import DatasetDir
 from labor_jax import evaluation
 from labor_jax.cli import experiments
-from tests.runs import ROOT
+from tests.runs import ROOT, cpu_env
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,7 @@ def _cached_env():
   """One CPU device, and every compiled program written to the run's compilation cache (tests/conftest.py),
   however quick to compile: the runs with the same shapes (most variants) share their compiled steps
   (about 100 -> 70 s on 2 cores)."""
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return cpu_env(1)
 
 
 def test_quick_table_has_every_variant_and_column(quick):

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from labor_jax.cli import export, train
-from tests.runs import ROOT, read_metrics, run_train, train_args
+from tests.runs import ROOT, cpu_env, read_metrics, run_train, train_args
 
 
 def _limited(nbytes, module, *args):
@@ -48,7 +48,7 @@ def test_checkpoint_save_on_a_full_disk_stops_cleanly_and_the_rerun_resumes(tmp_
   from labor_jax.checkpoint import restore_params
   run_dir = tmp_path / "run"
   extra = ["steps=4", "ckpt_every=2", "eval_every=2"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = cpu_env(1)
   p = subprocess.run([sys.executable, "-m", "tests.full_disk_train", "4", "20000",
                       *train_args(run_dir, nlsy_dataset, *extra)], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)

@@ -14,7 +14,7 @@ import yaml
 
 from data_pipeline.dataset_dir import DatasetDir
 from labor_jax.training.recipes import planned_steps
-from tests.runs import ROOT
+from tests.runs import ROOT, cpu_env
 
 ROWS = {"labor_llm_seed0", "off_the_shelf", "nlsy_only", "multinomial_logit", "first-order_Markov",
         "empirical_frequencies", "career"}
@@ -23,8 +23,7 @@ ROWS = {"labor_llm_seed0", "off_the_shelf", "nlsy_only", "multinomial_logit", "f
 def job_env():
   """One CPU device; every compiled program goes to the run's compilation cache (tests/conftest.py), so
   programs of the same shapes (the main job's and experiments foundation's fine-tunes) compile once a run."""
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return cpu_env(1)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.runs import cpu_env
+
 SCRIPT = r"""
 import sys
 import jax
@@ -47,7 +49,7 @@ def test_two_process_save_equals_source(tmp_path, scan):
   sock.bind(("127.0.0.1", 0))
   port = sock.getsockname()[1]
   sock.close()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = cpu_env(2)
   procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "src"), str(tmp_path / "out"), str(port),
                              str(i), scan], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]

@@ -51,6 +51,32 @@ def test_fused_equals_naive(setup):
     numerics.assert_close(fused[::-1], naive, **DEPTH, what="rows reversed")
 
 
+def test_scores_from_the_lower_blocks_output_equal_the_whole_pass(setup):
+  """encode_lower + score(lower=, first_layer=): the frozen first blocks' states computed once give the whole
+  pass's scores (in one chunk and per worker); states of another lower half, or of one block fewer, do not."""
+  _, tree, tokens, mask, ends = setup
+  config = CONFIG.replace(num_hidden_layers=4)
+  params = model.init_params(config, jax.random.key(0))
+  depth = numerics.forward_terms(config, tokens=24 + 5)
+  n = 2
+  want = np.asarray(scorer.score(config, params, tree, tokens, mask, ends))
+  for chunk in (None, 1):
+    lower = scorer.encode_lower(config, params, tree, tokens, mask, ends, n, chunk=chunk)
+    assert lower.tree_BTLD.shape == (3, 3, len(tree.nodes_L), config.hidden_size)
+    got = jax.jit(lambda p, lo: scorer.score(config, p, tree, tokens, mask, ends, chunk=chunk, lower=lo,
+                                             first_layer=n))(params, lower)
+    numerics.assert_close(got, want, **depth, what=f"lower half computed apart, chunk={chunk}")
+  other = model.init_params(config, jax.random.key(1))
+  wrong_half = scorer.encode_lower(config, other, tree, tokens, mask, ends, n)
+  short = scorer.encode_lower(config, params, tree, tokens, mask, ends, n - 1)
+  for lower, what in ((wrong_half, "another model's lower blocks"), (short, "one block short")):
+    bad = scorer.score(config, params, tree, tokens, mask, ends, lower=lower, first_layer=n)
+    with pytest.raises(AssertionError, match="bound"):
+      numerics.assert_close(bad, want, **depth, what=what)
+  with pytest.raises(ValueError, match="first_layer"):
+    scorer.score(config, params, tree, tokens, mask, ends, lower=short)
+
+
 def test_normalised_over_candidates(setup):
   params, tree, tokens, mask, ends = setup
   raw = scorer.score(CONFIG, params, tree, tokens, mask, ends)

@@ -14,7 +14,7 @@ import pytest
 from labor_jax import evaluation, inference, sharding
 from labor_jax.rundir import RunDir
 from tests import numerics
-from tests.runs import ROOT, longest_resume, run_train
+from tests.runs import ROOT, cpu_env, longest_resume, run_train
 
 # (mesh, workers per tree pass): each takes the model's sums in another order (sharded contractions, gathered
 # and reduced over other devices, other batch tilings); None is one device, the whole batch of 16 at once.
@@ -94,7 +94,7 @@ def test_restoring_for_scoring_places_parameters_only_in_their_shardings(fsdp_ru
 
 
 def _evaluate(run_dir, out, devices, *extra, processes=1):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = cpu_env(devices)
   cmd = [sys.executable, "-m", "labor_jax.evaluate", "--run", str(run_dir), "--out", str(out), "--no-career",
          "--no-progress", *extra]
   if processes == 1:

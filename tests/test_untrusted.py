@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from tests.hf_fixtures import edit_json, edit_safetensors
-from tests.runs import ROOT, read_metrics, run_train, spawn_train
+from tests.runs import ROOT, cpu_env, read_metrics, run_train, spawn_train
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_two_evaluations_into_one_directory_leave_one_whole_report(hf_pair, nlsy
   procs = [subprocess.Popen([sys.executable, "-m", "labor_jax.evaluate", "--hf", str(hf_pair / name), "--data",
                              str(nlsy_dataset), "--out", str(out), "--no-career", "--bootstrap", "0", "--no-progress"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+                            env=cpu_env(1))
            for name in ("hf", "hf_other")]
   for p in procs:
     _, err = p.communicate(timeout=300)

@@ -35,7 +35,7 @@ from labor_jax import inference
 from labor_jax.cli import common as cli
 from labor_jax.cli.rows import Rows, table_lines
 from labor_jax.rundir import RunDir
-from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, planned_steps, recipe_config
+from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, frozen_layers, planned_steps, recipe_config
 
 VARIANTS = (  # key, recipe, dataset variant, what the row says
     ("lora_titles", "main/smollm2", "titles", "LoRA, titles"),
@@ -110,7 +110,7 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
     bar.train("main/stage2", tiny_llm, tiny_data.path, UNITS.TINY_STEP, seed=0,
            **{**quick_changes, "steps": tiny_steps["stage2"], "model.init_from": str(out / "tiny_stage1")})
 
-  table = Rows(data["titles"], log=bar.write)
+  table = Rows(data["titles"], log=bar.write, shared_layers=frozen_layers("main/smollm2", hf))
 
   def score(key, name, source, d, units=UNITS.SCORE, **kw):
     norm = table.score(key, name, source, d, **kw)

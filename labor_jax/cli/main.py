@@ -37,7 +37,7 @@ from data_pipeline.dataset_dir import build_dataset, load_default
 from labor_jax import inference, runtime
 from labor_jax.cli import common as cli
 from labor_jax.cli.rows import Rows, table_lines
-from labor_jax.training.recipes import planned_steps
+from labor_jax.training.recipes import frozen_layers, planned_steps
 
 RECIPE = "main/smollm2"  # stage 2
 SCRATCH = "main/scratch"  # no language pretraining
@@ -100,7 +100,7 @@ def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bo
   bar.train(SCRATCH, scratch_dir, tiny_data.path, bar.TINY_STEP, seed=0, **quick_changes)
 
   bar.write("\n== 5/5 the table on the NLSY test split")
-  rows = Rows(data, log=bar.write)
+  rows = Rows(data, log=bar.write, shared_layers=frozen_layers(RECIPE, hf))
   norms = []
   for k, run_dir in enumerate(llm_dirs):
     norms.append(rows.score(f"labor_llm_seed{k}", f"LABOR-LLM ({model_name} fine-tuned), seed {k}", run_dir))

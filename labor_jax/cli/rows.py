@@ -27,8 +27,12 @@ class Rows:
   """Rows keyed by a short name (``zero_shot``, ``multinomial_logit``, ...), each with its display name and
   the log-probability [N] of the true occupation of each of the N test transitions of ``data``."""
 
-  def __init__(self, data: DatasetDir, *, log: Callable[[str], None] = print):
+  def __init__(self, data: DatasetDir, *, log: Callable[[str], None] = print, shared_layers: int = 0):
+    """``shared_layers``: the first blocks' output is computed once and shared by the rows whose models have
+    the same first blocks (:class:`labor_jax.inference.SharedLower`: SmolLM2 and its fine-tunes with adapters
+    in the top blocks only)."""
     self.data = data
+    self.shared = inference.SharedLower(shared_layers) if shared_layers else None
     self.surveys = data.datasets
     self.ref = evaluation.transitions_of(data, self.surveys)
     self.y = self.ref["occ"].to_numpy()
@@ -52,7 +56,8 @@ class Rows:
     table = evaluation.transitions_of(data, self.surveys)
     evaluation.check_same_transitions(self.ref, table, f"{name} ({data.path})")
     dtype = None if inference.source_kind(source) == inference.RUN else "auto"
-    norm, _, what = evaluation.score_transitions(source, data, table, "test", context=context, dtype=dtype)
+    norm, _, what = evaluation.score_transitions(source, data, table, "test", context=context, dtype=dtype,
+                                                 shared=self.shared if data is self.data and context is None else None)
     self.add(key, name, norm[np.arange(len(self.y)), self.y])
     self.log(f"{name} ({what}): perplexity {perplexity(self.logp[key]):.3f}")
     return norm

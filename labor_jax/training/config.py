@@ -71,6 +71,7 @@ class LoraConfig:
   dropout: float = 0.0  # dropout on the adapter input, training only
   targets: str = r"self_attn/(q|k|v|o)_proj"  # regex over module paths that get adapters
   top_layers: int | None = None  # adapters only in the last N blocks (all, if fewer): no backward pass below them
+  cache_frozen: bool = False  # with top_layers: the frozen blocks below run once over the training split, not each step
 
 
 @dataclasses.dataclass
@@ -312,6 +313,14 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
     raise ConfigError("model.adapter_path: continues LoRA adapters, set lora.enabled=true")
   if cfg.model.adapter_path and not (cfg.model.hf_path or cfg.model.init_from):
     raise ConfigError("model.adapter_path: name the base the adapter was trained on (model.hf_path or model.init_from)")
+  if cfg.lora.cache_frozen:
+    if not cfg.lora.enabled or cfg.lora.top_layers is None:
+      raise ConfigError("lora.cache_frozen: caches the frozen blocks below LoRA adapters in the top blocks; "
+                        "set lora.enabled: true and lora.top_layers")
+    if cfg.data.pack:
+      raise ConfigError("lora.cache_frozen: packed rows (data.pack: true) change every epoch; set data.pack: false")
+    if cfg.distributed.num_processes not in (None, 1):
+      raise ConfigError("lora.cache_frozen: one process only (each process would need every row of the split)")
   return cfg
 
 

@@ -49,17 +49,21 @@ def make_optimizer(labels: Any, *, lr: float | optax.Schedule, weight_decay: flo
 
 def loss_sums(config: LlamaConfig, params: Any, batch: dict[str, jax.Array],
               dropout_rng: jax.Array | None = None, mesh: Mesh | None = None, *,
-              head_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+              head_grad: bool = True, first_layer: int = 0) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropy over ``loss_mask``, number of loss tokens).
 
   The head and the loss run fused (:func:`labor_jax.losses.linear_cross_entropy`,
   ``config.loss_chunk`` positions at a time), so the [B, T, V] logits are never materialised;
   ``head_grad=False`` skips the head's weight gradient (a frozen head). A head with LoRA
-  adapters goes through the plain logits path instead.
+  adapters goes through the plain logits path instead. ``first_layer > 0``: the batch carries
+  ``hidden``, the frozen first ``first_layer`` blocks' output for its rows
+  (:mod:`labor_jax.training.frozen_cache`), and only the blocks above run.
   """
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   kwargs = dict(segment_ids_BT=batch["segment_ids"], positions_BT=batch["positions"], dropout_rng=dropout_rng,
                 mesh=mesh)
+  if first_layer:
+    kwargs.update(hidden_BTD=batch["hidden"], first_layer=first_layer)
   w_DV = model.head_weight(config, params)
   if w_DV is None:
     logits_BTV = model.forward(config, params, batch["inputs"], **kwargs)
@@ -129,13 +133,15 @@ def batch_sharding(mesh: Mesh, rules: shard_lib.Rules = shard_lib.DEFAULT_RULES)
 
 def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, shardings: TrainState,
                     batch_sh: NamedSharding, *, labels: Any = None, grad_accum: int = 1,
-                    schedule: optax.Schedule | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule | None = None,
+                    first_layer: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``step(state, batch) -> (state, metrics)``, jitted with explicit shardings; ``state`` is donated.
 
   ``labels`` (from :func:`labor_jax.labels.label_tree`) stops gradients at frozen parameters, so their
   weight gradients are never computed. ``grad_accum`` splits the batch into that many
   micro-batches, run one after another (``lax.scan``) with gradients summed before one
   optimizer update; the loss is the token-weighted mean over the whole batch either way.
+  ``first_layer``: batches carry the frozen lower blocks' output as ``hidden`` (see :func:`loss_sums`).
   """
   replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
   head_grad = head_trainable(config, labels)
@@ -147,7 +153,8 @@ def make_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation
     def sums(params, mb, i):
       if labels is not None:
         params = jax.tree.map(lambda p, l: p if l == TRAIN else jax.lax.stop_gradient(p), params, labels)
-      return loss_sums(config, params, mb, jax.random.fold_in(rng, i), mesh=batch_sh.mesh, head_grad=head_grad)
+      return loss_sums(config, params, mb, jax.random.fold_in(rng, i), mesh=batch_sh.mesh, head_grad=head_grad,
+                       first_layer=first_layer)
 
     def body(carry, xs):
       g_acc, loss_acc, tok_acc = carry

@@ -26,6 +26,7 @@ from labor_jax import checkpoint as ckpt_lib
 from labor_jax import inference, labels, lora, model, runtime, selection, sharding
 from labor_jax.interop import hf, peft
 from labor_jax.training import core as train_core
+from labor_jax.training import frozen_cache
 from labor_jax.training import hooks as hooks_lib
 from labor_jax.training import validation
 from labor_jax.config import ConfigError, LlamaConfig
@@ -37,6 +38,10 @@ from labor_jax.training.trainer import Trainer, split_state
 
 def _warn(*args):
   print(*args, file=sys.stderr, flush=True)
+
+
+def _say(*args):
+  print(*args, flush=True)
 
 
 def prepare_data(cfg: TrainConfig, run: RunDir, is_main: bool) -> DatasetDir:
@@ -191,7 +196,7 @@ def train(trainer: Trainer, hooks: list[hooks_lib.Hook]) -> dict:
   try:
     for step in range(trainer.start + 1, trainer.cfg.steps + 1):
       local = next(trainer.data_iter)
-      trainer.state, metrics = trainer.train_step(trainer.state, trainer.global_batch(local))
+      trainer.state, metrics = trainer.train_step(trainer.state, trainer.train_batch(local))
       info = hooks_lib.StepInfo(step, metrics, local, record={"step": step})
       for hook in hooks:
         hook.after_step(trainer, info)
@@ -246,10 +251,16 @@ def setup(cfg: TrainConfig) -> Trainer:
   # The validation perplexity's scoring step, built once (None: token loss picks the best checkpoint). Unpacked
   # rows get their token loss from the same pass; packed ones from the loader's (hooks.Validation).
   occupation = None
+  first_layer = 0  # lora.cache_frozen: the frozen blocks below the adapters run once (training and validation)
+  if cfg.lora.enabled and cfg.lora.cache_frozen:
+    first_layer = frozen_cache.first_trained_layer(config.num_hidden_layers, cfg.lora.top_layers)
+    if not first_layer and is_main:
+      print(f"lora.cache_frozen: lora.top_layers={cfg.lora.top_layers} puts adapters in all "
+            f"{config.num_hidden_layers} blocks; nothing below them to cache", flush=True)
   if cfg.eval_metric == "occupation_perplexity":
     occupation = validation.occupation_metrics(
         config, data, tok, mesh, batch_workers=cfg.batch_size, max_workers=cfg.eval_batches * cfg.batch_size or None,
-        token_loss=None if cfg.data.pack else (cfg.data.seq_len, cfg.data.loss_on),
+        token_loss=None if cfg.data.pack else (cfg.data.seq_len, cfg.data.loss_on), frozen_layers=first_layer,
         log=print if is_main else (lambda *a: None))
   metric = selection.key(cfg.eval_metric if occupation is not None else "token_loss")
 
@@ -274,8 +285,12 @@ def setup(cfg: TrainConfig) -> Trainer:
   start = int(start or 0)
 
   batch_sh = train_core.batch_sharding(mesh)
+  cache = None
+  if first_layer:
+    cache = frozen_cache.FrozenCache.build(config, state.params, data, data_kw, first_layer, batch_sh,
+                                           local_batch, log=_say if is_main else (lambda *a: None))
   train_step = train_core.make_train_step(config, optimizer, shardings, batch_sh, labels=label_tree,
-                                          grad_accum=o.grad_accum, schedule=schedule)
+                                          grad_accum=o.grad_accum, schedule=schedule, first_layer=first_layer)
   eval_step = train_core.make_eval_step(config, shardings, batch_sh)
   frac = labels.trainable_fraction(state.params, label_tree)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -290,4 +305,4 @@ def setup(cfg: TrainConfig) -> Trainer:
   sizes = {"params": n_params, "trainable_fraction": frac, "optimizer_state_bytes": opt_bytes,
            "checkpoint_bytes_per_step": step_bytes, "frozen_bytes": frozen_bytes}
   return Trainer(cfg, run_dir, data, config, mesh, state, start, train_step, eval_step, data_iter, data_kw, batch_sh,
-                 mgr, label_tree, occupation, metric, sizes)
+                 mgr, label_tree, occupation, metric, sizes, frozen_cache=cache)

@@ -19,6 +19,7 @@ from data_pipeline import loader, simulator
 from data_pipeline.dataset_dir import build_dataset
 from data_pipeline.panel import validate
 from data_pipeline.titles import TitleTable
+from labor_jax.config import LlamaConfig
 from labor_jax.training import config as train_config
 from labor_jax.training import loop as trainer
 
@@ -52,6 +53,17 @@ def planned_steps(recipe: str, data_dir: str | Path, changes: dict | None = None
                                  seed=cfg.seed, pack=cfg.data.pack)
     cfg = train_config.resolve_epochs(cfg, rows)
   return int(cfg.steps)
+
+
+def frozen_layers(recipe: str, hf_dir: str | Path) -> int:
+  """The blocks below the adapters that ``configs/<recipe>.yaml`` leaves frozen in the Hugging Face model at
+  ``hf_dir`` (``lora.top_layers`` of its blocks adapted): what its fine-tunes share with the model itself
+  (0 for full fine-tuning, adapters in every block, or fewer blocks than ``top_layers``)."""
+  cfg = recipe_config(recipe)
+  if not cfg.lora.enabled or cfg.lora.top_layers is None:
+    return 0
+  layers = LlamaConfig.from_hf_file(Path(hf_dir) / "config.json").num_hidden_layers
+  return max(layers - cfg.lora.top_layers, 0)
 
 
 def finished_steps(run_dir: str | Path) -> int:

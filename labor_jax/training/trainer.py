@@ -48,6 +48,7 @@ class Trainer:
   occupation: Callable | None  # params -> validation occupation perplexity (and token loss), or None
   metric: str  # the recorded key whose lowest value is the best checkpoint
   sizes: dict  # parameter counts and bytes (summary.json)
+  frozen_cache: Any = None  # lora.cache_frozen: the frozen lower blocks' output per training row (or None)
   last_save: float = dataclasses.field(default_factory=time.monotonic)  # monotonic time of the last save
 
   @property
@@ -63,6 +64,12 @@ class Trainer:
     if self.multi:
       return jax.make_array_from_process_local_data(self.batch_sh, local)
     return jax.device_put(local, self.batch_sh)
+
+  def train_batch(self, local):
+    """A training batch on the mesh, with its rows' cached lower-block output when ``lora.cache_frozen``."""
+    if self.frozen_cache is not None:
+      local = dict(local, hidden=self.frozen_cache.lookup(local))
+    return self.global_batch(local)
 
   def save(self, step: int, metrics: dict | None = None, wait: bool = False) -> None:
     """Checkpoints the trainable state (and the data iterator) at ``step``."""

@@ -59,7 +59,7 @@ def loss_weights(examples: list[dict], n: int, seq_len: int, loss_on: str, local
 
 def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: jax.sharding.Mesh, *,
                        batch_workers: int, max_workers: int | None = None, chunk: int | None = None,
-                       token_loss: tuple[int, str] | None = None,
+                       token_loss: tuple[int, str] | None = None, frozen_layers: int = 0,
                        log=print) -> Callable[[Any], dict[str, float]] | None:
   """``params -> {"val_occupation_ppl": ..., "val_loss": ...}`` over ``data``'s validation split, or
   None (after one ``log`` line) when the dataset cannot give a perplexity (:func:`unavailable`).
@@ -69,6 +69,8 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
   ``chunk``: workers per tree pass (:func:`labor_jax.scorer.score`), by default one per device of
   the batch axes (the least memory). ``token_loss=(seq_len, loss_on)`` adds ``val_loss`` as the
   trainer's unpacked validation rows of that length and mask give it. ``params`` live on ``mesh``.
+  ``frozen_layers``: the first blocks (and the embedding) never change between calls (``lora.cache_frozen``):
+  their output for every batch is computed at the first call and kept, and each call runs the blocks above.
   """
   src = data.source("validation")
   examples = [src[i] for i in range(len(src))][:max_workers]
@@ -77,8 +79,10 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
     log(f"eval_metric: no occupation perplexity ({why}); the best checkpoint is chosen by validation loss")
     return None
   candidates = tokenizer.candidate_tokens(resume.candidate_texts(data.titles(), data.variant))
-  step = inference.scoring_step(config, tuple(map(tuple, candidates)), mesh, chunk or inference.batch_size(mesh),
-                                token_loss is not None)
+  cands, chunk = tuple(map(tuple, candidates)), chunk or inference.batch_size(mesh)
+  step = inference.scoring_step(config, cands, mesh, chunk, token_loss is not None, frozen_layers)
+  lower_step = inference.lower_step(config, cands, frozen_layers, mesh, chunk) if frozen_layers else None
+  lowers = []  # the frozen blocks' output per batch, from the first call on
   b = batch_workers
   w = -(-len(examples) // b) * b
   n = max(len(e["tokens"]) for e in examples)
@@ -105,7 +109,12 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
     true_logp.append((rows, steps, target_WT[s:s + b][rows, steps]))
 
   def metrics(params) -> dict[str, float]:
-    out = [step(params, *batch) for batch in batches]  # all dispatched before any is read
+    if lower_step is not None and not lowers:
+      lowers.extend(lower_step(params, *batch[:3]) for batch in batches)
+    if lower_step is None:
+      out = [step(params, *batch) for batch in batches]  # all dispatched before any is read
+    else:
+      out = [step(params, *batch, lower=lower) for batch, lower in zip(batches, lowers)]
     logp = sum(float(np.sum(sharding.to_host(o["logp"])[idx], dtype=np.float64)) for o, idx in zip(out, true_logp))
     result = {"val_occupation_ppl": math.exp(-logp / int(valid_WT.sum()))}
     if token_loss is not None:
