@@ -22,17 +22,20 @@ def train_args(run_dir, data_dir, *extra):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_env(devices: int = 1, **extra) -> dict:
+def cpu_env(devices: int = 1, optimize: bool = False, **extra) -> dict:
   """The environment of a subprocess of the suite on ``devices`` CPU devices: the suite's XLA flags
-  (tests/conftest.py: unoptimised code generation) with that device count, and ``extra``."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).split()
+  (tests/conftest.py: unoptimised code generation) with that device count, and ``extra``. ``optimize``: XLA's
+  default code generation, for the few subprocesses that run long enough for it to pay (hundreds of steps)."""
+  drop = r"--xla_force_host_platform_device_count=\d+" + (r"|--xla_backend_optimization_level=\d+" if optimize else "")
+  flags = re.sub(drop, "", os.environ.get("XLA_FLAGS", "")).split()
   return dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
               JAX_PLATFORMS="cpu", **extra)
 
 
-def spawn_train(run_dir, data_dir, *extra, devices=1, sleep=0.0):
-  """``python -m labor_jax.train`` in a subprocess; ``sleep`` > 0 paces every step (tests.paced_train)."""
-  env = cpu_env(devices)
+def spawn_train(run_dir, data_dir, *extra, devices=1, sleep=0.0, optimize=False):
+  """``python -m labor_jax.train`` in a subprocess; ``sleep`` > 0 paces every step (tests.paced_train);
+  ``optimize``: as in :func:`cpu_env`."""
+  env = cpu_env(devices, optimize)
   cmd = ["-m", "labor_jax.train"] if not sleep else ["-m", "tests.paced_train", str(sleep)]
   return subprocess.Popen([sys.executable, *cmd, *train_args(run_dir, data_dir, *extra)], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -108,10 +108,11 @@ class JobBar:
   work are weighted in ``units`` (estimates of their cost; only the ETA depends on them). It never runs past
   its total, so an estimate too low for one piece costs accuracy, not the bar.
 
-  The unit is one training step of a SmolLM2-sized fine-tune; the other pieces' costs against it come from
-  the main job's parts on the 2-core CPU (docs/main_job.md#what-it-costs)."""
-  TINY_STEP = 0.025  # a step of the 0.6M tiny LLM: 600 steps and 12 validations in about 73 s, against 4.55 s
-  SCORE = 26.0  # scoring the NLSY test split with the foundation model: about 2 minutes
+  The unit is one training step of a SmolLM2-sized fine-tune with its share of the run's validations and
+  set-up (8.0 minutes for 141 steps: 3.4 s); the other pieces' costs against it come from the main job's parts
+  on the 2-core CPU (docs/main_job.md#what-it-costs)."""
+  TINY_STEP = 0.03  # a step of the 0.6M tiny LLM: 600 steps and 12 validations in about 66 s
+  SCORE = 20.0  # scoring the NLSY test split with the foundation model: about a minute (lower blocks shared)
   SCORE_TINY = 1.0  # the same with the tiny LLM
   BASELINES = 6.0  # fitting and scoring the baselines (the CAREER-style transformer trains)
 

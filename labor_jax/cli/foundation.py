@@ -128,7 +128,7 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
       table.ensemble(f"{key}_ensemble", f"{model_name} + {what}, ensemble of the {seeds} seeds", norms)
   score("tiny_llm", "tiny LLM (stage 1 on synthetic careers + NLSY, 0.6M parameters, from scratch)" +
         (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data, units=UNITS.SCORE_TINY)
-  table.add_baselines()
+  table.add_baselines(career_epochs=1 if quick else None)  # --quick: every trained model takes a few steps
   bar.advance(UNITS.BASELINES)
   bar.close()
 

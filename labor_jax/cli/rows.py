@@ -16,7 +16,7 @@ import numpy as np
 
 from data_pipeline.dataset_dir import DatasetDir
 from labor_jax import baselines, evaluation, inference
-from labor_jax.career import CareerBaseline
+from labor_jax.career import CareerBaseline, CareerConfig
 from labor_jax.cli import common as cli
 from labor_jax.metrics import bootstrap_intervals, perplexity, worker_keys
 
@@ -68,9 +68,10 @@ class Rows:
     self.add(key, name, np.log(probs[np.arange(len(self.y)), self.y]))
     self.log(f"{name}: perplexity {perplexity(self.logp[key]):.3f}")
 
-  def add_baselines(self, career: bool = True) -> None:
+  def add_baselines(self, career: bool = True, career_epochs: int | None = None) -> None:
     """The multinomial logit, first-order Markov and empirical frequencies (fitted on the training split,
-    tuned on validation) and, with ``career``, the CAREER-style transformer."""
+    tuned on validation) and, with ``career``, the CAREER-style transformer (``career_epochs``: at most that
+    many passes, in place of its config's 60 early-stopped ones: the jobs' ``--quick``)."""
     titles = self.data.titles()
     panel = self.data.panel()
     full = baselines.transition_table(panel, titles.index)
@@ -80,7 +81,8 @@ class Rows:
       m = cls().fit(train, valid, len(titles))
       self.add(m.name.replace(" ", "_"), m.name, np.log(m.predict(self.ref)[rows, self.y]))
     if career:
-      cb = CareerBaseline().fit(panel, titles.index, log=lambda *a: None)
+      cfg = CareerConfig() if career_epochs is None else CareerConfig(epochs=career_epochs)
+      cb = CareerBaseline(cfg).fit(panel, titles.index, log=lambda *a: None)
       self.add("career", cb.name, np.log(cb.predict(self.ref, panel[panel["split"] == "test"])[rows, self.y]))
 
   def result(self, bootstrap: int, seed: int = 0, reference: str = REFERENCE) -> dict:

@@ -286,7 +286,7 @@ def setup(cfg: TrainConfig) -> Trainer:
 
   batch_sh = train_core.batch_sharding(mesh)
   cache = None
-  if first_layer:
+  if first_layer and start < cfg.steps:  # a finished run (reopened to be reused) takes no step
     cache = frozen_cache.FrozenCache.build(config, state.params, data, data_kw, first_layer, batch_sh,
                                            local_batch, log=_say if is_main else (lambda *a: None))
   train_step = train_core.make_train_step(config, optimizer, shardings, batch_sh, labels=label_tree,
