@@ -1,8 +1,10 @@
 """Shared fixtures. Eight fake CPU devices so sharding tests run on a laptop-sized machine."""
 
+import fcntl
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 # Unoptimised XLA:CPU code generation: the suite's models are tiny, so compiling, not running, is most of its time
 # (about a third less CPU time than the default level); numerical bounds come from float32 arithmetic
@@ -45,40 +47,61 @@ def torch():
   return torch
 
 
-@pytest.fixture(scope="session")
-def nlsy_dataset(tmp_path_factory):
-  """The embedded NLSY panel built once per test session (small SentencePiece vocabulary)."""
-  from data_pipeline import build
-  out = tmp_path_factory.mktemp("data") / "nlsy"
-  assert build.main(["--out", str(out), "--vocab-size", "600"]) == 0
-  return out
+def _once_per_run(tmp_path_factory, worker_id: str, name: str, make) -> Path:
+  """``make(path)`` run once per test run at ``path``, and ``path``: under pytest-xdist the workers share it (the
+  first to take the lock builds it, the others wait for it and reuse it), so a session fixture that only tests
+  reading it use is built once, not once per worker. Without xdist it is an ordinary session fixture."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if worker_id != "master" else base  # the run's directory, above the workers' own
+  path = root / "shared" / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path.parent / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not (path.parent / f"{name}.done").exists():
+      if path.exists():  # a worker that failed half-way
+        shutil.rmtree(path)
+      make(path)
+      (path.parent / f"{name}.done").touch()
+  return path
 
 
 @pytest.fixture(scope="session")
-def tiny_hf(tmp_path_factory, nlsy_dataset):
-  """A tiny random Llama as a Hugging Face directory with the NLSY dataset's tokenizer: SmolLM2's stand-in."""
-  import jax
-
-  from data_pipeline.dataset_dir import DatasetDir
-  from labor_jax import model
-  from labor_jax.config import llama_tiny
-  from labor_jax.interop import hf
-  out = tmp_path_factory.mktemp("tiny_hf") / "hf"
-  data = DatasetDir(nlsy_dataset)
-  config = llama_tiny(vocab_size=data.tokenizer().vocab_size)
-  hf.save(config, model.init_params(config, jax.random.key(0)), out, tokenizer_dir=data.tokenizer_dir)
-  return out
+def nlsy_dataset(tmp_path_factory, worker_id):
+  """The embedded NLSY panel built once per test run (small SentencePiece vocabulary). Read only."""
+  def make(out):
+    from data_pipeline import build
+    assert build.main(["--out", str(out), "--vocab-size", "600"]) == 0
+  return _once_per_run(tmp_path_factory, worker_id, "nlsy", make)
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory, nlsy_dataset):
-  """A tiny run of 8 steps with checkpoints at 4 and 8, trained once per session."""
+def tiny_hf(tmp_path_factory, worker_id, nlsy_dataset):
+  """A tiny random Llama as a Hugging Face directory with the NLSY dataset's tokenizer: SmolLM2's stand-in.
+  Read only."""
+  def make(out):
+    import jax
+
+    from data_pipeline.dataset_dir import DatasetDir
+    from labor_jax import model
+    from labor_jax.config import llama_tiny
+    from labor_jax.interop import hf
+    data = DatasetDir(nlsy_dataset)
+    config = llama_tiny(vocab_size=data.tokenizer().vocab_size)
+    hf.save(config, model.init_params(config, jax.random.key(0)), out, tokenizer_dir=data.tokenizer_dir)
+  return _once_per_run(tmp_path_factory, worker_id, "tiny_hf", make)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, worker_id, nlsy_dataset):
+  """A tiny run of 8 steps with checkpoints at 4 and 8, trained once per test run. Read only (tests that
+  change it work on a copy)."""
   from tests.runs import run_train
-  run_dir = tmp_path_factory.mktemp("full") / "run"
-  code, out, err = run_train(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4",
-                             "peak_flops_per_chip=1.0e+12")  # an MFU figure on the CPU too
-  assert code == 0, err
-  return run_dir
+
+  def make(run_dir):
+    code, out, err = run_train(run_dir, nlsy_dataset, "steps=8", "ckpt_every=4", "eval_every=4",
+                               "peak_flops_per_chip=1.0e+12")  # an MFU figure on the CPU too
+    assert code == 0, err
+  return _once_per_run(tmp_path_factory, worker_id, "uninterrupted", make)
 
 
 # The longest files start first (by their durations in a full run, 2026-12-04), so that under pytest-xdist (scripts/test.sh: two workers, one file each at a

@@ -191,17 +191,22 @@ def test_in_context_scores_equal_a_forward_pass_over_context_history_and_title(t
   pick = lambda df: df[(df["person_id"] == e["person_id"].decode()) & (df["t"] == t)]["llm_raw"].iloc[0]  # noqa: E731
   raw = pick(got)
   cands = loaded.candidates(titles, data.variant)
+  # every candidate after context + history, right padded into one batch: one jitted plain forward pass
+  # (a causal model's logits before the padding do not see it)
+  seqs = [np.concatenate([context, np.asarray(e["tokens"][:start], np.int32), np.asarray(c, np.int32)]) for c in cands]
+  batch = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+  for j, q in enumerate(seqs):
+    batch[j, :len(q)] = q
+  logits = jax.jit(lambda p, x: model.forward(loaded.config, p, x))(loaded.params, batch)
+  logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
   want, depth = [], 0
-  for j, cand in enumerate(cands):
-    seq = np.concatenate([context, np.asarray(e["tokens"][:start], np.int32), np.asarray(cand, np.int32)])
-    logits = model.forward(loaded.config, loaded.params, jax.numpy.asarray(seq[None]))
-    logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1)
+  for j, (cand, seq) in enumerate(zip(cands, seqs)):
     first = len(seq) - len(cand)
-    want.append(sum(float(logp[first - 1 + k, tok]) for k, tok in enumerate(cand)))
+    want.append(sum(float(logp[j, first - 1 + k, tok]) for k, tok in enumerate(cand)))
     depth = max(depth, len(cand))
   # the fused scorer and the plain pass sum the same float32 log-probs over other orders: the bound of a
   # forward pass over the sequence, at the scores' magnitude, times the title's tokens
-  bound = numerics.forward_terms(loaded.config, tokens=len(seq))
+  bound = numerics.forward_terms(loaded.config, tokens=batch.shape[1])
   numerics.assert_close(raw, np.asarray(want), **bound, scale=np.abs(want).max() * depth, what="in-context scores")
   assert np.abs(raw - pick(plain)).max() > 0  # the context changed the scores
 
