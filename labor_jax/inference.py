@@ -136,11 +136,6 @@ class Loaded:
     """The titles' candidate tokens (title segment + entry terminator) under this model's tokenizer."""
     return tuple(map(tuple, self.tokenizer.candidate_tokens(resume.candidate_texts(titles, variant))))
 
-  def scoring_step(self, titles: TitleTable, variant: str = "titles", *, chunk: int | None = None,
-                   batch_workers: int = 16) -> Callable:
-    """:func:`scoring_step` for this model, these titles and this mesh."""
-    return scoring_step(self.config, self.candidates(titles, variant), self.mesh,
-                        chunk or default_chunk(self.config, self.mesh, batch_workers))
 
 
 def open_model(source: str | os.PathLike, *, step: int | str | None = None, adapter: str | os.PathLike | None = None,
@@ -360,12 +355,11 @@ def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Seque
     part = rows[s:s + batch_workers]
     host = pack(part, batch_workers, n, t)
     batch = [place_batch(x, loaded.mesh) for x in host]
+    lower = None
     if first:
       key = (cands, first, *(x.tobytes() for x in host))
       lower = shared.get(key, lambda: lower_step(loaded.config, cands, first, loaded.mesh, chunk)(loaded.params, *batch))
-      found = step(loaded.params, *batch, lower=lower)
-    else:
-      found = step(loaded.params, *batch)
+    found = step(loaded.params, *batch, lower=lower)
     logp, raw = sharding.to_host(found["logp"]), sharding.to_host(found["raw"])
     out += [(logp[i, :len(ends)], raw[i, :len(ends)]) for i, (_, ends) in enumerate(part)]
     bar.update(len(part))

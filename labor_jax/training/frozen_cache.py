@@ -50,10 +50,6 @@ class FrozenCache:
     self.hidden_NTD = hidden_NTD
     self.index = index
 
-  @property
-  def nbytes(self) -> int:
-    return self.hidden_NTD.nbytes
-
   @classmethod
   def build(cls, config: LlamaConfig, params: Any, data: DatasetDir, data_kw: dict, n_layers: int,
             batch_sh: NamedSharding, batch_size: int, log=print) -> "FrozenCache":

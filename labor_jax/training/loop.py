@@ -252,7 +252,7 @@ def setup(cfg: TrainConfig) -> Trainer:
   # rows get their token loss from the same pass; packed ones from the loader's (hooks.Validation).
   occupation = None
   first_layer = 0  # lora.cache_frozen: the frozen blocks below the adapters run once (training and validation)
-  if cfg.lora.enabled and cfg.lora.cache_frozen:
+  if cfg.lora.cache_frozen:  # with lora.enabled and top_layers (checked when the config loads)
     first_layer = frozen_cache.first_trained_layer(config.num_hidden_layers, cfg.lora.top_layers)
     if not first_layer and is_main:
       print(f"lora.cache_frozen: lora.top_layers={cfg.lora.top_layers} puts adapters in all "

@@ -21,6 +21,7 @@ from data_pipeline.panel import validate
 from data_pipeline.titles import TitleTable
 from labor_jax.config import LlamaConfig
 from labor_jax.training import config as train_config
+from labor_jax.training import frozen_cache
 from labor_jax.training import loop as trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -63,7 +64,7 @@ def frozen_layers(recipe: str, hf_dir: str | Path) -> int:
   if not cfg.lora.enabled or cfg.lora.top_layers is None:
     return 0
   layers = LlamaConfig.from_hf_file(Path(hf_dir) / "config.json").num_hidden_layers
-  return max(layers - cfg.lora.top_layers, 0)
+  return frozen_cache.first_trained_layer(layers, cfg.lora.top_layers)
 
 
 def finished_steps(run_dir: str | Path) -> int:

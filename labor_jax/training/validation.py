@@ -111,10 +111,8 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
   def metrics(params) -> dict[str, float]:
     if lower_step is not None and not lowers:
       lowers.extend(lower_step(params, *batch[:3]) for batch in batches)
-    if lower_step is None:
-      out = [step(params, *batch) for batch in batches]  # all dispatched before any is read
-    else:
-      out = [step(params, *batch, lower=lower) for batch, lower in zip(batches, lowers)]
+    # all dispatched before any is read
+    out = [step(params, *batch, lower=lower) for batch, lower in zip(batches, lowers or [None] * len(batches))]
     logp = sum(float(np.sum(sharding.to_host(o["logp"])[idx], dtype=np.float64)) for o, idx in zip(out, true_logp))
     result = {"val_occupation_ppl": math.exp(-logp / int(valid_WT.sum()))}
     if token_loss is not None:
