@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ from data_pipeline import resume
 from data_pipeline.dataset_dir import DatasetDir
 from data_pipeline.titles import TitleTable
 from data_pipeline.tokenizer import ResumeTokenizer
-from labor_jax import losses, model, scorer, sharding
+from labor_jax import labels, losses, model, scorer, sharding
 from labor_jax.config import ConfigError, LlamaConfig
 from labor_jax.interop import hf, peft
 from labor_jax.rundir import RunDir
@@ -284,6 +285,23 @@ def pack(rows: Sequence[tuple[np.ndarray, np.ndarray]], batch: int, n: int, t: i
   return tokens_BN, mask_BN, ends_BT
 
 
+def lower_fingerprint(config: LlamaConfig, params: Any, n_layers: int) -> str | None:
+  """A hash of the bytes, dtypes and shapes of the embedding and the first ``n_layers`` blocks' weights, with the
+  compute dtype: equal for two models whose first blocks compute the same outputs. None when those blocks are
+  not separately held (scanned layers, ``n_layers`` not below the model's depth) or hold LoRA adapters."""
+  if not 0 < n_layers < config.num_hidden_layers or config.scan_layers:
+    return None
+  digest = hashlib.blake2b(repr((config.dtype, config.padded_vocab_size, config.hidden_size)).encode(),
+                           digest_size=16)
+  for name in ["embed_tokens", *(f"layers_{i}" for i in range(n_layers))]:
+    for path, x in jax.tree_util.tree_leaves_with_path(params[name]):
+      if labels.is_adapter(labels.path_str(path)):
+        return None
+      digest.update(f"{name}/{labels.path_str(path)}:{x.dtype}{x.shape}".encode())
+      digest.update(np.ascontiguousarray(sharding.to_host(x)).tobytes())
+  return digest.hexdigest()
+
+
 class SharedLower:
   """The first ``n_layers`` blocks' output on scoring batches (:func:`lower_step`), kept for every model scored
   with it whose embedding and first ``n_layers`` blocks are the same weights computed in the same dtype: a base
@@ -299,20 +317,7 @@ class SharedLower:
     self.last_used = False  # whether the last model scored with this used it
 
   def _fingerprint(self, loaded: Loaded) -> str | None:
-    config, params = loaded.config, loaded.params
-    if not 0 < self.n_layers < config.num_hidden_layers or config.scan_layers:
-      return None
-    import hashlib
-    from labor_jax import labels
-    digest = hashlib.blake2b(repr((config.dtype, config.padded_vocab_size, config.hidden_size)).encode(),
-                             digest_size=16)
-    for name in ["embed_tokens", *(f"layers_{i}" for i in range(self.n_layers))]:
-      for path, x in jax.tree_util.tree_leaves_with_path(params[name]):
-        if labels.is_adapter(labels.path_str(path)):
-          return None
-        digest.update(f"{name}/{labels.path_str(path)}:{x.dtype}{x.shape}".encode())
-        digest.update(np.ascontiguousarray(sharding.to_host(x)).tobytes())
-    return digest.hexdigest()
+    return lower_fingerprint(loaded.config, loaded.params, self.n_layers)
 
   def usable(self, loaded: Loaded) -> bool:
     """Whether ``loaded`` has the lower blocks of the models scored with this before (the first always has)."""

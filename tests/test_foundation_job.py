@@ -28,6 +28,7 @@ def test_foundation_quick_writes_its_table_with_every_row(tmp_path, tiny_hf, uni
   assert set(rows) == {"zero_shot", "in_context", "lora_titles_seed0", "lora_codes_seed0", "full_titles_seed0",
                        "tiny_llm", "multinomial_logit", "first-order_Markov", "empirical_frequencies", "career"}
   assert summary["steps"] == {"lora_titles": 2, "lora_codes": 2, "full_titles": 2}
+  assert summary["seeds_by_row"] == {"lora_titles": 1, "lora_codes": 1, "full_titles": 1}
   assert summary["recipes"]["lora_titles"] == "main/smollm2" and summary["in_context"] == 3
   # the in-context row reads other tokens than the zero-shot row's, so it scores differently
   assert rows["in_context"]["perplexity"] != rows["zero_shot"]["perplexity"]

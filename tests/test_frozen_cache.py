@@ -155,3 +155,60 @@ def test_scoring_shares_the_first_blocks_between_models_that_have_them(nlsy_data
   shared.usable = lambda loaded: True  # a broken fingerprint: the base's lower states for another lower half
   with pytest.raises(AssertionError, match="bound"):
     numerics.assert_close(scores(other, shared), whole, **terms, what="another model's lower states")
+
+
+def test_a_second_run_reads_the_frozen_blocks_output_the_first_kept(tmp_path, nlsy_dataset, capsys):
+  """lora.cache_dir: a run of the same base on the same data (here the same seed in another directory) reads the
+  training rows' and the validation batches' frozen-block output from the store instead of computing it, and
+  trains and validates as the run that computed it."""
+  store = tmp_path / "frozen"
+  first = _run(tmp_path, nlsy_dataset, "first", "lora.cache_frozen=true", f"lora.cache_dir={store}")
+  out = capsys.readouterr().out
+  assert "kept in" in out and "read from" not in out
+  first.occupation(first.state.params)  # the validation batches' output is stored at the first call
+  assert sorted(p.name.split("-")[0] for p in store.iterdir()) == ["train", "validation"]
+  second = _run(tmp_path, nlsy_dataset, "second", "lora.cache_frozen=true", f"lora.cache_dir={store}")
+  second_metrics = second.occupation(second.state.params)
+  out = capsys.readouterr().out
+  assert out.count("read from") == 2, out
+  np.testing.assert_array_equal(second.frozen_cache.hidden_NTD, first.frozen_cache.hidden_NTD)
+  terms = numerics.forward_terms(first.config, tokens=first.cfg.data.seq_len)
+  tree = first.label_tree
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(labels.split(second.state.params, tree)[0]),
+                          jax.tree.leaves(labels.split(first.state.params, tree)[0])):
+    numerics.assert_close(g, w, terms=terms["terms"], layers=terms["layers"] * 3, what=labels.path_str(path))
+  want = first.occupation(second.state.params)
+  for key in ("val_occupation_ppl", "val_loss"):
+    numerics.assert_close(second_metrics[key], first.occupation(first.state.params)[key], **terms, what=key)
+    numerics.assert_close(second.occupation(second.state.params)[key], want[key], **terms, what=key)
+
+
+def test_the_store_is_keyed_by_the_frozen_weights_and_refuses_what_it_cannot_read(tmp_path):
+  """A base whose lower blocks differ gets another entry (its output is never read for another model's); a change
+  in the trained top blocks does not; an entry that cannot be read stops with one line naming it; a write that
+  fails leaves nothing."""
+  from labor_jax.training import frozen_cache
+  config = llama_tiny(vocab_size=128, num_hidden_layers=4)
+  base = model.init_params(config, jax.random.key(0))
+  scaled = lambda block: {**base, block: jax.tree.map(lambda x: x * 1.5, base[block])}  # noqa: E731
+  path = lambda p: frozen_cache.Store.open(tmp_path, config, p, 2).path("train", np.arange(3))  # noqa: E731
+  assert path(base) == path(scaled("layers_3")) != path(scaled("layers_1")) != path(scaled("embed_tokens"))
+  assert path(base) != frozen_cache.Store.open(tmp_path, config, base, 2).path("train", np.arange(4))
+  assert frozen_cache.Store.open(tmp_path, config, base, 0) is None
+  assert frozen_cache.Store.open(None, config, base, 2) is None
+  hidden = np.asarray(jax.random.normal(jax.random.key(2), (3, 5, 8)), jnp.bfloat16)
+  frozen_cache.Store.save(path(base), {"hidden": hidden})
+  got = frozen_cache.Store.load(path(base))["hidden"]
+  assert got.dtype == hidden.dtype and np.array_equal(got, hidden)
+  assert frozen_cache.Store.load(tmp_path / "nothing") is None
+  (path(base) / "hidden.npy").write_bytes(b"not an array")
+  with pytest.raises(ConfigError, match=f"{path(base)}: a lora.cache_dir entry that cannot be read"):
+    frozen_cache.Store.load(path(base))
+  with pytest.raises(TypeError):
+    frozen_cache.Store.save(tmp_path / "half", {"ok": hidden, "bad": object()})
+  assert not (tmp_path / "half").exists() and [p.name for p in tmp_path.iterdir()] == [path(base).name]
+
+
+def test_cache_dir_needs_cache_frozen():
+  with pytest.raises(ConfigError, match="lora.cache_dir: keeps the output of lora.cache_frozen"):
+    train_config.load("configs/demo.yaml", ["lora.cache_dir=somewhere"])

@@ -224,6 +224,9 @@ def main(argv=None) -> int:
                   "+ _quick with --quick)")
   ap.add_argument("--steps", type=int, default=None,
                   help="foundation: steps per fine-tune instead of the recipes' 3 epochs")
+  ap.add_argument("--full-seeds", type=int, default=foundation.FULL_SEEDS,
+                  help="foundation: seeds of full fine-tuning (at most --seeds; each costs about five LoRA seeds on "
+                       "2 CPU cores)")
   ap.add_argument("--in-context", type=int, default=foundation.IN_CONTEXT,
                   help="foundation: training resumes before each test worker's in the in-context row (0: no row)")
   ap.add_argument("--model", help="foundation: a Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct "
@@ -234,14 +237,15 @@ def main(argv=None) -> int:
   ap.add_argument("--tiny-llm", metavar="RUN", help="foundation: score this finished run of the tiny LLM (a main/stage2 run, "
                   "e.g. runs/experiments/main/seed0 of the ablations) instead of training one")
   args = ap.parse_args(argv)
-  if args.seeds < 1:
-    ap.error("--seeds must be at least 1")
+  if args.seeds < 1 or args.full_seeds < 1:
+    ap.error("--seeds and --full-seeds must be at least 1")
   base = "runs/foundation" if args.which == "foundation" else "runs/experiments"
   out = Path(args.out or (base + "_quick" if args.quick else base))
   if args.which == "foundation":
     return cli.run_training(lambda: foundation.run(out, 1 if args.quick else args.seeds, steps=args.steps,
                                                    quick=args.quick, bootstrap=args.bootstrap, model=args.model,
-                                                   tiny_llm=args.tiny_llm, in_context=args.in_context))
+                                                   tiny_llm=args.tiny_llm, in_context=args.in_context,
+                                                   full_seeds=args.full_seeds))
   return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, quick=args.quick,
                                        bootstrap=args.bootstrap))
 

@@ -12,8 +12,9 @@ bootstrap interval (over test workers) of the log-perplexity difference:
 * LoRA fine-tuned by the main job's recipe (``configs/main/smollm2.yaml``), ``--seeds`` seeds and their
   ensemble (the mean of their probabilities);
 * the same on numeric codes instead of titles (titles vs codes);
-* full fine-tuning of every weight (``configs/foundation/smollm2_full_epochs.yaml``), seeds and ensemble
-  (LoRA vs full);
+* full fine-tuning of every weight (``configs/foundation/smollm2_full_epochs.yaml``), ``--full-seeds`` seeds
+  (default 1: a seed costs about five LoRA seeds on 2 CPU cores, docs/experiments.md) and, with several, their
+  ensemble (LoRA vs full);
 * a tiny LLM (stage 1 on synthetic careers + NLSY fine-tuning, 0.6M parameters, trained from scratch
   here, seed 0, on a SentencePiece dataset of the same resumes; ``--tiny-llm`` scores a finished one);
 * multinomial logit, first-order Markov, the CAREER-style transformer, empirical frequencies.
@@ -43,6 +44,7 @@ VARIANTS = (  # key, recipe, dataset variant, what the row says
     ("full_titles", "foundation/smollm2_full_epochs", "titles", "full fine-tuning, titles"),
 )
 IN_CONTEXT = 3  # training resumes placed before each test worker's in the in-context row
+FULL_SEEDS = 1  # full fine-tuning seeds by default (24 min a seed on 2 CPU cores, docs/experiments.md)
 QUICK_STEPS = 2  # --quick
 UNITS = cli.JobBar  # the progress bar's cost estimates: a scoring pass, a tiny LLM's step, the baselines
 
@@ -57,13 +59,15 @@ def in_context_tokens(data: DatasetDir, k: int, seed: int = 0):
 
 
 def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = False, bootstrap: int = 1000,
-        model: str | Path | None = None, tiny_llm: str | Path | None = None, in_context: int = IN_CONTEXT) -> dict:
+        model: str | Path | None = None, tiny_llm: str | Path | None = None, in_context: int = IN_CONTEXT,
+        full_seeds: int | None = FULL_SEEDS) -> dict:
   """Builds the datasets, trains and scores every row, writes ``table.md`` and ``summary.json``.
 
   ``steps``: every fine-tune runs this many steps instead of its recipe's epochs. ``tiny_llm``: a finished
   run of the tiny LLM (any ``main/stage2`` run, e.g. the ablations' main variant) scored on its own dataset
   instead of training one here. ``in_context``: training resumes before each test worker's in the
-  in-context row (0: no such row)."""
+  in-context row (0: no such row). ``full_seeds``: seeds of full fine-tuning (None: ``seeds``). The LoRA runs
+  keep the frozen blocks' output in ``OUT/frozen_cache`` (``lora.cache_dir``), which later seeds read."""
   t0 = time.perf_counter()
   out = Path(out)
   if model is None:
@@ -94,15 +98,19 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
   else:  # a finished run, scored on the dataset it trained on
     tiny_llm, tiny_steps = Path(tiny_llm), {}
     tiny_data = RunDir(tiny_llm).check().dataset().check()
-  runs = {key: [out / key / f"seed{k}" for k in range(seeds)] for key, *_ in VARIANTS}
+  n_seeds = {key: seeds if key != "full_titles" or full_seeds is None else min(full_seeds, seeds)
+             for key, *_ in VARIANTS}
+  runs = {key: [out / key / f"seed{k}" for k in range(n_seeds[key])] for key, *_ in VARIANTS}
+  extra = {key: {"lora.cache_dir": str(out / "frozen_cache")} if recipe_config(recipe).lora.cache_frozen else {}
+           for key, recipe, *_ in VARIANTS}
   steps_of = {key: planned_steps(recipe, data[variant].path, changes) for key, recipe, variant, _ in VARIANTS}
-  total = (seeds * sum(steps_of.values()) + UNITS.TINY_STEP * sum(tiny_steps.values())
-           + UNITS.SCORE * (1 + (4 if in_context else 0) + len(VARIANTS) * seeds) + UNITS.SCORE_TINY + UNITS.BASELINES)
+  total = (sum(n_seeds[k] * steps_of[k] for k in steps_of) + UNITS.TINY_STEP * sum(tiny_steps.values())
+           + UNITS.SCORE * (1 + (4 if in_context else 0) + sum(n_seeds.values())) + UNITS.SCORE_TINY + UNITS.BASELINES)
   bar = cli.JobBar(total, "foundation experiment")
   for key, recipe, variant, what in VARIANTS:
     for k, run_dir in enumerate(runs[key]):
       bar.write(f"== {model_name}, {what}, seed {k} ({steps_of[key]} steps, configs/{recipe}.yaml)")
-      bar.train(recipe, run_dir, data[variant].path, seed=k, **changes)
+      bar.train(recipe, run_dir, data[variant].path, seed=k, **changes, **extra[key])
   if tiny_steps:
     bar.write("== the tiny LLM (stage 1 on synthetic careers, then NLSY; 0.6M parameters, from scratch), seed 0")
     bar.train("main/stage1", out / "tiny_stage1", stage1_data.path, UNITS.TINY_STEP,
@@ -124,20 +132,22 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
   for key, recipe, variant, what in VARIANTS:
     norms = [score(f"{key}_seed{k}", f"{model_name} + {what}, seed {k}", run_dir, data[variant])
              for k, run_dir in enumerate(runs[key])]
-    if seeds > 1:
-      table.ensemble(f"{key}_ensemble", f"{model_name} + {what}, ensemble of the {seeds} seeds", norms)
+    if len(norms) > 1:
+      table.ensemble(f"{key}_ensemble", f"{model_name} + {what}, ensemble of the {len(norms)} seeds", norms)
   score("tiny_llm", "tiny LLM (stage 1 on synthetic careers + NLSY, 0.6M parameters, from scratch)" +
         (", seed 0" if tiny_llm == out / "tiny_llm" else f" ({tiny_llm})"), tiny_llm, tiny_data, units=UNITS.SCORE_TINY)
   table.add_baselines(career_epochs=1 if quick else None)  # --quick: every trained model takes a few steps
   bar.advance(UNITS.BASELINES)
   bar.close()
 
-  result = {"model": str(model), "hf_dir": str(hf), "seeds": seeds, "steps": steps_of, "quick": quick,
+  result = {"model": str(model), "hf_dir": str(hf), "seeds": seeds, "seeds_by_row": n_seeds, "steps": steps_of,
+            "quick": quick,
             "recipes": {key: recipe for key, recipe, *_ in VARIANTS}, "in_context": in_context,
             **table.result(bootstrap)}
   length = f"{steps} steps a run" if steps is not None else ", ".join(
       f"{what} {steps_of[key]} steps (3 epochs)" for key, _, _, what in VARIANTS if key != "lora_codes")
   lines = [f"NLSY test split, {result['transitions']:,} transitions of {result['workers']:,} workers; {length}; "
-           f"{seeds} seed(s){' (--quick: not results)' if quick else ''}.", "", *table_lines(result)]
+           + ", ".join(f"{what} {n_seeds[key]} seed(s)" for key, _, _, what in VARIANTS)
+           + f"{' (--quick: not results)' if quick else ''}.", "", *table_lines(result)]
   cli.write_report(out, result, lines, t0)
   return result

@@ -84,7 +84,8 @@ def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bo
                     "log_every": 1, "optim.warmup_steps": 1} if quick else {})
   llm_dirs = [out / ("llm" if k == 0 else f"llm_seed{k}") for k in range(seeds)]
   scratch_dir = out / "llm_nlsy_only"
-  llm_changes = [{"model.hf_path": str(hf), "seed": k, **quick_changes} for k in range(seeds)]
+  llm_changes = [{"model.hf_path": str(hf), "seed": k, "lora.cache_dir": str(out / "frozen_cache"), **quick_changes}
+                 for k in range(seeds)]  # later seeds read the frozen blocks' output the first one kept
   steps = planned_steps(RECIPE, data.path, llm_changes[0])
   scratch_steps = planned_steps(SCRATCH, tiny_data.path, quick_changes)
   units = cli.JobBar

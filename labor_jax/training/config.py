@@ -72,6 +72,7 @@ class LoraConfig:
   targets: str = r"self_attn/(q|k|v|o)_proj"  # regex over module paths that get adapters
   top_layers: int | None = None  # adapters only in the last N blocks (all, if fewer): no backward pass below them
   cache_frozen: bool = False  # with top_layers: the frozen blocks below run once over the training split, not each step
+  cache_dir: str | None = None  # with cache_frozen: keep that output here for later runs of the same base and data
 
 
 @dataclasses.dataclass
@@ -321,6 +322,8 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
       raise ConfigError("lora.cache_frozen: packed rows (data.pack: true) change every epoch; set data.pack: false")
     if cfg.distributed.num_processes not in (None, 1):
       raise ConfigError("lora.cache_frozen: one process only (each process would need every row of the split)")
+  if cfg.lora.cache_dir and not cfg.lora.cache_frozen:
+    raise ConfigError("lora.cache_dir: keeps the output of lora.cache_frozen; set lora.cache_frozen: true")
   return cfg
 
 

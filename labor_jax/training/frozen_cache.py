@@ -11,11 +11,19 @@ The loss and the gradients are those of the full forward pass: the same products
 A row is found by its tokens, positions and segment ids, so the cache serves any order the loader
 shuffles the split into. It needs unpacked rows (packing combines resumes differently each epoch) and
 one process (each process would need every row the shuffled stream can give it).
+
+With ``lora.cache_dir`` the frozen blocks' output (for the training rows here, for the validation batches in
+:mod:`labor_jax.training.validation`) is also kept on disk (:class:`Store`), under a hash of the frozen
+weights, the compute dtype, the rows and the batch layout: a later run of the same base on the same data
+(the main job's other seeds) reads it instead of running those blocks again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,8 +32,9 @@ from jax.sharding import NamedSharding
 
 from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir
-from labor_jax import model
+from labor_jax import inference, model
 from labor_jax.config import ConfigError, LlamaConfig
+from labor_jax.fileio import atomic_dir
 
 _KEY_FIELDS = ("inputs", "positions", "segment_ids")
 
@@ -42,6 +51,59 @@ def _key(row: dict[str, np.ndarray], i: int | None = None) -> bytes:
   return b"".join(np.ascontiguousarray(row[k] if i is None else row[k][i]).tobytes() for k in _KEY_FIELDS)
 
 
+class Store:
+  """``lora.cache_dir``: arrays computed by the frozen blocks, on disk, each set in a directory named by a hash
+  of the frozen weights (:func:`labor_jax.inference.lower_fingerprint`) and of what it was computed from."""
+
+  def __init__(self, directory: str | Path, fingerprint: str):
+    self.directory = Path(directory)
+    self.fingerprint = fingerprint
+
+  @classmethod
+  def open(cls, directory: str | Path | None, config: LlamaConfig, params: Any, n_layers: int,
+           log=print) -> "Store | None":
+    """The store for the first ``n_layers`` blocks of ``params`` (None without a directory, or when those
+    blocks cannot be fingerprinted: then every run computes them)."""
+    if directory is None or not n_layers:
+      return None
+    found = inference.lower_fingerprint(config, params, n_layers)
+    if found is None:
+      log(f"lora.cache_dir: the first {n_layers} blocks are not held one by one without adapters "
+          "(scanned layers?); their output is computed, not stored")
+      return None
+    return cls(directory, found)
+
+  def path(self, kind: str, *parts) -> Path:
+    """The directory of one set: ``kind`` and a hash of the weights and ``parts`` (arrays, bytes or reprs)."""
+    digest = hashlib.blake2b(self.fingerprint.encode(), digest_size=16)
+    for part in parts:
+      if isinstance(part, np.ndarray):
+        part = repr((part.dtype.str, part.shape)).encode() + np.ascontiguousarray(part).tobytes()
+      digest.update(part if isinstance(part, bytes) else repr(part).encode())
+    return self.directory / f"{kind}-{digest.hexdigest()}"
+
+  @staticmethod
+  def load(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays saved at ``path`` (None when there are none)."""
+    meta_file = path / "arrays.json"
+    if not meta_file.exists():
+      return None
+    try:
+      meta = json.loads(meta_file.read_text())
+      return {k: np.load(path / f"{k}.npy").view(np.dtype(dtype)).reshape(shape)
+              for k, (dtype, shape) in meta.items()}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+      raise ConfigError(f"{path}: a lora.cache_dir entry that cannot be read ({e}); delete it") from e
+
+  @staticmethod
+  def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``arrays`` at ``path``, whole or not at all (any dtype: kept as raw bytes with its name)."""
+    with atomic_dir(path) as tmp:
+      for k, a in arrays.items():
+        np.save(tmp / f"{k}.npy", np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+      (tmp / "arrays.json").write_text(json.dumps({k: [a.dtype.name, list(a.shape)] for k, a in arrays.items()}))
+
+
 class FrozenCache:
   """The output of the first ``n_layers`` blocks for every training row, on the host."""
 
@@ -52,9 +114,10 @@ class FrozenCache:
 
   @classmethod
   def build(cls, config: LlamaConfig, params: Any, data: DatasetDir, data_kw: dict, n_layers: int,
-            batch_sh: NamedSharding, batch_size: int, log=print) -> "FrozenCache":
+            batch_sh: NamedSharding, batch_size: int, log=print, store: Store | None = None) -> "FrozenCache":
     """One forward pass of the first ``n_layers`` blocks over every row of the training split (in order,
-    ``batch_size`` rows at a time, laid out as ``batch_sh``), with the loader's own row format."""
+    ``batch_size`` rows at a time, laid out as ``batch_sh``), with the loader's own row format; with a
+    ``store``, read from it when a run of the same weights, rows and layout computed it, else kept there."""
     if data_kw.get("pack"):
       raise ConfigError("lora.cache_frozen: packed rows (data.pack: true) change every epoch; set data.pack: false")
     if jax.process_count() > 1:
@@ -66,6 +129,22 @@ class FrozenCache:
       raise ConfigError(f"lora.cache_frozen: {data.path} has no training rows")
     fields = {k: np.concatenate([r[k] for r in rows]) for k in _KEY_FIELDS}
     n = len(rows)
+    index = {}
+    for i in range(n):
+      index.setdefault(_key(fields, i), i)
+    path = None if store is None else store.path(
+        "train", n_layers, config.dtype, batch_size, dict(batch_sh.mesh.shape), str(batch_sh.spec),
+        *(fields[k] for k in _KEY_FIELDS))
+    saved = None if path is None else store.load(path)
+    if saved is not None:
+      hidden = saved["hidden"]
+      if hidden.shape[:2] != fields["inputs"].shape or hidden.shape[2] != config.hidden_size:
+        raise ConfigError(f"{path}: holds {hidden.shape} hidden states for {fields['inputs'].shape} training rows; "
+                          "delete it")
+      log(f"lora.cache_frozen: the {n_layers} frozen blocks' output for {n:,} training rows read from {path} "
+          f"in {time.perf_counter() - t0:.1f} s; each step runs the top {config.num_hidden_layers - n_layers} "
+          "blocks only")
+      return cls(n_layers, hidden, index)
     lower = jax.jit(lambda p, b: model.lower_hidden(config, p, b["inputs"], n_layers, positions_BT=b["positions"],
                                                     segment_ids_BT=b["segment_ids"], mesh=batch_sh.mesh))
     out = []
@@ -74,12 +153,12 @@ class FrozenCache:
       batch = jax.device_put({k: v[take] for k, v in fields.items()}, batch_sh)
       out.append(np.asarray(jax.device_get(lower(params, batch)))[:min(batch_size, n - start)])
     hidden = np.concatenate(out)
-    index = {}
-    for i in range(n):
-      index.setdefault(_key(fields, i), i)
+    if path is not None:
+      store.save(path, {"hidden": hidden})
     log(f"lora.cache_frozen: the {n_layers} frozen blocks' output for {n:,} training rows "
         f"({hidden.nbytes / 2 ** 20:,.0f} MiB, {hidden.dtype}) in {time.perf_counter() - t0:.1f} s; "
-        f"each step runs the top {config.num_hidden_layers - n_layers} blocks only")
+        f"each step runs the top {config.num_hidden_layers - n_layers} blocks only"
+        + ("" if path is None else f"; kept in {path} for runs of the same base and data"))
     return cls(n_layers, hidden, index)
 
   def lookup(self, local: dict[str, np.ndarray]) -> np.ndarray:
