@@ -149,15 +149,18 @@ def prompt_tokens(worker: resume.Resume | pd.DataFrame, tokenizer, next_year: in
 
 def load(source: str | os.PathLike, *, step: int | str | None = None, adapter: str | os.PathLike | None = None,
          titles: str | os.PathLike | TitleTable | None = None, variant: str | None = None, dataset: str | None = None,
-         mesh: jax.sharding.Mesh | None = None, batch_workers: int = 16, chunk: int | None = None) -> Model:
+         mesh: jax.sharding.Mesh | None = None, batch_workers: int = 16, chunk: int | None = None,
+         dtype: str | None = None) -> Model:
   """Opens a model for scoring careers (:func:`labor_jax.inference.open_model`: a run directory, a
   Hugging Face directory with an optional PEFT ``adapter``, or a .gguf file).
 
   A run brings its titles, template variant and survey name (its dataset); for other sources give
   ``titles`` (a TitleTable, a ``code,title`` CSV, or ``"occ1990dd"``, the built-in table) and,
   if not "titles", ``variant``. ``step``: a run's "best" (default), "last" or an int. ``mesh``:
-  parameters restored straight into its shardings, batches split over its batch axes."""
-  loaded = inference.open_model(source, step=step, adapter=adapter, mesh=mesh)
+  parameters restored straight into its shardings, batches split over its batch axes. ``dtype``: the compute
+  dtype of a Hugging Face or GGUF source ("float32", the default, "bfloat16" or "auto"; a run computes in its
+  own ``model.dtype``)."""
+  loaded = inference.open_model(source, step=step, adapter=adapter, mesh=mesh, dtype=dtype)
   if loaded.kind == inference.RUN:
     data = loaded.dataset()
     table = data.titles() if titles is None else _titles(titles)

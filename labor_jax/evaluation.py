@@ -105,7 +105,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
              data: str | Path | DatasetDir | None = None, adapter: str | Path | None = None, career: bool = True,
              extra_llms: dict | None = None, ensembles: dict | None = None, log=print,
              mesh: jax.sharding.Mesh | None = None, batch_workers: int = 16, chunk: int | None = None,
-             progress: bool = False, bootstrap: int = 1000, seed: int = 0) -> dict:
+             progress: bool = False, bootstrap: int = 1000, seed: int = 0, dtype: str | None = None) -> dict:
   """Scores a model and every baseline on ``split``; writes the report; returns the metrics.
 
   ``model`` is a run directory (scored at its best checkpoint, on the run's dataset unless
@@ -114,6 +114,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
   of them) adds the mixture of their probabilities (the mean over the models) as a row. Every
   row gets a 95% interval of its perplexity from a bootstrap over workers (``bootstrap``
   resamples, seeded), and the paired interval of its log-perplexity difference to ``model``.
+  ``dtype``: the compute dtype of the Hugging Face sources among them (runs compute in their own).
 
   With a ``mesh`` each model is restored straight into its shardings and scored on the mesh
   (see :func:`llm_scores`); with several processes every process computes the same metrics
@@ -149,7 +150,8 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
   by_source = {}
   for name, (src, adp) in sources.items():
     norm, raw, what = score_transitions(src, data, test, split, adapter=adp, mesh=mesh,
-                                        batch_workers=batch_workers, chunk=chunk, progress=progress)
+                                        batch_workers=batch_workers, chunk=chunk, progress=progress,
+                                        dtype=None if inference.source_kind(src) == inference.RUN else dtype)
     by_source[str(src)] = np.exp(norm)
     if name in (MAIN_LLM, *(extra_llms or {})):
       probs[name] = by_source[str(src)]

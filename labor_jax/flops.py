@@ -15,7 +15,11 @@ rise when a run recomputes activations.
 
 With frozen base weights (LoRA), the backward pass has no weight gradient for them:
 ``frozen_base=True`` counts 4 FLOPs per frozen weight (forward and input gradient) and 6 per
-adapter weight.
+adapter weight, in the blocks from the lowest one with adapters up (in that block, what only feeds
+work below it needs no gradient: q/k/v count 2; with no adapter in its attention, the whole attention
+sublayer and gate/up run forward only); the blocks below it have no
+backward pass at all (2 FLOPs per weight and 4LTHE for attention: the forward pass), and blocks
+whose output is cached (``lora.cache_frozen``: ``cached_layers``) none.
 """
 
 from __future__ import annotations
@@ -39,31 +43,82 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+_BLOCK = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj", "mlp/gate_proj",
+          "mlp/up_proj", "mlp/down_proj")
+
+
+def _block_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+  d, f = config.hidden_size, config.intermediate_size
+  q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+  return dict(zip(_BLOCK, ((d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d))))
+
+
+def _layer_adapters(config: LlamaConfig) -> list[int]:
+  """Adapter weights in each block (0 without LoRA)."""
+  if not config.lora_rank:
+    return [0] * config.num_hidden_layers
+  r = config.lora_rank
+  return [sum(r * (i + o) for name, (i, o) in _block_shapes(config).items()
+              if labels.adapted(f"layers_{layer}/{name}", config.lora_targets))
+          for layer in range(config.num_hidden_layers)]
+
+
+def _first_trained_block(config: LlamaConfig, layer: int) -> tuple[int, int]:
+  """(weights that need no input gradient, attention passes) of the lowest block with adapters: its input comes from
+  frozen work, so q/k/v need none; when its attention has no adapters, nothing in the attention sublayer needs a
+  gradient (o too, and its score and value matmuls run forward only) and gate/up need none either."""
+  shapes = _block_shapes(config)
+  attention_trained = any(labels.adapted(f"layers_{layer}/{name}", config.lora_targets) for name in _BLOCK[:4])
+  names = _BLOCK[:3] if attention_trained else _BLOCK[:6]
+  return sum(shapes[name][0] * shapes[name][1] for name in names), 3 if attention_trained else 1
+
+
 def matmul_params(config: LlamaConfig) -> tuple[int, int]:
   """(base matmul weights, LoRA adapter weights) a token passes through."""
-  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-  q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-  shapes = {"self_attn/q_proj": (d, q), "self_attn/k_proj": (d, kv), "self_attn/v_proj": (d, kv),
-            "self_attn/o_proj": (q, d), "mlp/gate_proj": (d, f), "mlp/up_proj": (d, f), "mlp/down_proj": (f, d)}
-  base = config.num_hidden_layers * sum(i * o for i, o in shapes.values()) + d * v
-  adapters = 0
-  if config.lora_rank:
-    r = config.lora_rank
-    for name, (i, o) in shapes.items():
-      if labels.adapted(f"layers_0/{name}", config.lora_targets):
-        adapters += config.num_hidden_layers * r * (i + o)
-    if labels.adapted("lm_head", config.lora_targets):
-      adapters += r * (d + v)
+  d, v = config.hidden_size, config.vocab_size
+  base = config.num_hidden_layers * sum(i * o for i, o in _block_shapes(config).values()) + d * v
+  adapters = sum(_layer_adapters(config))
+  if config.lora_rank and labels.adapted("lm_head", config.lora_targets):
+    adapters += config.lora_rank * (d + v)
   return base, adapters
 
 
-def train_flops_per_token(config: LlamaConfig, seq_len: int, *, frozen_base: bool = False) -> float:
+def train_flops_per_token(config: LlamaConfig, seq_len: int, *, frozen_base: bool = False,
+                          cached_layers: int = 0) -> float:
   """Model FLOPs of one trained token (forward + backward) at ``seq_len`` tokens per row;
-  see the module docstring for the convention."""
-  base, adapters = matmul_params(config)
-  weights = (4 if frozen_base else 6) * base + 6 * adapters
-  attn = 12 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
-  return float(weights + attn)
+  see the module docstring for the convention. ``cached_layers``: the first blocks, whose output
+  the step reads instead of computing (``lora.cache_frozen``; frozen, so with ``frozen_base``).
+
+  The lowest adapted block is counted as with adapters on its attention projections (q/k/v need no input
+  gradient) or on none of them (the attention sublayer forward only); narrower targets there (q/v only, o only,
+  down only) and each ``lora_a``'s input gradient in it are counted as needing more gradient than they do, so the
+  count is an upper bound by a fraction of that one block's backward pass."""
+  if cached_layers and not frozen_base:
+    raise ValueError("cached_layers: only frozen blocks' output can be cached (frozen_base=True)")
+  shapes = _block_shapes(config)
+  block = sum(i * o for i, o in shapes.values())
+
+  attn = 4 * seq_len * config.num_attention_heads * config.head_dim  # the forward pass's score and value matmuls
+  per_layer = _layer_adapters(config)
+  trained = [a > 0 for a in per_layer]
+  first = (trained.index(True) if any(trained) else config.num_hidden_layers) if frozen_base else 0
+  if cached_layers > first:
+    raise ValueError(f"cached_layers={cached_layers}: block {first} has adapters; only blocks below it can be cached")
+  d, v = config.hidden_size, config.vocab_size
+  head_adapters = config.lora_rank * (d + v) if config.lora_rank and labels.adapted("lm_head", config.lora_targets) else 0
+  # the head: its input gradient is needed when a block below it trains (or the base is not frozen)
+  total = (6 if not frozen_base else 4 if any(trained) else 2) * d * v + 6 * head_adapters
+  for layer, a in enumerate(per_layer):
+    if layer < cached_layers:
+      continue
+    if layer < first:  # below every adapter: forward only
+      total += 2 * block + attn
+    elif frozen_base and layer == first:  # nothing below trains: no gradient for what only feeds the block's input
+      no_grad, passes = _first_trained_block(config, layer)
+      total += 2 * no_grad + 4 * (block - no_grad) + 6 * a + passes * attn
+    else:
+      total += (4 if frozen_base else 6) * block + 6 * a + 3 * attn
+  return float(total)
 
 
 def peak_flops(device_kind: str, override: float | None = None) -> float | None:

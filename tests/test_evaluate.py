@@ -114,6 +114,16 @@ def test_ensemble_of_one_run_equals_the_run_and_hf_scoring_equals_the_run(traine
   for key in ("perplexity", "perplexity_raw"):
     numerics.assert_close(np.log(got[key]), np.log(main[key]), **depth, scale=scale, what=key)
 
+  # --dtype bfloat16 computes the Hugging Face model in bfloat16 (matrix products with 8-bit significands): the
+  # same figures within bfloat16's bound, and not float32's (the flag took effect); --dtype with --run is refused.
+  assert evaluate.main(["--hf", str(tmp_path / "hf"), "--data", str(nlsy_dataset), "--out", str(tmp_path / "bf16"),
+                        "--no-career", "--bootstrap", "0", "--no-progress", "--dtype", "bfloat16"]) == 0
+  bf16 = json.loads((tmp_path / "bf16" / "metrics.json").read_text())["models"][evaluation.MAIN_LLM]
+  numerics.assert_close(np.log(bf16["perplexity"]), np.log(main["perplexity"]), **depth, scale=scale,
+                        eps=numerics.EPS_BF16, what="bfloat16 perplexity")
+  assert bf16["perplexity"] != got["perplexity"]
+  assert evaluate.main(["--run", str(trained_run), "--dtype", "bfloat16", "--no-career", "--bootstrap", "0"]) == 2
+
   from data_pipeline.dataset_dir import build_default
   other = tmp_path / "other_tokens"
   build_default(other, vocab_size=500)

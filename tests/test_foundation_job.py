@@ -40,3 +40,10 @@ def test_foundation_quick_writes_its_table_with_every_row(tmp_path, tiny_hf, uni
   assert "zero-shot" in table
   assert (out / "lora_codes" / "seed0" / "summary.json").exists()
   assert str(tiny) in rows["tiny_llm"]["name"] and not (out / "tiny_llm").exists()  # scored, not trained again
+
+
+def test_full_fine_tuning_takes_its_own_number_of_seeds():
+  from labor_jax.cli.foundation import seeds_by_row
+  assert seeds_by_row(3, 1) == {"lora_titles": 3, "lora_codes": 3, "full_titles": 1}
+  assert seeds_by_row(1, 3) == {"lora_titles": 1, "lora_codes": 1, "full_titles": 3}
+  assert seeds_by_row(2, None) == {"lora_titles": 2, "lora_codes": 2, "full_titles": 2}

@@ -157,56 +157,72 @@ def test_scoring_shares_the_first_blocks_between_models_that_have_them(nlsy_data
     numerics.assert_close(scores(other, shared), whole, **terms, what="another model's lower states")
 
 
-def test_a_second_run_reads_the_frozen_blocks_output_the_first_kept(tmp_path, nlsy_dataset, capsys):
-  """lora.cache_dir: a run of the same base on the same data (here the same seed in another directory) reads the
-  training rows' and the validation batches' frozen-block output from the store instead of computing it, and
-  trains and validates as the run that computed it."""
+def test_a_later_seed_reads_the_frozen_blocks_output_the_first_kept(tmp_path, nlsy_dataset, tiny_hf, capsys):
+  """lora.cache_dir: seed 1 of a Hugging Face base on the same data reads the training rows' and the validation
+  batches' frozen-block output that seed 0 kept, and trains and validates as seed 1 computing it itself."""
   store = tmp_path / "frozen"
-  first = _run(tmp_path, nlsy_dataset, "first", "lora.cache_frozen=true", f"lora.cache_dir={store}")
+  base = [f"model.hf_path={tiny_hf}", "lora.cache_frozen=true"]  # 2 blocks: the adapters in the top one
+  first = _run(tmp_path, nlsy_dataset, "seed0", *base, f"lora.cache_dir={store}")
+  first.occupation(first.state.params)  # the validation batches' output is kept at the first call
   out = capsys.readouterr().out
-  assert "kept in" in out and "read from" not in out
-  first.occupation(first.state.params)  # the validation batches' output is stored at the first call
+  assert out.count("kept in") == 2 and "read from" not in out
   assert sorted(p.name.split("-")[0] for p in store.iterdir()) == ["train", "validation"]
-  second = _run(tmp_path, nlsy_dataset, "second", "lora.cache_frozen=true", f"lora.cache_dir={store}")
-  second_metrics = second.occupation(second.state.params)
+  second = _run(tmp_path, nlsy_dataset, "seed1", *base, f"lora.cache_dir={store}", "seed=1")
+  got = second.occupation(second.state.params)
   out = capsys.readouterr().out
-  assert out.count("read from") == 2, out
-  np.testing.assert_array_equal(second.frozen_cache.hidden_NTD, first.frozen_cache.hidden_NTD)
-  terms = numerics.forward_terms(first.config, tokens=first.cfg.data.seq_len)
-  tree = first.label_tree
+  assert out.count("read from") == 2 and "kept in" not in out, out
+  alone = _run(tmp_path, nlsy_dataset, "seed1_alone", *base, "seed=1")
+  np.testing.assert_array_equal(second.frozen_cache.hidden_NTD, alone.frozen_cache.hidden_NTD)
+  terms = numerics.forward_terms(alone.config, tokens=alone.cfg.data.seq_len)
+  tree = alone.label_tree
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(labels.split(second.state.params, tree)[0]),
-                          jax.tree.leaves(labels.split(first.state.params, tree)[0])):
+                          jax.tree.leaves(labels.split(alone.state.params, tree)[0])):
     numerics.assert_close(g, w, terms=terms["terms"], layers=terms["layers"] * 3, what=labels.path_str(path))
-  want = first.occupation(second.state.params)
+  want = alone.occupation(alone.state.params)
   for key in ("val_occupation_ppl", "val_loss"):
-    numerics.assert_close(second_metrics[key], first.occupation(first.state.params)[key], **terms, what=key)
-    numerics.assert_close(second.occupation(second.state.params)[key], want[key], **terms, what=key)
+    numerics.assert_close(got[key], want[key], **terms, what=key)
 
 
 def test_the_store_is_keyed_by_the_frozen_weights_and_refuses_what_it_cannot_read(tmp_path):
-  """A base whose lower blocks differ gets another entry (its output is never read for another model's); a change
-  in the trained top blocks does not; an entry that cannot be read stops with one line naming it; a write that
-  fails leaves nothing."""
+  """A base whose lower blocks, numerics (dtype, RoPE) differ gets another entry (its output is never read for
+  another model's); a change in the trained top blocks or the adapters' settings does not; an entry that cannot be
+  read, or holds other shapes, stops with one line naming it; a write that fails leaves nothing, and one the file
+  system refuses is said and skipped."""
   from labor_jax.training import frozen_cache
   config = llama_tiny(vocab_size=128, num_hidden_layers=4)
   base = model.init_params(config, jax.random.key(0))
   scaled = lambda block: {**base, block: jax.tree.map(lambda x: x * 1.5, base[block])}  # noqa: E731
-  path = lambda p: frozen_cache.Store.open(tmp_path, config, p, 2).path("train", np.arange(3))  # noqa: E731
-  assert path(base) == path(scaled("layers_3")) != path(scaled("layers_1")) != path(scaled("embed_tokens"))
-  assert path(base) != frozen_cache.Store.open(tmp_path, config, base, 2).path("train", np.arange(4))
+  said = []
+
+  def store(params=base, cfg=config):
+    return frozen_cache.Store.open(tmp_path / "s", cfg, params, 2, log=said.append)
+  path = lambda *a, **k: store(*a, **k).path("train", np.arange(3))  # noqa: E731
+  assert path() == path(scaled("layers_3")) == path(cfg=config.replace(lora_rank=4, remat=True))
+  for other in (path(scaled("layers_1")), path(scaled("embed_tokens")), path(cfg=config.replace(rope_theta=500.0)),
+                path(cfg=config.replace(dtype="bfloat16")), store().path("train", np.arange(4))):
+    assert other != path()
   assert frozen_cache.Store.open(tmp_path, config, base, 0) is None
   assert frozen_cache.Store.open(None, config, base, 2) is None
   hidden = np.asarray(jax.random.normal(jax.random.key(2), (3, 5, 8)), jnp.bfloat16)
-  frozen_cache.Store.save(path(base), {"hidden": hidden})
-  got = frozen_cache.Store.load(path(base))["hidden"]
+  s, where = store(), path()
+  want = {"hidden": (hidden.shape, hidden.dtype)}
+  assert s.save(where, {"hidden": hidden})
+  got = s.load(where, want)["hidden"]
   assert got.dtype == hidden.dtype and np.array_equal(got, hidden)
-  assert frozen_cache.Store.load(tmp_path / "nothing") is None
-  (path(base) / "hidden.npy").write_bytes(b"not an array")
-  with pytest.raises(ConfigError, match=f"{path(base)}: a lora.cache_dir entry that cannot be read"):
-    frozen_cache.Store.load(path(base))
+  assert s.load(tmp_path / "nothing", want) is None
+  with pytest.raises(ConfigError, match=r"hidden is bfloat16\[3, 5, 8\], this run computes float32\[3, 5, 8\]"):
+    s.load(where, {"hidden": (hidden.shape, np.float32)})
+  with pytest.raises(ConfigError, match="a lora.cache_dir entry that cannot be read"):
+    s.load(where, {"other": (hidden.shape, hidden.dtype)})
+  (where / "hidden.npy").write_bytes(b"not an array")
+  with pytest.raises(ConfigError, match=f"{where}: a lora.cache_dir entry that cannot be read"):
+    s.load(where, want)
   with pytest.raises(TypeError):
-    frozen_cache.Store.save(tmp_path / "half", {"ok": hidden, "bad": object()})
-  assert not (tmp_path / "half").exists() and [p.name for p in tmp_path.iterdir()] == [path(base).name]
+    s.save(tmp_path / "s" / "half", {"ok": hidden, "bad": object()})
+  assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [where.name]
+  (tmp_path / "a_file").write_text("")  # a store under a file: the file system refuses it (whoever runs the test)
+  assert not s.save(tmp_path / "a_file" / "refused", {"hidden": hidden})
+  assert said[-1].startswith(f"lora.cache_dir: could not keep {tmp_path / 'a_file' / 'refused'}")
 
 
 def test_cache_dir_needs_cache_frozen():

@@ -53,10 +53,14 @@ def add_model_flags(ap: argparse.ArgumentParser, run_help: str = "run directory 
   which.add_argument("--run", help=run_help)
   which.add_argument("--hf", help="a Hugging Face checkpoint directory (or a .gguf file) that was never a labor_jax run")
   ap.add_argument("--adapter", help="with --hf: a PEFT LoRA adapter directory applied to it")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16", "auto"),
+                  help="with --hf: the compute dtype (default float32; auto: bfloat16 where the hardware runs it "
+                       "natively, as model.dtype: auto); a run computes in its own model.dtype")
 
 
-def model_source(args: argparse.Namespace, hf_only: tuple[str, ...] = ("adapter",)) -> str:
-  """``--run`` or ``--hf``; ConfigError when a flag of ``hf_only`` (``--adapter``, ...) is given with ``--run``."""
+def model_source(args: argparse.Namespace, hf_only: tuple[str, ...] = ("adapter", "dtype")) -> str:
+  """``--run`` or ``--hf``; ConfigError when a flag of ``hf_only`` (``--adapter``, ``--dtype``, ...) is given with
+  ``--run``."""
   given = [f"--{name}" for name in hf_only if getattr(args, name, None)]
   if given and not args.hf:
     raise ConfigError(f"{' and '.join(given)} apply to --hf models (a run has its own)")

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         model, args.split, args.out, data=args.data, adapter=args.adapter, career=not args.no_career,
         extra_llms=_named(args.compare_hf), ensembles=ensembles, mesh=cli.mesh(args, model),
         batch_workers=args.batch_workers, chunk=args.chunk, progress=not args.no_progress,
-        bootstrap=args.bootstrap, seed=args.seed)
+        bootstrap=args.bootstrap, seed=args.seed, dtype=args.dtype)
   except cli.INPUT_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

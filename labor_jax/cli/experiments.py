@@ -225,8 +225,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=None,
                   help="foundation: steps per fine-tune instead of the recipes' 3 epochs")
   ap.add_argument("--full-seeds", type=int, default=foundation.FULL_SEEDS,
-                  help="foundation: seeds of full fine-tuning (at most --seeds; each costs about five LoRA seeds on "
-                       "2 CPU cores)")
+                  help="foundation: seeds of full fine-tuning (each costs about as much as three or four LoRA seeds "
+                       "on 2 CPU cores)")
   ap.add_argument("--in-context", type=int, default=foundation.IN_CONTEXT,
                   help="foundation: training resumes before each test worker's in the in-context row (0: no row)")
   ap.add_argument("--model", help="foundation: a Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct "

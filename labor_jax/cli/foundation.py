@@ -13,8 +13,8 @@ bootstrap interval (over test workers) of the log-perplexity difference:
   ensemble (the mean of their probabilities);
 * the same on numeric codes instead of titles (titles vs codes);
 * full fine-tuning of every weight (``configs/foundation/smollm2_full_epochs.yaml``), ``--full-seeds`` seeds
-  (default 1: a seed costs about five LoRA seeds on 2 CPU cores, docs/experiments.md) and, with several, their
-  ensemble (LoRA vs full);
+  (default 1: a seed costs about as much as three or four LoRA seeds on 2 CPU cores, docs/experiments.md) and,
+  with several, their ensemble (LoRA vs full);
 * a tiny LLM (stage 1 on synthetic careers + NLSY fine-tuning, 0.6M parameters, trained from scratch
   here, seed 0, on a SentencePiece dataset of the same resumes; ``--tiny-llm`` scores a finished one);
 * multinomial logit, first-order Markov, the CAREER-style transformer, empirical frequencies.
@@ -44,9 +44,16 @@ VARIANTS = (  # key, recipe, dataset variant, what the row says
     ("full_titles", "foundation/smollm2_full_epochs", "titles", "full fine-tuning, titles"),
 )
 IN_CONTEXT = 3  # training resumes placed before each test worker's in the in-context row
-FULL_SEEDS = 1  # full fine-tuning seeds by default (24 min a seed on 2 CPU cores, docs/experiments.md)
+FULL_SEEDS = 1  # full fine-tuning seeds by default (about 24 min a seed on 2 CPU cores, docs/experiments.md)
 QUICK_STEPS = 2  # --quick
 UNITS = cli.JobBar  # the progress bar's cost estimates: a scoring pass, a tiny LLM's step, the baselines
+
+
+def seeds_by_row(seeds: int, full_seeds: int | None) -> dict[str, int]:
+  """Fine-tuning seeds of each variant: ``full_seeds`` for the recipes that train every weight (None: ``seeds``),
+  ``seeds`` for the LoRA ones."""
+  return {key: seeds if full_seeds is None or recipe_config(recipe).lora.enabled else full_seeds
+          for key, recipe, *_ in VARIANTS}
 
 
 def in_context_tokens(data: DatasetDir, k: int, seed: int = 0):
@@ -98,8 +105,7 @@ def run(out: Path, seeds: int = 3, *, steps: int | None = None, quick: bool = Fa
   else:  # a finished run, scored on the dataset it trained on
     tiny_llm, tiny_steps = Path(tiny_llm), {}
     tiny_data = RunDir(tiny_llm).check().dataset().check()
-  n_seeds = {key: seeds if key != "full_titles" or full_seeds is None else min(full_seeds, seeds)
-             for key, *_ in VARIANTS}
+  n_seeds = seeds_by_row(seeds, full_seeds)
   runs = {key: [out / key / f"seed{k}" for k in range(n_seeds[key])] for key, *_ in VARIANTS}
   extra = {key: {"lora.cache_dir": str(out / "frozen_cache")} if recipe_config(recipe).lora.cache_frozen else {}
            for key, recipe, *_ in VARIANTS}

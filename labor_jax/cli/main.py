@@ -37,7 +37,7 @@ from data_pipeline.dataset_dir import build_dataset, load_default
 from labor_jax import inference, runtime
 from labor_jax.cli import common as cli
 from labor_jax.cli.rows import Rows, table_lines
-from labor_jax.training.recipes import frozen_layers, planned_steps
+from labor_jax.training.recipes import frozen_layers, planned_steps, recipe_config
 
 RECIPE = "main/smollm2"  # stage 2
 SCRATCH = "main/scratch"  # no language pretraining
@@ -84,7 +84,8 @@ def run(out: Path, seeds: int = 1, *, model: str | Path | None = None, quick: bo
                     "log_every": 1, "optim.warmup_steps": 1} if quick else {})
   llm_dirs = [out / ("llm" if k == 0 else f"llm_seed{k}") for k in range(seeds)]
   scratch_dir = out / "llm_nlsy_only"
-  llm_changes = [{"model.hf_path": str(hf), "seed": k, "lora.cache_dir": str(out / "frozen_cache"), **quick_changes}
+  keep = {"lora.cache_dir": str(out / "frozen_cache")} if recipe_config(RECIPE).lora.cache_frozen else {}
+  llm_changes = [{"model.hf_path": str(hf), "seed": k, **keep, **quick_changes}
                  for k in range(seeds)]  # later seeds read the frozen blocks' output the first one kept
   steps = planned_steps(RECIPE, data.path, llm_changes[0])
   scratch_steps = planned_steps(SCRATCH, tiny_data.path, quick_changes)

@@ -24,14 +24,14 @@ from labor_jax.rundir import RunDir
 
 def predict(model: str | Path, history: str | Path, top_k: int = 5, *, titles: str | Path | None = None,
             variant: str | None = None, adapter: str | Path | None = None, step: int | str | None = None, mesh=None,
-            chunk: int | None = None) -> list[tuple[str, float]]:
+            chunk: int | None = None, dtype: str | None = None) -> list[tuple[str, float]]:
   """The ``top_k`` most likely next occupations (title, probability) of the worker in ``history``.
 
   ``model`` is any source :func:`labor_jax.load` opens: a run directory (titles, template variant
   and survey name from its dataset) or a Hugging Face directory / .gguf file (with a PEFT
-  ``adapter``; ``titles`` is then required: a ``code,title`` CSV or "occ1990dd")."""
+  ``adapter``; ``titles`` is then required: a ``code,title`` CSV or "occ1990dd"; ``dtype``: its compute dtype)."""
   m = api.load(model, step=step, adapter=adapter, titles=titles, variant=variant, mesh=mesh, chunk=chunk,
-               batch_workers=1)
+               batch_workers=1, dtype=dtype)
   panel, next_year, next_edu = load_history(history, m.titles, m.dataset)
   p = m.next_distribution(panel, next_year=next_year, next_education=next_edu).iloc[0]
   top = p.sort_values(ascending=False, kind="stable")[:top_k]
@@ -50,12 +50,13 @@ def main(argv=None) -> int:
   cli.add_mesh_flags(ap, batch=False)
   args = ap.parse_args(argv)
   try:
-    model = cli.model_source(args, hf_only=("adapter", "titles"))
+    model = cli.model_source(args, hf_only=("adapter", "dtype", "titles"))
     if args.run:
       RunDir(args.run).check()
     cli.start(args)
     top = predict(model, args.history, args.top_k, titles=args.titles, variant=args.variant, adapter=args.adapter,
-                  step=cli.step(args) if args.run else None, mesh=cli.mesh(args, model), chunk=args.chunk)
+                  step=cli.step(args) if args.run else None, mesh=cli.mesh(args, model), chunk=args.chunk,
+                  dtype=args.dtype)
   except cli.INPUT_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

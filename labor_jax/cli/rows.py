@@ -28,11 +28,12 @@ class Rows:
   the log-probability [N] of the true occupation of each of the N test transitions of ``data``."""
 
   def __init__(self, data: DatasetDir, *, log: Callable[[str], None] = print, shared_layers: int = 0):
-    """``shared_layers``: the first blocks' output is computed once and shared by the rows whose models have
-    the same first blocks (:class:`labor_jax.inference.SharedLower`: SmolLM2 and its fine-tunes with adapters
-    in the top blocks only)."""
+    """``shared_layers``: the first blocks' output is computed once per dataset and shared by the rows whose
+    models have the same first blocks (:class:`labor_jax.inference.SharedLower`: SmolLM2 and its fine-tunes with
+    adapters in the top blocks only, on titles and on codes)."""
     self.data = data
-    self.shared = inference.SharedLower(shared_layers) if shared_layers else None
+    self.shared_layers = shared_layers
+    self.shared: dict[Path, inference.SharedLower] = {}  # by dataset directory
     self.surveys = data.datasets
     self.ref = evaluation.transitions_of(data, self.surveys)
     self.y = self.ref["occ"].to_numpy()
@@ -56,8 +57,11 @@ class Rows:
     table = evaluation.transitions_of(data, self.surveys)
     evaluation.check_same_transitions(self.ref, table, f"{name} ({data.path})")
     dtype = None if inference.source_kind(source) == inference.RUN else "auto"
+    shared = None
+    if self.shared_layers and context is None:
+      shared = self.shared.setdefault(Path(data.path).resolve(), inference.SharedLower(self.shared_layers))
     norm, _, what = evaluation.score_transitions(source, data, table, "test", context=context, dtype=dtype,
-                                                 shared=self.shared if data is self.data and context is None else None)
+                                                 shared=shared)
     self.add(key, name, norm[np.arange(len(self.y)), self.y])
     self.log(f"{name} ({what}): perplexity {perplexity(self.logp[key]):.3f}")
     return norm

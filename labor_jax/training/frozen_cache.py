@@ -20,6 +20,7 @@ weights, the compute dtype, the rows and the batch layout: a later run of the sa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -53,11 +54,13 @@ def _key(row: dict[str, np.ndarray], i: int | None = None) -> bytes:
 
 class Store:
   """``lora.cache_dir``: arrays computed by the frozen blocks, on disk, each set in a directory named by a hash
-  of the frozen weights (:func:`labor_jax.inference.lower_fingerprint`) and of what it was computed from."""
+  of the frozen weights (:func:`labor_jax.inference.lower_fingerprint`), the model's configuration (all but the
+  adapters' and the backward pass's settings), the JAX backend, and what the set was computed from."""
 
-  def __init__(self, directory: str | Path, fingerprint: str):
+  def __init__(self, directory: str | Path, fingerprint: str, log=print):
     self.directory = Path(directory)
     self.fingerprint = fingerprint
+    self.log = log
 
   @classmethod
   def open(cls, directory: str | Path | None, config: LlamaConfig, params: Any, n_layers: int,
@@ -71,7 +74,10 @@ class Store:
       log(f"lora.cache_dir: the first {n_layers} blocks are not held one by one without adapters "
           "(scanned layers?); their output is computed, not stored")
       return None
-    return cls(directory, found)
+    numerics = {k: v for k, v in dataclasses.asdict(config).items()
+                if not k.startswith("lora_") and k not in ("remat", "loss_chunk")}
+    return cls(directory, hashlib.blake2b(repr((found, sorted(numerics.items()), jax.default_backend())).encode(),
+                                          digest_size=16).hexdigest(), log)
 
   def path(self, kind: str, *parts) -> Path:
     """The directory of one set: ``kind`` and a hash of the weights and ``parts`` (arrays, bytes or reprs)."""
@@ -82,26 +88,37 @@ class Store:
       digest.update(part if isinstance(part, bytes) else repr(part).encode())
     return self.directory / f"{kind}-{digest.hexdigest()}"
 
-  @staticmethod
-  def load(path: Path) -> dict[str, np.ndarray] | None:
-    """The arrays saved at ``path`` (None when there are none)."""
+  def load(self, path: Path, expected: dict[str, tuple[tuple[int, ...], Any]]) -> dict[str, np.ndarray] | None:
+    """The arrays saved at ``path`` (None when there are none), which must be ``expected``'s names, shapes and
+    dtypes; anything else stops with one line naming ``path``."""
     meta_file = path / "arrays.json"
     if not meta_file.exists():
       return None
     try:
       meta = json.loads(meta_file.read_text())
-      return {k: np.load(path / f"{k}.npy").view(np.dtype(dtype)).reshape(shape)
-              for k, (dtype, shape) in meta.items()}
-    except (OSError, ValueError, TypeError, KeyError) as e:
+      if not isinstance(meta, dict) or set(meta) != set(expected):
+        raise ValueError(f"holds {sorted(meta) if isinstance(meta, dict) else meta!r}, not {sorted(expected)}")
+      out = {k: np.load(path / f"{k}.npy").view(np.dtype(dtype)).reshape(shape) for k, (dtype, shape) in meta.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
       raise ConfigError(f"{path}: a lora.cache_dir entry that cannot be read ({e}); delete it") from e
+    for k, (shape, dtype) in expected.items():
+      if out[k].shape != tuple(shape) or out[k].dtype != np.dtype(dtype):
+        raise ConfigError(f"{path}: {k} is {out[k].dtype}{list(out[k].shape)}, this run computes "
+                          f"{np.dtype(dtype)}{list(shape)}; delete it")
+    return out
 
-  @staticmethod
-  def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``arrays`` at ``path``, whole or not at all (any dtype: kept as raw bytes with its name)."""
-    with atomic_dir(path) as tmp:
-      for k, a in arrays.items():
-        np.save(tmp / f"{k}.npy", np.ascontiguousarray(a).view(np.uint8).reshape(-1))
-      (tmp / "arrays.json").write_text(json.dumps({k: [a.dtype.name, list(a.shape)] for k, a in arrays.items()}))
+  def save(self, path: Path, arrays: dict[str, np.ndarray]) -> bool:
+    """``arrays`` at ``path``, whole or not at all (any dtype: kept as raw bytes with its name). A write the
+    file system refuses (full, read-only) is said in one line and not kept: the store only saves time."""
+    try:
+      with atomic_dir(path) as tmp:
+        for k, a in arrays.items():
+          np.save(tmp / f"{k}.npy", np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+        (tmp / "arrays.json").write_text(json.dumps({k: [a.dtype.name, list(a.shape)] for k, a in arrays.items()}))
+    except OSError as e:
+      self.log(f"lora.cache_dir: could not keep {path} ({e}); later runs compute it again")
+      return False
+    return True
 
 
 class FrozenCache:
@@ -135,12 +152,10 @@ class FrozenCache:
     path = None if store is None else store.path(
         "train", n_layers, config.dtype, batch_size, dict(batch_sh.mesh.shape), str(batch_sh.spec),
         *(fields[k] for k in _KEY_FIELDS))
-    saved = None if path is None else store.load(path)
+    saved = None if path is None else store.load(
+        path, {"hidden": ((*fields["inputs"].shape, config.hidden_size), config.jnp_dtype)})
     if saved is not None:
       hidden = saved["hidden"]
-      if hidden.shape[:2] != fields["inputs"].shape or hidden.shape[2] != config.hidden_size:
-        raise ConfigError(f"{path}: holds {hidden.shape} hidden states for {fields['inputs'].shape} training rows; "
-                          "delete it")
       log(f"lora.cache_frozen: the {n_layers} frozen blocks' output for {n:,} training rows read from {path} "
           f"in {time.perf_counter() - t0:.1f} s; each step runs the top {config.num_hidden_layers - n_layers} "
           "blocks only")
@@ -153,12 +168,11 @@ class FrozenCache:
       batch = jax.device_put({k: v[take] for k, v in fields.items()}, batch_sh)
       out.append(np.asarray(jax.device_get(lower(params, batch)))[:min(batch_size, n - start)])
     hidden = np.concatenate(out)
-    if path is not None:
-      store.save(path, {"hidden": hidden})
+    kept = path is not None and store.save(path, {"hidden": hidden})
     log(f"lora.cache_frozen: the {n_layers} frozen blocks' output for {n:,} training rows "
         f"({hidden.nbytes / 2 ** 20:,.0f} MiB, {hidden.dtype}) in {time.perf_counter() - t0:.1f} s; "
         f"each step runs the top {config.num_hidden_layers - n_layers} blocks only"
-        + ("" if path is None else f"; kept in {path} for runs of the same base and data"))
+        + (f"; kept in {path} for runs of the same base and data" if kept else ""))
     return cls(n_layers, hidden, index)
 
   def lookup(self, local: dict[str, np.ndarray]) -> np.ndarray:

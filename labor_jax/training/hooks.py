@@ -86,7 +86,9 @@ class Throughput(Hook):
 
   def start(self, trainer):
     cfg = trainer.cfg
-    self.per_position = flops.train_flops_per_token(trainer.config, cfg.data.seq_len, frozen_base=cfg.lora.enabled)
+    cached = trainer.frozen_cache.n_layers if trainer.frozen_cache is not None else 0
+    self.per_position = flops.train_flops_per_token(trainer.config, cfg.data.seq_len, frozen_base=cfg.lora.enabled,
+                                                    cached_layers=cached)
     chip = flops.peak_flops(jax.devices()[0].device_kind, cfg.peak_flops_per_chip)
     self.peak = None if chip is None else chip * jax.device_count()
     self.since, self.tokens, self.steps = time.perf_counter(), 0.0, 0

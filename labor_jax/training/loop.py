@@ -257,18 +257,19 @@ def setup(cfg: TrainConfig) -> Trainer:
     if not first_layer and is_main:
       print(f"lora.cache_frozen: lora.top_layers={cfg.lora.top_layers} puts adapters in all "
             f"{config.num_hidden_layers} blocks; nothing below them to cache", flush=True)
-  stores = {}  # lora.cache_dir: the frozen blocks' store, opened (their weights hashed) once, when first needed
+  store: list[frozen_cache.Store | None] = []  # lora.cache_dir: opened (the frozen weights hashed) once, when first needed
 
-  def store(params):
-    if "s" not in stores:
-      stores["s"] = frozen_cache.Store.open(cfg.lora.cache_dir, config, params, first_layer,
-                                            log=_say if is_main else (lambda *a: None))
-    return stores["s"]
+  def open_store(params) -> frozen_cache.Store | None:
+    if not store:
+      store.append(frozen_cache.Store.open(cfg.lora.cache_dir, config, params, first_layer,
+                                           log=_say if is_main else (lambda *a: None)))
+    return store[0]
+
   if cfg.eval_metric == "occupation_perplexity":
     occupation = validation.occupation_metrics(
         config, data, tok, mesh, batch_workers=cfg.batch_size, max_workers=cfg.eval_batches * cfg.batch_size or None,
         token_loss=None if cfg.data.pack else (cfg.data.seq_len, cfg.data.loss_on), frozen_layers=first_layer,
-        store=store if cfg.lora.cache_dir else None, log=print if is_main else (lambda *a: None))
+        open_store=open_store if cfg.lora.cache_dir else None, log=print if is_main else (lambda *a: None))
   metric = selection.key(cfg.eval_metric if occupation is not None else "token_loss")
 
   # A checkpoint that fits the run is restored (the frozen weights from RUN/frozen); only a fresh
@@ -296,7 +297,7 @@ def setup(cfg: TrainConfig) -> Trainer:
   if first_layer and start < cfg.steps:  # a finished run (reopened to be reused) takes no step
     cache = frozen_cache.FrozenCache.build(config, state.params, data, data_kw, first_layer, batch_sh,
                                            local_batch, log=_say if is_main else (lambda *a: None),
-                                           store=store(state.params) if cfg.lora.cache_dir else None)
+                                           store=open_store(state.params) if cfg.lora.cache_dir else None)
   train_step = train_core.make_train_step(config, optimizer, shardings, batch_sh, labels=label_tree,
                                           grad_accum=o.grad_accum, schedule=schedule, first_layer=first_layer)
   eval_step = train_core.make_eval_step(config, shardings, batch_sh)

@@ -29,7 +29,7 @@ import numpy as np
 from data_pipeline import loader, resume
 from data_pipeline.dataset_dir import TITLES, DatasetDir
 from labor_jax import inference, scorer, sharding
-from labor_jax.config import ConfigError, LlamaConfig
+from labor_jax.config import LlamaConfig
 
 
 def unavailable(data: DatasetDir, examples: list[dict]) -> str | None:
@@ -60,7 +60,7 @@ def loss_weights(examples: list[dict], n: int, seq_len: int, loss_on: str, local
 def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: jax.sharding.Mesh, *,
                        batch_workers: int, max_workers: int | None = None, chunk: int | None = None,
                        token_loss: tuple[int, str] | None = None, frozen_layers: int = 0,
-                       store=None, log=print) -> Callable[[Any], dict[str, float]] | None:
+                       open_store: Callable[[Any], Any] | None = None, log=print) -> Callable[[Any], dict[str, float]] | None:
   """``params -> {"val_occupation_ppl": ..., "val_loss": ...}`` over ``data``'s validation split, or
   None (after one ``log`` line) when the dataset cannot give a perplexity (:func:`unavailable`).
 
@@ -71,9 +71,9 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
   trainer's unpacked validation rows of that length and mask give it. ``params`` live on ``mesh``.
   ``frozen_layers``: the first blocks (and the embedding) never change between calls (``lora.cache_frozen``):
   their output for every batch is computed at the first call and kept, and each call runs the blocks above;
-  ``store`` (``params -> Store | None``: the :class:`labor_jax.training.frozen_cache.Store` of those blocks,
-  ``lora.cache_dir``): that output is read from it when a run of the same weights and validation batches put it
-  there, else put there.
+  ``open_store`` (``params -> Store | None``: the :class:`labor_jax.training.frozen_cache.Store` of those blocks,
+  ``lora.cache_dir``): that output is read from the store when a run of the same weights and validation batches
+  put it there, else put there.
   """
   src = data.source("validation")
   examples = [src[i] for i in range(len(src))][:max_workers]
@@ -112,21 +112,21 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
     true_logp.append((rows, steps, target_WT[s:s + b][rows, steps]))
 
   def frozen_output(params) -> list:
-    kept = None if store is None else store(params)
-    path = None if kept is None else kept.path("validation", frozen_layers, config.dtype, cands, chunk, b,
+    store = None if open_store is None else open_store(params)
+    path = None if store is None else store.path("validation", frozen_layers, config.dtype, cands, chunk, b,
                                                  dict(mesh.shape), tokens_WN, mask_WN, ends_WT)
-    saved = None if path is None else kept.load(path)
+    saved = None
+    if path is not None:
+      shapes = jax.eval_shape(lower_step, params, *batches[0][:3])._asdict()
+      saved = store.load(path, {f"{k}{i}": (x.shape, x.dtype) for i in range(len(batches)) for k, x in shapes.items()})
     if saved is None:
       found = [lower_step(params, *batch[:3]) for batch in batches]
-      if path is not None:
-        kept.save(path, {f"{k}{i}": sharding.to_host(x) for i, lower in enumerate(found)
-                          for k, x in lower._asdict().items()})
+      if path is not None and store.save(path, {f"{k}{i}": sharding.to_host(x) for i, lower in enumerate(found)
+                                                for k, x in lower._asdict().items()}):
+        log(f"lora.cache_frozen: the {frozen_layers} frozen blocks' output for the validation batches kept in {path}")
       return found
-    if len(saved) != 2 * len(batches):
-      raise ConfigError(f"{path}: holds {len(saved) // 2} validation batches, not {len(batches)}; delete it")
-    placed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(inference.batch_sharding(mesh).spec[0]))
     log(f"lora.cache_frozen: the {frozen_layers} frozen blocks' output for the validation batches read from {path}")
-    return [scorer.Lower(*(jax.device_put(saved[f"{k}{i}"], placed) for k in scorer.Lower._fields))
+    return [scorer.Lower(*(inference.place_batch(saved[f"{k}{i}"], mesh) for k in scorer.Lower._fields))
             for i in range(len(batches))]
 
   def metrics(params) -> dict[str, float]:
