@@ -159,7 +159,8 @@ def test_scoring_shares_the_first_blocks_between_models_that_have_them(nlsy_data
 
 def test_a_later_seed_reads_the_frozen_blocks_output_the_first_kept(tmp_path, nlsy_dataset, tiny_hf, capsys):
   """lora.cache_dir: seed 1 of a Hugging Face base on the same data reads the training rows' and the validation
-  batches' frozen-block output that seed 0 kept, and trains and validates as seed 1 computing it itself."""
+  batches' frozen-block output that seed 0 kept: the same bytes as computing them (so the same training), and
+  seed 1's validation from the read output gives what seed 0's computed output gives for seed 1's weights."""
   store = tmp_path / "frozen"
   base = [f"model.hf_path={tiny_hf}", "lora.cache_frozen=true"]  # 2 blocks: the adapters in the top one
   first = _run(tmp_path, nlsy_dataset, "seed0", *base, f"lora.cache_dir={store}")
@@ -171,14 +172,12 @@ def test_a_later_seed_reads_the_frozen_blocks_output_the_first_kept(tmp_path, nl
   got = second.occupation(second.state.params)
   out = capsys.readouterr().out
   assert out.count("read from") == 2 and "kept in" not in out, out
-  alone = _run(tmp_path, nlsy_dataset, "seed1_alone", *base, "seed=1")
-  np.testing.assert_array_equal(second.frozen_cache.hidden_NTD, alone.frozen_cache.hidden_NTD)
-  terms = numerics.forward_terms(alone.config, tokens=alone.cfg.data.seq_len)
-  tree = alone.label_tree
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(labels.split(second.state.params, tree)[0]),
-                          jax.tree.leaves(labels.split(alone.state.params, tree)[0])):
-    numerics.assert_close(g, w, terms=terms["terms"], layers=terms["layers"] * 3, what=labels.path_str(path))
-  want = alone.occupation(alone.state.params)
+  np.testing.assert_array_equal(second.frozen_cache.hidden_NTD, first.frozen_cache.hidden_NTD)
+  tree = first.label_tree
+  assert not all(np.array_equal(g, w) for g, w in zip(jax.tree.leaves(labels.split(second.state.params, tree)[0]),
+                                                      jax.tree.leaves(labels.split(first.state.params, tree)[0])))
+  want = first.occupation(second.state.params)  # seed 0's own lower-block output, seed 1's weights
+  terms = numerics.forward_terms(first.config, tokens=first.cfg.data.seq_len)
   for key in ("val_occupation_ppl", "val_loss"):
     numerics.assert_close(got[key], want[key], **terms, what=key)
 
