@@ -73,14 +73,18 @@ def _first_trained_block(config: LlamaConfig, layer: int) -> tuple[int, int]:
   return sum(shapes[name][0] * shapes[name][1] for name in names), 3 if attention_trained else 1
 
 
+def _head_adapters(config: LlamaConfig) -> int:
+  """Adapter weights on the LM head (0 without LoRA there)."""
+  if not config.lora_rank or not labels.adapted("lm_head", config.lora_targets):
+    return 0
+  return config.lora_rank * (config.hidden_size + config.vocab_size)
+
+
 def matmul_params(config: LlamaConfig) -> tuple[int, int]:
   """(base matmul weights, LoRA adapter weights) a token passes through."""
   d, v = config.hidden_size, config.vocab_size
   base = config.num_hidden_layers * sum(i * o for i, o in _block_shapes(config).values()) + d * v
-  adapters = sum(_layer_adapters(config))
-  if config.lora_rank and labels.adapted("lm_head", config.lora_targets):
-    adapters += config.lora_rank * (d + v)
-  return base, adapters
+  return base, sum(_layer_adapters(config)) + _head_adapters(config)
 
 
 def train_flops_per_token(config: LlamaConfig, seq_len: int, *, frozen_base: bool = False,
@@ -95,19 +99,16 @@ def train_flops_per_token(config: LlamaConfig, seq_len: int, *, frozen_base: boo
   count is an upper bound by a fraction of that one block's backward pass."""
   if cached_layers and not frozen_base:
     raise ValueError("cached_layers: only frozen blocks' output can be cached (frozen_base=True)")
-  shapes = _block_shapes(config)
-  block = sum(i * o for i, o in shapes.values())
-
+  block = sum(i * o for i, o in _block_shapes(config).values())
   attn = 4 * seq_len * config.num_attention_heads * config.head_dim  # the forward pass's score and value matmuls
   per_layer = _layer_adapters(config)
   trained = [a > 0 for a in per_layer]
   first = (trained.index(True) if any(trained) else config.num_hidden_layers) if frozen_base else 0
   if cached_layers > first:
     raise ValueError(f"cached_layers={cached_layers}: block {first} has adapters; only blocks below it can be cached")
-  d, v = config.hidden_size, config.vocab_size
-  head_adapters = config.lora_rank * (d + v) if config.lora_rank and labels.adapted("lm_head", config.lora_targets) else 0
   # the head: its input gradient is needed when a block below it trains (or the base is not frozen)
-  total = (6 if not frozen_base else 4 if any(trained) else 2) * d * v + 6 * head_adapters
+  total = (6 if not frozen_base else 4 if any(trained) else 2) * config.hidden_size * config.vocab_size
+  total += 6 * _head_adapters(config)
   for layer, a in enumerate(per_layer):
     if layer < cached_layers:
       continue

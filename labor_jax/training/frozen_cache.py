@@ -149,9 +149,8 @@ class FrozenCache:
     index = {}
     for i in range(n):
       index.setdefault(_key(fields, i), i)
-    path = None if store is None else store.path(
-        "train", n_layers, config.dtype, batch_size, dict(batch_sh.mesh.shape), str(batch_sh.spec),
-        *(fields[k] for k in _KEY_FIELDS))
+    path = None if store is None else store.path(  # the store's key holds the weights, their depth and dtype
+        "train", batch_size, dict(batch_sh.mesh.shape), str(batch_sh.spec), *(fields[k] for k in _KEY_FIELDS))
     saved = None if path is None else store.load(
         path, {"hidden": ((*fields["inputs"].shape, config.hidden_size), config.jnp_dtype)})
     if saved is not None:

@@ -113,8 +113,8 @@ def occupation_metrics(config: LlamaConfig, data: DatasetDir, tokenizer, mesh: j
 
   def frozen_output(params) -> list:
     store = None if open_store is None else open_store(params)
-    path = None if store is None else store.path("validation", frozen_layers, config.dtype, cands, chunk, b,
-                                                 dict(mesh.shape), tokens_WN, mask_WN, ends_WT)
+    path = None if store is None else store.path("validation", cands, chunk, b, dict(mesh.shape), tokens_WN, mask_WN,
+                                                 ends_WT)  # the store's key holds the weights, their depth and dtype
     saved = None
     if path is not None:
       shapes = jax.eval_shape(lower_step, params, *batches[0][:3])._asdict()
