@@ -44,7 +44,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # each step's process takes what it 
 if [ "$DRY" = 1 ]; then
   SIZE=tiny
   # one CPU device, as one GPU (the caller's other XLA flags, e.g. the test suite's, are kept)
-  export JAX_PLATFORMS=cpu XLA_FLAGS="$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')"
+  export JAX_PLATFORMS=cpu XLA_FLAGS="$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g') --xla_force_host_platform_device_count=1"
   TESTS="tests/test_numerics.py"  # a quick file: the step's plumbing, not the accelerator tests
 else
   SIZE=full

@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -9,8 +10,17 @@ from pathlib import Path
 # Unoptimised XLA:CPU code generation: the suite's models are tiny, so compiling, not running, is most of its time
 # (about a third less CPU time than the default level); numerical bounds come from float32 arithmetic
 # (tests/numerics.py), which an optimisation level does not change. Subprocesses take these flags through
-# tests.runs.cpu_env, with their own device count.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# tests.runs.cpu_env, with their own device count. The caller's XLA_FLAGS are kept and win for a flag they set:
+# `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs the suite as on a CPU without AVX-512 (docs/index.md).
+SUITE_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_backend_optimization_level": "0"}
+
+
+def _with_suite_flags(flags: str) -> str:
+  given = {f.split("=", 1)[0] for f in flags.split()}
+  return " ".join([*flags.split(), *(f"{k}={v}" for k, v in SUITE_XLA_FLAGS.items() if k not in given)])
+
+
+os.environ["XLA_FLAGS"] = _with_suite_flags(os.environ.get("XLA_FLAGS", ""))
 # Every compiled program goes to the run's compilation cache (pytest_configure), however quick to compile: the
 # suite's processes (two workers and the CLIs they start) compile many programs of the same shapes.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -28,10 +38,46 @@ def pytest_configure(config):
   runs) inherit it through JAX_COMPILATION_CACHE_DIR, so a program that many tests compile alike (the
   tiny models' steps) compiles once per run. It starts empty, so the suite's timings include filling it,
   and it is removed at the end. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is."""
+  config.addinivalue_line("markers", "devices(n): needs n JAX devices; skipped on an accelerator that has fewer "
+                          "(scripts/gpu_check.sh on one GPU), never on the CPU, where the suite makes 8")
   if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   config._labor_jax_cache = tempfile.mkdtemp(prefix="labor_jax_tests_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = config._labor_jax_cache
+
+
+def machine() -> str:
+  """This CPU as the docs name machines: model name, cores, and the vector extensions that change XLA's and
+  PyTorch's kernels (so a summation order), from /proc/cpuinfo."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      key, _, value = line.partition(":")
+      if key.strip() == "model name":
+        model = value.strip()
+      elif key.strip() == "flags":
+        flags = set(value.split())
+  except OSError:
+    pass
+  isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+  return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The machine and the XLA flags under the run's result (also with -q): a failure or a timing in a CI log
+  names the CPU it came from."""
+  terminalreporter.write_line(f"labor_jax: {machine()}; XLA_FLAGS={os.environ['XLA_FLAGS']}")
+
+
+def pytest_runtest_setup(item):
+  """``@pytest.mark.devices(n)``: skipped where an accelerator backend has fewer than n devices. On the CPU the
+  suite's 8 fake devices are always there, so fewer is a fault in the set-up and the test runs (and fails)."""
+  marker = item.get_closest_marker("devices")
+  if marker is None:
+    return
+  import jax
+  if jax.default_backend() != "cpu" and jax.device_count() < marker.args[0]:
+    pytest.skip(f"needs {marker.args[0]} devices; this {jax.default_backend()} backend has {jax.device_count()}")
 
 
 def pytest_unconfigure(config):

@@ -115,6 +115,7 @@ def test_splash_kernel_equals_blocked_in_the_pallas_interpreter():
   close(out, ref, terms=128 * 4)  # keys' gradients sum over 128 queries x 4 heads
 
 
+@pytest.mark.devices(4)
 def test_splash_kernel_sharded_over_batch_and_heads():
   q, k, v, mask, do = _splash_inputs()
   mesh = sharding.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])

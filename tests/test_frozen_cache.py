@@ -1,6 +1,8 @@
 """lora.cache_frozen: the frozen lower blocks' output, computed once, gives the full pass's loss, gradients
 and training run; a wrong cache (one block short, rows swapped) does not."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,3 +229,48 @@ def test_the_store_is_keyed_by_the_frozen_weights_and_refuses_what_it_cannot_rea
 def test_cache_dir_needs_cache_frozen():
   with pytest.raises(ConfigError, match="lora.cache_dir: keeps the output of lora.cache_frozen"):
     train_config.load("configs/demo.yaml", ["lora.cache_dir=somewhere"])
+
+
+KILLED_WRITER = r"""
+import sys, time
+from labor_jax.fileio import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+  (tmp / "part.npy").write_bytes(b"half written")
+  print(tmp, flush=True)
+  time.sleep(600)
+"""
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_run(tmp_path):
+  """A process killed outright (SIGKILL) while it writes a store entry cannot remove its temporary directory;
+  the next run's Store.open removes it and says so. A running writer's directory (this process's), another
+  host's and anything that is not atomic_dir's are left."""
+  import signal
+  import socket
+  import subprocess
+  import sys
+
+  from labor_jax import fileio
+  from labor_jax.training import frozen_cache
+  from tests.runs import ROOT
+  store = tmp_path / "store"
+  writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(store / "train-abc")], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+  killed = Path(writer.stdout.readline().strip())
+  writer.send_signal(signal.SIGKILL)
+  writer.wait()
+  assert killed.parent == store and (killed / "part.npy").exists()
+  elsewhere = store / f".train-abc.tmp-not-{socket.gethostname()}-{writer.pid}-x1y2z3"
+  set_aside = store / f".validation-abc.old.{'0' * 32}"
+  unrelated = store / ".train-abc.tmp-mine"
+  for d in (elsewhere, set_aside, unrelated):
+    d.mkdir()
+  said = []
+  with fileio.atomic_dir(store / "validation-def") as running:
+    config = llama_tiny(vocab_size=128, num_hidden_layers=4)
+    assert frozen_cache.Store.open(store, config, model.init_params(config, jax.random.key(0)), 2, log=said.append)
+    left = sorted(p.name for p in store.iterdir())
+    assert left == sorted([elsewhere.name, unrelated.name, running.name]), left
+  assert sorted(said) == sorted(f"lora.cache_dir: removed {p.name}, left by a run that was stopped while writing it"
+                                for p in (killed, set_aside))
+  assert sorted(p.name for p in store.iterdir()) == sorted([elsewhere.name, unrelated.name, "validation-def"])

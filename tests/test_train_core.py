@@ -50,6 +50,7 @@ def reference():
   return _train(sharding.make_mesh(devices=jax.devices()[:1]))
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("shape", [dict(data=8), dict(fsdp=8), dict(fsdp=4, tensor=2)])
 def test_sharded_losses_match_one_device(reference, shape):
   _, want = reference
@@ -79,6 +80,7 @@ def test_frozen_parameters_keep_no_optimizer_state_and_do_not_move(reference):
   assert frac == pytest.approx(attn / sum(x.size for x in jax.tree.leaves(state.params)))
 
 
+@pytest.mark.devices(8)
 def test_optimizer_moments_follow_parameter_shardings():
   mesh = sharding.make_mesh(fsdp=4, tensor=2)
   label_tree = labels.label_tree(train_core.model.param_shapes(CONFIG), None)
@@ -89,6 +91,7 @@ def test_optimizer_moments_follow_parameter_shardings():
   assert sum(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(sh.opt_state)) >= 2 * (n_params - 5)
 
 
+@pytest.mark.devices(8)
 def test_gradient_accumulation_matches_one_big_batch(reference):
   _, want = reference
   _, got = _train(sharding.make_mesh(fsdp=8), grad_accum=1)
@@ -103,6 +106,7 @@ def test_schedule_warmup_then_decay():
   assert float(train_core.make_schedule(1.0, 100, 0, "linear", 0.0)(50)) == pytest.approx(0.5)
 
 
+@pytest.mark.devices(8)
 def test_scanned_layers_train_like_unrolled(reference):
   _, want = reference
   state, got = _train(sharding.make_mesh(fsdp=4, tensor=2), config=CONFIG.replace(scan_layers=True, remat=True))

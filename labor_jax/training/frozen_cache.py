@@ -35,7 +35,7 @@ from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir
 from labor_jax import inference, model
 from labor_jax.config import ConfigError, LlamaConfig
-from labor_jax.fileio import atomic_dir
+from labor_jax.fileio import atomic_dir, remove_stale
 
 _KEY_FIELDS = ("inputs", "positions", "segment_ids")
 
@@ -69,6 +69,8 @@ class Store:
     blocks cannot be fingerprinted: then every run computes them)."""
     if directory is None or not n_layers:
       return None
+    for stale in remove_stale(directory):  # what a run killed while writing left
+      log(f"lora.cache_dir: removed {stale.name}, left by a run that was stopped while writing it")
     found = inference.lower_fingerprint(config, params, n_layers)
     if found is None:
       log(f"lora.cache_dir: the first {n_layers} blocks are not held one by one without adapters "
