@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -334,12 +335,23 @@ class SharedLower:
     return self.lowers[key]
 
 
+def even_batches(rows: int, most: int, multiple: int = 1) -> int:
+  """Rows per call when ``rows`` rows go in calls of at most ``most`` (a multiple of ``multiple``): the fewest
+  calls, each as small as holds them all, rounded up to ``multiple``; never more than ``most``."""
+  if rows <= 0:
+    return most
+  calls = -(-rows // most)
+  return min(most, -(-(-(-rows // calls)) // multiple) * multiple)
+
+
 def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
                    batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
                    desc: str = "scoring", shared: SharedLower | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
   """(normalised, raw) log-probs [T_i, J] of each row (tokens, the token index where each of its T_i
-  titles starts), ``batch_workers`` rows per call of the scoring step (a multiple of
-  :func:`batch_size`), in batches of one shape (compiled once). Every process gets every score.
+  titles starts), at most ``batch_workers`` rows per call of the scoring step (a multiple of
+  :func:`batch_size`), in batches of one shape (compiled once): the rows are split evenly over the fewest
+  calls that hold them (:func:`even_batches`), so that the last call is not mostly padding (113 workers in
+  batches of 16: 8 calls of 15, not 7 of 16 and one of 1 padded to 16). Every process gets every score.
   ``shared``: the first blocks' output, computed by the first model scored with it and reused by later ones
   that have the same first blocks (:class:`SharedLower`)."""
   if batch_workers % batch_size(loaded.mesh):
@@ -349,6 +361,8 @@ def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Seque
   if shared is not None:
     shared.last_used = bool(first)
   cands = loaded.candidates(titles, variant)
+  batch_workers = even_batches(len(rows), batch_workers, batch_size(loaded.mesh) if chunk is None
+                               else math.lcm(batch_size(loaded.mesh), chunk))
   chunk = chunk or default_chunk(loaded.config, loaded.mesh, batch_workers)
   step = scoring_step(loaded.config, cands, loaded.mesh, chunk, False, first)
   n = max(len(tokens) for tokens, _ in rows)

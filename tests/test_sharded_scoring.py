@@ -81,6 +81,44 @@ def test_scores_on_every_mesh_equal_one_device(fsdp_run):
     numerics.assert_close(_scores(broken)[0], norm0, **depth, what=f"{spec}, layer 0's up projection shards swapped")
 
 
+@pytest.mark.parametrize("most, multiple, want", [(16, 1, 15), (16, 8, 16), (64, 1, 57), (200, 1, 113),
+                                                   (8, 2, 8)])
+def test_even_batches_take_the_fewest_calls_with_the_least_padding(most, multiple, want):
+  """113 workers (the NLSY test split) in calls of at most ``most`` rows, a multiple of ``multiple``."""
+  got = inference.even_batches(113, most, multiple)
+  assert got == want
+  calls = -(-113 // got)
+  assert calls == -(-113 // most) and got % multiple == 0 and got <= most
+  assert inference.even_batches(1, 16, 4) == 4 and inference.even_batches(0, 16) == 16
+
+
+@pytest.mark.devices(4)
+def test_rows_are_split_evenly_over_calls_and_score_as_one_at_a_time(fsdp_run, monkeypatch):
+  """11 workers with at most 8 a call: two calls of 6 (not 8 and 3 padded to 8; on data=4, calls of 8: 6 rounded up to 4s),
+  each worker's log-probs those of the worker scored alone, to the float32 bound of one forward pass."""
+  one = _open(fsdp_run, None)
+  data = one.dataset()
+  src = data.source("test")
+  rows = [(src[i]["tokens"], src[i]["title_spans"][:, 0]) for i in range(11)]
+  packed, pack = [], inference.pack
+  monkeypatch.setattr(inference, "pack", lambda part, batch, n, t: packed.append((len(part), batch)) or
+                      pack(part, batch, n, t))
+  alone = inference.score_examples(one, data.titles(), data.variant, rows, batch_workers=1)
+  assert packed == [(1, 1)] * 11
+  packed.clear()
+  got = inference.score_examples(one, data.titles(), data.variant, rows, batch_workers=8)
+  assert packed == [(6, 6), (5, 6)]
+  packed.clear()
+  four = inference.open_model(fsdp_run, mesh=sharding.make_mesh(data=4, devices=jax.devices()[:4]))
+  inference.score_examples(four, data.titles(), data.variant, rows, batch_workers=8)
+  assert packed == [(8, 8), (3, 8)]  # 6 rounded up to a multiple of 4
+  depth = numerics.forward_terms(one.config, tokens=max(len(r[0]) for r in rows))
+  for i, ((norm, raw), (norm1, raw1)) in enumerate(zip(got, alone)):
+    assert norm.shape == norm1.shape == (len(rows[i][1]), len(one.candidates(data.titles(), data.variant)))
+    numerics.assert_close(norm, norm1, **depth, what=f"worker {i} normalised")
+    numerics.assert_close(raw, raw1, **depth, what=f"worker {i} raw")
+
+
 def test_restoring_for_scoring_places_parameters_only_in_their_shardings(fsdp_run):
   mesh = sharding.make_mesh(fsdp=4, tensor=2)
   before = {id(x) for x in jax.live_arrays()}

@@ -74,7 +74,8 @@ def add_mesh_flags(ap: argparse.ArgumentParser, batch: bool = True) -> None:
                                 "the parameters take at most a quarter of one device, otherwise on fsdp)")
   if batch:
     g.add_argument("--batch-workers", type=int, default=16,
-                   help="workers scored per batch, all processes together (a multiple of the mesh's data x fsdp)")
+                   help="at most this many workers scored per batch, all processes together (a multiple of the "
+                        "mesh's data x fsdp; the workers are spread evenly over the fewest batches)")
   g.add_argument("--chunk", type=int, help="workers per tree pass of the scorer (bounds memory; default: the whole "
                                             "batch under 1B parameters, else one worker per batch device)")
   g.add_argument("--coordinator-address", help="host:port of process 0, for several processes without SLURM "
