@@ -2,7 +2,6 @@
 
 import fcntl
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,20 +46,11 @@ def pytest_configure(config):
 
 
 def machine() -> str:
-  """This CPU as the docs name machines: model name, cores, and the vector extensions that change XLA's and
-  PyTorch's kernels (so a summation order), from /proc/cpuinfo."""
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      key, _, value = line.partition(":")
-      if key.strip() == "model name":
-        model = value.strip()
-      elif key.strip() == "flags":
-        flags = set(value.split())
-  except OSError:
-    pass
-  isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-  return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
+  """This CPU as the docs name machines (:func:`labor_jax.runtime.cpu_description`) and its bfloat16 instructions,
+  which change what a bfloat16 product costs, not what the suite's bounds allow."""
+  from labor_jax import runtime
+  bf16 = [f for f in runtime.BF16_CPU_FLAGS if f in runtime.cpu_flags()]
+  return f"{runtime.cpu_description()}, {' '.join(bf16) or 'no bfloat16 instructions'}"
 
 
 def pytest_terminal_summary(terminalreporter):
