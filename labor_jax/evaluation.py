@@ -41,8 +41,10 @@ MAIN_LLM = "LABOR-LLM (this run)"
 
 def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetDir, split: str, *,
                batch_workers: int = 16, chunk: int | None = None, progress: bool = False,
-               context: np.ndarray | None = None, shared: inference.SharedLower | None = None) -> pd.DataFrame:
-  """Normalised and raw log-probs [J] for every entry (t >= 0) of every worker of ``split``, from the
+               context: np.ndarray | None = None, shared: inference.SharedLower | None = None,
+               first_entry: int = 0) -> pd.DataFrame:
+  """Normalised and raw log-probs [J] for every entry t >= ``first_entry`` of every worker of ``split`` (1: the
+  transitions only; the first entry has no earlier occupation, and leaving it out spares its tree pass), from the
   scoring step of the inference layer (:func:`labor_jax.inference.score_examples`): ``batch_workers``
   workers a call, split over the mesh's batch axes; every process receives all scores. ``context``:
   tokens placed before every worker's resume (in-context examples); the scores are the same entries'.
@@ -50,16 +52,16 @@ def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetD
   src = dataset.source(split)
   examples = [src[i] for i in range(len(src))]
   pre = np.zeros(0, np.int32) if context is None else np.asarray(context, np.int32)
-  rows = [(np.concatenate([pre, np.asarray(e["tokens"], np.int32)]), e["title_spans"][:, 0] + len(pre))
+  rows = [(np.concatenate([pre, np.asarray(e["tokens"], np.int32)]), e["title_spans"][first_entry:, 0] + len(pre))
           for e in examples]
   scores = inference.score_examples(loaded, titles, variant, rows,
                                     batch_workers=batch_workers, chunk=chunk, progress=progress,
                                     desc=f"scoring {split}", shared=shared)
   rows = []
   for e, (norm, raw) in zip(examples, scores):
-    for t in range(len(e["years"])):
+    for t in range(first_entry, len(e["years"])):
       rows.append({"dataset": e["dataset"].decode(), "person_id": e["person_id"].decode(), "t": t,
-                   "llm_norm": norm[t], "llm_raw": raw[t]})
+                   "llm_norm": norm[t - first_entry], "llm_raw": raw[t - first_entry]})
   return pd.DataFrame(rows)
 
 
@@ -77,7 +79,8 @@ def score_transitions(source: str | Path, data: DatasetDir, table: pd.DataFrame,
   loaded = inference.open_model(source, adapter=adapter, mesh=mesh, dtype=dtype)
   loaded.check_dataset(data)
   scores = llm_scores(loaded, data.titles(), data.variant, data, split, batch_workers=batch_workers, chunk=chunk,
-                      progress=progress, context=context, shared=shared)
+                      progress=progress, context=context, shared=shared,
+                      first_entry=int(table["t"].min()) if len(table) else 0)  # transitions: t >= 1
   what = loaded.description + (f"; blocks 0-{shared.n_layers - 1} as computed for the first model scored with them"
                                 if shared is not None and shared.last_used else "")
   del loaded

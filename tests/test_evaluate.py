@@ -221,6 +221,28 @@ def test_in_context_scores_equal_a_forward_pass_over_context_history_and_title(t
   assert np.abs(raw - pick(plain)).max() > 0  # the context changed the scores
 
 
+def test_transitions_are_scored_without_the_first_entries(trained_run, nlsy_dataset, monkeypatch):
+  """score_transitions asks for the entries its table holds (transitions: t >= 1), so no worker's first entry is
+  scored; those scores equal the whole pass's, within the float32 bound of one forward pass over the resumes."""
+  from data_pipeline.dataset_dir import DatasetDir
+  from labor_jax import evaluation
+  from tests.runs import longest_resume
+  data = DatasetDir(nlsy_dataset)
+  loaded = inference.open_model(trained_run)
+  every = evaluation.llm_scores(loaded, data.titles(), data.variant, data, "test")
+  asked, llm_scores = [], evaluation.llm_scores
+  monkeypatch.setattr(evaluation, "llm_scores", lambda *a, **k: asked.append(k["first_entry"]) or llm_scores(*a, **k))
+  table = evaluation.transitions_of(data, sorted(set(every["dataset"])))
+  norm, raw, _ = evaluation.score_transitions(trained_run, data, table, "test")
+  assert asked == [1] and table["t"].min() == 1 and len(norm) == len(table) == (every["t"] >= 1).sum()
+  want = table[["dataset", "person_id", "t"]].merge(every, on=["dataset", "person_id", "t"], how="left")
+  depth = numerics.forward_terms(loaded.config, tokens=longest_resume(nlsy_dataset))
+  numerics.assert_close(norm, np.stack(want["llm_norm"]), **depth, what="normalised")
+  numerics.assert_close(raw, np.stack(want["llm_raw"]), **depth, what="raw")
+  firsts = evaluation.llm_scores(loaded, data.titles(), data.variant, data, "test", first_entry=1)
+  assert (firsts["t"] >= 1).all() and len(firsts) == len(table)
+
+
 def test_open_model_dtype_applies_to_hugging_face_sources_only(trained_run, tmp_path):
   """A Hugging Face source opens in the compute dtype asked for ("auto": the hardware's choice); a run
   keeps its own and refuses another."""
