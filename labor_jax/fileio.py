@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
-import socket
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+LOCK = ".lock"  # suffix of the file whose flock says a temporary directory's writer is alive
 
 
 @contextlib.contextmanager
@@ -18,24 +20,32 @@ def atomic_dir(path: str | os.PathLike, writer: bool = True) -> Iterator[Path | 
   """A temporary sibling of ``path`` that replaces ``path`` when the block ends without error (and is
   removed when it raises: nothing half-written is left). Writers racing for one ``path`` each replace
   it whole; the last one wins, never a mix of two. Yields None on processes that do not write.
-  A process killed outright (SIGKILL, out of memory) cannot remove its temporary directory; the next
-  writer of ``path`` does (:func:`remove_stale`)."""
+
+  A process killed outright (SIGKILL, out of memory) cannot remove its temporary directory. So the writer
+  holds an exclusive ``flock`` on a sibling ``.lock`` file for as long as the directory exists, which the
+  kernel releases when the process dies, whatever its host or process-id namespace; the next writer of
+  ``path`` removes the directories whose lock it can take (:func:`remove_stale`)."""
   if not writer:
     yield None
     return
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   remove_stale(path.parent, path.name)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=path.parent))
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # a plain directory's mode, not mkdtemp's private 0700
+  fd, lock_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=LOCK, dir=path.parent)
+  lock, tmp = Path(lock_name), Path(lock_name[:-len(LOCK)])
   try:
-    yield tmp
-    _replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until the directory is gone: its writer is alive
+    os.mkdir(tmp)  # the lock file's name without .lock: unique because mkstemp made that name
+    try:
+      yield tmp
+      _replace(tmp, path)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  finally:
+    lock.unlink(missing_ok=True)
+    os.close(fd)
+
 
 
 def _replace(new: Path, path: Path) -> None:
@@ -48,8 +58,13 @@ def _replace(new: Path, path: Path) -> None:
       old = None
     try:
       os.rename(new, path)
-    except OSError:  # another writer put its directory there in between: set it aside too
-      if old is not None:
+    except OSError:
+      if not new.exists():  # our directory is gone (removed by hand?): put back what was there, and stop
+        if old is not None:
+          with contextlib.suppress(OSError):
+            os.rename(old, path)
+        raise
+      if old is not None:  # another writer put its directory there in between: set it aside too
         shutil.rmtree(old, ignore_errors=True)
       continue
     if old is not None:
@@ -57,37 +72,53 @@ def _replace(new: Path, path: Path) -> None:
     return
 
 
-_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+|old\.[0-9a-f]{32})")
+_STALE_TMP = re.compile(r"\.(?P<name>.+)\.tmp-[a-z0-9_]+" + re.escape(LOCK))
+_SET_ASIDE = re.compile(r"\.(?P<name>.+)\.old\.[0-9a-f]{32}")
 
 
-def _running(pid: int) -> bool:
+def _writer_gone(lock: Path) -> bool:
+  """Whether no process holds ``lock`` (taken and released at once). A file system without flock, or a lock
+  file that cannot be opened, counts as held: nothing is removed on a guess."""
   try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
+    fd = os.open(lock, os.O_RDWR)
+  except OSError:
     return False
-  except PermissionError:  # another user's process
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return True
-  return True
+  except OSError:
+    return False
+  finally:
+    os.close(fd)  # releases the lock if it was taken
 
 
 def remove_stale(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
   """Removes from ``parent`` what :func:`atomic_dir` writers of ``name`` (of any name when None) left when
-  they were killed: temporary directories of processes of this host that no longer run, and set-aside old
-  copies (never read again). Another host's temporary directories are left: its processes cannot be seen
-  from here. Returns what was removed."""
+  they were killed: the temporary directories whose lock no process holds (with their lock files), and
+  directories set aside while replacing an entry that exists again (never read). A set-aside copy whose
+  entry is missing (a writer killed between its two renames) is put back. Returns what was removed."""
   removed = []
   try:
     entries = list(Path(parent).iterdir())
   except OSError:
     return removed
-  host = socket.gethostname()
   for entry in entries:
-    m = _STALE.fullmatch(entry.name)
-    if not m or (name is not None and m["name"] != name) or not entry.is_dir() or entry.is_symlink():
+    m = _STALE_TMP.fullmatch(entry.name)
+    if m and (name is None or m["name"] == name) and _writer_gone(entry):
+      tmp = entry.with_name(entry.name[:-len(LOCK)])
+      shutil.rmtree(tmp, ignore_errors=True)
+      entry.unlink(missing_ok=True)
+      if not tmp.exists():
+        removed.append(tmp)
       continue
-    if m["pid"] is not None and (m["host"] != host or _running(int(m["pid"]))):
-      continue
-    shutil.rmtree(entry, ignore_errors=True)
-    if not entry.exists():
-      removed.append(entry)
+    m = _SET_ASIDE.fullmatch(entry.name)
+    if m and (name is None or m["name"] == name) and entry.is_dir() and not entry.is_symlink():
+      target = entry.with_name(m["name"])
+      if not target.exists():
+        with contextlib.suppress(OSError):
+          os.rename(entry, target)  # a writer killed between its renames: the entry as it was
+        continue
+      shutil.rmtree(entry, ignore_errors=True)
+      if not entry.exists():
+        removed.append(entry)
   return removed

@@ -357,6 +357,9 @@ def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Seque
   if batch_workers % batch_size(loaded.mesh):
     raise ConfigError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
                       f"{batch_size(loaded.mesh)}")
+  if chunk is not None and batch_workers % chunk:
+    raise ConfigError(f"--chunk {chunk} does not divide --batch-workers {batch_workers} (workers per tree pass "
+                      "must divide a batch's)")
   first = shared.n_layers if shared is not None and shared.usable(loaded) else 0
   if shared is not None:
     shared.last_used = bool(first)

@@ -231,7 +231,7 @@ def test_cache_dir_needs_cache_frozen():
     train_config.load("configs/demo.yaml", ["lora.cache_dir=somewhere"])
 
 
-KILLED_WRITER = r"""
+WRITER = r"""
 import sys, time
 from labor_jax.fileio import atomic_dir
 with atomic_dir(sys.argv[1]) as tmp:
@@ -243,10 +243,10 @@ with atomic_dir(sys.argv[1]) as tmp:
 
 def test_what_a_killed_writer_left_is_removed_by_the_next_run(tmp_path):
   """A process killed outright (SIGKILL) while it writes a store entry cannot remove its temporary directory;
-  the next run's Store.open removes it and says so. A running writer's directory (this process's), another
-  host's and anything that is not atomic_dir's are left."""
+  the next run's Store.open removes it and says so. The directories of running writers (another process, this
+  one) are left: their lock is held. A copy set aside while an entry was replaced is removed when the entry is
+  there, and put back when a writer died between its two renames; names that are not atomic_dir's are left."""
   import signal
-  import socket
   import subprocess
   import sys
 
@@ -254,23 +254,55 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_run(tmp_path):
   from labor_jax.training import frozen_cache
   from tests.runs import ROOT
   store = tmp_path / "store"
-  writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(store / "train-abc")], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
-  killed = Path(writer.stdout.readline().strip())
-  writer.send_signal(signal.SIGKILL)
-  writer.wait()
-  assert killed.parent == store and (killed / "part.npy").exists()
-  elsewhere = store / f".train-abc.tmp-not-{socket.gethostname()}-{writer.pid}-x1y2z3"
-  set_aside = store / f".validation-abc.old.{'0' * 32}"
-  unrelated = store / ".train-abc.tmp-mine"
-  for d in (elsewhere, set_aside, unrelated):
-    d.mkdir()
-  said = []
-  with fileio.atomic_dir(store / "validation-def") as running:
-    config = llama_tiny(vocab_size=128, num_hidden_layers=4)
-    assert frozen_cache.Store.open(store, config, model.init_params(config, jax.random.key(0)), 2, log=said.append)
-    left = sorted(p.name for p in store.iterdir())
-    assert left == sorted([elsewhere.name, unrelated.name, running.name]), left
-  assert sorted(said) == sorted(f"lora.cache_dir: removed {p.name}, left by a run that was stopped while writing it"
-                                for p in (killed, set_aside))
-  assert sorted(p.name for p in store.iterdir()) == sorted([elsewhere.name, unrelated.name, "validation-def"])
+
+  def writer(name):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store / name)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    return proc, Path(proc.stdout.readline().strip())
+  killed_proc, killed = writer("train-abc")
+  killed_proc.send_signal(signal.SIGKILL)
+  killed_proc.wait()
+  live_proc, live = writer("train-xyz")  # another entry: its writer removes only its own entry's leftovers
+  try:
+    assert killed.parent == store and (killed / "part.npy").exists() and killed != live
+    assert (store / (killed.name + fileio.LOCK)).exists()
+    (store / "validation-abc").mkdir()
+    replaced = store / f".validation-abc.old.{'0' * 32}"  # its entry is there: a leftover
+    died_between = store / f".train-def.old.{'1' * 32}"  # its entry is not: the writer died between renames
+    unrelated = store / ".train-abc.tmp-mine"
+    for d in (replaced, died_between, unrelated):
+      d.mkdir()
+    (died_between / "hidden.npy").write_bytes(b"whole")
+    said = []
+    with fileio.atomic_dir(store / "validation-def") as running:
+      config = llama_tiny(vocab_size=128, num_hidden_layers=4)
+      assert frozen_cache.Store.open(store, config, model.init_params(config, jax.random.key(0)), 2,
+                                     log=said.append)
+      left = sorted(p.name for p in store.iterdir())
+      assert left == sorted([live.name, live.name + fileio.LOCK, running.name, running.name + fileio.LOCK,
+                             unrelated.name, "validation-abc", "train-def"]), left
+    assert (store / "train-def" / "hidden.npy").read_bytes() == b"whole"
+    assert sorted(said) == sorted(f"lora.cache_dir: removed {p.name}, left by a run that was stopped while writing "
+                                  "it" for p in (killed, replaced))
+  finally:
+    live_proc.kill()
+    live_proc.wait()
+  assert fileio.remove_stale(store) == [live]  # its writer is gone now
+  assert sorted(p.name for p in store.iterdir()) == sorted([unrelated.name, "validation-abc", "validation-def",
+                                                            "train-def"])
+
+
+def test_a_writer_whose_directory_vanished_stops_and_keeps_the_entry(tmp_path):
+  """If a writer's temporary directory is removed under it (by hand, by a wrong clean-up), the replace stops
+  with the error and the entry it would have replaced is there as it was (before, it looped for ever, having
+  deleted the entry)."""
+  import shutil
+
+  from labor_jax import fileio
+  entry = tmp_path / "entry"
+  entry.mkdir()
+  (entry / "a").write_text("kept")
+  with pytest.raises(FileNotFoundError):
+    with fileio.atomic_dir(entry) as tmp:
+      shutil.rmtree(tmp)
+  assert (entry / "a").read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["entry"]

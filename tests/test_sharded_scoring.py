@@ -92,6 +92,18 @@ def test_even_batches_take_the_fewest_calls_with_the_least_padding(most, multipl
   assert inference.even_batches(1, 16, 4) == 4 and inference.even_batches(0, 16) == 16
 
 
+def test_a_chunk_that_does_not_divide_the_batch_is_refused_whatever_the_rows(fsdp_run):
+  """--chunk 6 with --batch-workers 16 stops with one line, for 13 workers (a batch of 16) as for 10 (12)."""
+  from labor_jax.config import ConfigError
+  one = _open(fsdp_run, None)
+  data = one.dataset()
+  src = data.source("test")
+  for n in (10, 13):
+    rows = [(src[i]["tokens"], src[i]["title_spans"][:, 0]) for i in range(n)]
+    with pytest.raises(ConfigError, match="--chunk 6 does not divide --batch-workers 16"):
+      inference.score_examples(one, data.titles(), data.variant, rows, batch_workers=16, chunk=6)
+
+
 @pytest.mark.devices(4)
 def test_rows_are_split_evenly_over_calls_and_score_as_one_at_a_time(fsdp_run, monkeypatch):
   """11 workers with at most 8 a call: two calls of 6 (not 8 and 3 padded to 8; on data=4, calls of 8: 6 rounded up to 4s),
