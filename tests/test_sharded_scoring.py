@@ -105,9 +105,9 @@ def test_a_chunk_that_does_not_divide_the_batch_is_refused_whatever_the_rows(fsd
 
 
 @pytest.mark.devices(4)
-def test_rows_are_split_evenly_over_calls_and_score_as_one_at_a_time(fsdp_run, monkeypatch):
-  """11 workers with at most 8 a call: two calls of 6 (not 8 and 3 padded to 8; on data=4, calls of 8: 6 rounded up to 4s),
-  each worker's log-probs those of the worker scored alone, to the float32 bound of one forward pass."""
+def test_rows_are_split_evenly_over_calls_and_score_as_in_one_call(fsdp_run, monkeypatch):
+  """11 workers with at most 8 a call: two calls of 6 (not 8 and 3 padded to 8; on data=4, calls of 8: 6 rounded up to 4s);
+  with at most 16, one call of 11. Each worker's log-probs the same in both, to the float32 bound of one forward pass."""
   one = _open(fsdp_run, None)
   data = one.dataset()
   src = data.source("test")
@@ -115,8 +115,8 @@ def test_rows_are_split_evenly_over_calls_and_score_as_one_at_a_time(fsdp_run, m
   packed, pack = [], inference.pack
   monkeypatch.setattr(inference, "pack", lambda part, batch, n, t: packed.append((len(part), batch)) or
                       pack(part, batch, n, t))
-  alone = inference.score_examples(one, data.titles(), data.variant, rows, batch_workers=1)
-  assert packed == [(1, 1)] * 11
+  alone = inference.score_examples(one, data.titles(), data.variant, rows, batch_workers=16)
+  assert packed == [(11, 11)]  # fewer rows than a batch: one call of just those rows
   packed.clear()
   got = inference.score_examples(one, data.titles(), data.variant, rows, batch_workers=8)
   assert packed == [(6, 6), (5, 6)]
