@@ -47,7 +47,6 @@ def atomic_dir(path: str | os.PathLike, writer: bool = True) -> Iterator[Path | 
     os.close(fd)
 
 
-
 def _replace(new: Path, path: Path) -> None:
   """Moves the directory ``new`` to ``path``, setting aside (then deleting) whatever is there."""
   while True:

@@ -340,8 +340,9 @@ def even_batches(rows: int, most: int, multiple: int = 1) -> int:
   calls, each as small as holds them all, rounded up to ``multiple``; never more than ``most``."""
   if rows <= 0:
     return most
-  calls = -(-rows // most)
-  return min(most, -(-(-(-rows // calls)) // multiple) * multiple)
+  calls = -(-rows // most)  # ceil(rows / most)
+  per = -(-rows // calls)
+  return min(most, -(-per // multiple) * multiple)
 
 
 def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
@@ -364,8 +365,7 @@ def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Seque
   if shared is not None:
     shared.last_used = bool(first)
   cands = loaded.candidates(titles, variant)
-  batch_workers = even_batches(len(rows), batch_workers, batch_size(loaded.mesh) if chunk is None
-                               else math.lcm(batch_size(loaded.mesh), chunk))
+  batch_workers = even_batches(len(rows), batch_workers, math.lcm(batch_size(loaded.mesh), chunk or 1))
   chunk = chunk or default_chunk(loaded.config, loaded.mesh, batch_workers)
   step = scoring_step(loaded.config, cands, loaded.mesh, chunk, False, first)
   n = max(len(tokens) for tokens, _ in rows)
