@@ -6,12 +6,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Unoptimised XLA:CPU code generation: the suite's models are tiny, so compiling, not running, is most of its time
-# (about a third less CPU time than the default level); numerical bounds come from float32 arithmetic
-# (tests/numerics.py), which an optimisation level does not change. Subprocesses take these flags through
-# tests.runs.cpu_env, with their own device count. The caller's XLA_FLAGS are kept and win for a flag they set:
-# `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs the suite as on a CPU without AVX-512 (docs/index.md).
-SUITE_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_backend_optimization_level": "0"}
+# Unoptimised XLA:CPU code generation, and XLA's loop emitters for fusions in place of its newer MLIR fusion
+# emitters: the suite's models are tiny, so compiling, not running, is most of its time. The first takes about a
+# third off the suite's CPU time, the second about another quarter (docs/benchmarks.md). Numerical bounds come from
+# float32 arithmetic (tests/numerics.py), which neither flag changes: they allow any order of the sums.
+# Subprocesses take these flags through tests.runs.cpu_env, with their own device count. The caller's XLA_FLAGS are
+# kept and win for a flag they set: `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs the suite as on a
+# CPU without AVX-512 (docs/index.md).
+SUITE_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_backend_optimization_level": "0",
+                   "--xla_cpu_use_fusion_emitters": "false"}
 
 
 def _with_suite_flags(flags: str) -> str:
