@@ -127,14 +127,13 @@ if [ "$DEVICE_OK" = 0 ]; then
     --out "$WORK/memory.md"
   step bench_c 170 "$PY" scripts/bench_gpu.py --size $SIZE --parts c --json "$WORK/bench_c.json"
   # 4. The tests that matter on an accelerator, one file at a time, float32 products in float32 (the suite's
-  #    tolerances assume it; XLA on NVIDIA GPUs may use TF32 for float32 products by default). On an accelerator
-  #    at XLA's default optimisation level, as users compile: the suite's unoptimised code generation
-  #    (tests/conftest.py, for the CPU's compile times) would reach the accelerator's kernels too.
-  LEVEL=""
-  [ "$DRY" = 1 ] || LEVEL="--xla_backend_optimization_level=3"
+  #    tolerances assume it; XLA on NVIDIA GPUs may use TF32 for float32 products by default). Compiled with the
+  #    caller's XLA flags only, as users compile: LABOR_JAX_TESTS_XLA_DEFAULTS=1 keeps out the suite's CPU
+  #    compile-time flags (tests/suite.py), which would reach an accelerator's kernels, and which the image's jax
+  #    might not know (an unknown flag stops XLA).
   for t in $TESTS; do
     n=tests_$(basename "$t" .py)
-    XLA_FLAGS="${XLA_FLAGS:-} $LEVEL" JAX_DEFAULT_MATMUL_PRECISION=highest step "$n" 120 "$PY" -m pytest -q \
+    LABOR_JAX_TESTS_XLA_DEFAULTS=1 JAX_DEFAULT_MATMUL_PRECISION=highest step "$n" 120 "$PY" -m pytest -q \
       -p no:cacheprovider -rfE "$t"
   done
 else

@@ -6,23 +6,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Unoptimised XLA:CPU code generation, and XLA's loop emitters for fusions in place of its newer MLIR fusion
-# emitters: the suite's models are tiny, so compiling, not running, is most of its time. The first takes about a
-# third off the suite's CPU time, the second about another quarter (docs/benchmarks.md). Numerical bounds come from
-# float32 arithmetic (tests/numerics.py), which neither flag changes: they allow any order of the sums.
-# Subprocesses take these flags through tests.runs.cpu_env, with their own device count. The caller's XLA_FLAGS are
-# kept and win for a flag they set: `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs the suite as on a
-# CPU without AVX-512 (docs/index.md).
-SUITE_XLA_FLAGS = {"--xla_force_host_platform_device_count": "8", "--xla_backend_optimization_level": "0",
-                   "--xla_cpu_use_fusion_emitters": "false"}
+from tests import suite  # the suite's XLA flags and devices marker (checked by test_suite_setup.py)
 
-
-def _with_suite_flags(flags: str) -> str:
-  given = {f.split("=", 1)[0] for f in flags.split()}
-  return " ".join([*flags.split(), *(f"{k}={v}" for k, v in SUITE_XLA_FLAGS.items() if k not in given)])
-
-
-os.environ["XLA_FLAGS"] = _with_suite_flags(os.environ.get("XLA_FLAGS", ""))
+# The suite's XLA flags (tests/suite.py) under the caller's, which are kept and win for a flag they set:
+# `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs the suite as on a CPU without AVX-512 (docs/index.md).
+# Subprocesses take them through tests.runs.cpu_env, with their own device count.
+os.environ["XLA_FLAGS"] = suite.xla_flags(os.environ.get("XLA_FLAGS", ""),
+                                          compile_flags=os.environ.get(suite.XLA_DEFAULTS_ENV) != "1")
 # Every compiled program goes to the run's compilation cache (pytest_configure), however quick to compile: the
 # suite's processes (two workers and the CLIs they start) compile many programs of the same shapes.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -63,14 +53,15 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_runtest_setup(item):
-  """``@pytest.mark.devices(n)``: skipped where an accelerator backend has fewer than n devices. On the CPU the
-  suite's 8 fake devices are always there, so fewer is a fault in the set-up and the test runs (and fails)."""
+  """``@pytest.mark.devices(n)``: skipped where an accelerator backend has fewer than n devices
+  (:func:`tests.suite.devices_skip`); on the CPU it always runs."""
   marker = item.get_closest_marker("devices")
   if marker is None:
     return
   import jax
-  if jax.default_backend() != "cpu" and jax.device_count() < marker.args[0]:
-    pytest.skip(f"needs {marker.args[0]} devices; this {jax.default_backend()} backend has {jax.device_count()}")
+  reason = suite.devices_skip(marker.args[0], jax.default_backend(), jax.device_count())
+  if reason:
+    pytest.skip(reason)
 
 
 def pytest_unconfigure(config):

@@ -2,10 +2,11 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests import suite
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
         "model.num_attention_heads=2", "model.num_key_value_heads=1", "data.seq_len=64", "batch_size=4",
@@ -24,10 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cpu_env(devices: int = 1, optimize: bool = False, **extra) -> dict:
   """The environment of a subprocess of the suite on ``devices`` CPU devices: the suite's XLA flags
-  (tests/conftest.py: unoptimised code generation) with that device count, and ``extra``. ``optimize``: XLA's
-  default code generation, for the few subprocesses that run long enough for it to pay (hundreds of steps)."""
-  drop = r"--xla_force_host_platform_device_count=\d+" + (r"|--xla_backend_optimization_level=\d+" if optimize else "")
-  flags = re.sub(drop, "", os.environ.get("XLA_FLAGS", "")).split()
+  (tests/suite.py: unoptimised code generation, loop emitters) with that device count, and ``extra``. ``optimize``:
+  XLA's default code generation (without the suite's compile flags), for the few subprocesses that run long enough
+  for it to pay (hundreds of steps)."""
+  drop = ["--xla_force_host_platform_device_count", *(suite.COMPILE_FLAGS if optimize else ())]
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.partition("=")[0] not in drop]
   return dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
               JAX_PLATFORMS="cpu", **extra)
 
