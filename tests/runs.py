@@ -28,10 +28,10 @@ def cpu_env(devices: int = 1, optimize: bool = False, **extra) -> dict:
   (tests/suite.py: unoptimised code generation, loop emitters) with that device count, and ``extra``. ``optimize``:
   XLA's default code generation (without the suite's compile flags), for the few subprocesses that run long enough
   for it to pay (hundreds of steps)."""
-  drop = ["--xla_force_host_platform_device_count", *(suite.COMPILE_FLAGS if optimize else ())]
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.partition("=")[0] not in drop]
-  return dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
-              JAX_PLATFORMS="cpu", **extra)
+  drop = {suite.DEVICE_COUNT, *(suite.COMPILE_FLAGS if optimize else ())}
+  flags = suite.without(os.environ.get("XLA_FLAGS", ""), drop)
+  return dict(os.environ, XLA_FLAGS=" ".join([*flags, f"{suite.DEVICE_COUNT}={devices}"]), JAX_PLATFORMS="cpu",
+              **extra)
 
 
 def spawn_train(run_dir, data_dir, *extra, devices=1, sleep=0.0, optimize=False):

@@ -1,8 +1,9 @@
 """The suite's own set-up, apart from tests/conftest.py so that tests/test_suite_setup.py can check it: the XLA flags
 every process of the run gets, and when the ``devices`` marker skips a test."""
 
-# Eight fake CPU devices, for the mesh tests.
-DEVICE_FLAGS = {"--xla_force_host_platform_device_count": "8"}
+# Eight fake CPU devices, for the mesh tests (a subprocess sets its own count: tests.runs.cpu_env).
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+DEVICE_FLAGS = {DEVICE_COUNT: "8"}
 # Unoptimised XLA:CPU code generation, and XLA's loop emitters for fusions in place of its newer MLIR fusion
 # emitters: the suite's models are tiny, so compiling, not running, is most of its time. The first takes about a
 # third off the suite's CPU time, the second about a fifth more (docs/benchmarks.md). Numerical bounds come from
@@ -18,11 +19,16 @@ def flag_names(flags: str) -> set[str]:
   return {f.partition("=")[0] for f in flags.split()}
 
 
+def without(flags: str, names) -> list[str]:
+  """The flags of an ``XLA_FLAGS`` string but those named in ``names``."""
+  return [f for f in flags.split() if f.partition("=")[0] not in names]
+
+
 def xla_flags(flags: str, compile_flags: bool = True) -> str:
   """``flags`` (a caller's ``XLA_FLAGS``) with the suite's flags that it does not set: a caller's own value wins."""
   given = flag_names(flags)
-  suite = DEVICE_FLAGS | (COMPILE_FLAGS if compile_flags else {})
-  return " ".join([*flags.split(), *(f"{k}={v}" for k, v in suite.items() if k not in given)])
+  wanted = DEVICE_FLAGS | (COMPILE_FLAGS if compile_flags else {})
+  return " ".join([*flags.split(), *(f"{k}={v}" for k, v in wanted.items() if k not in given)])
 
 
 def devices_skip(needed: int, backend: str, count: int) -> str | None:

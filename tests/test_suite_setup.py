@@ -25,7 +25,8 @@ def test_a_callers_flags_are_kept_and_win():
 
 def test_this_process_and_its_subprocesses_have_the_suite_flags():
   given = suite.flag_names(os.environ["XLA_FLAGS"])
-  wanted = set(suite.DEVICE_FLAGS) | (set() if os.environ.get(suite.XLA_DEFAULTS_ENV) == "1" else set(suite.COMPILE_FLAGS))
+  defaults = os.environ.get(suite.XLA_DEFAULTS_ENV) == "1"
+  wanted = set(suite.DEVICE_FLAGS) | (set() if defaults else set(suite.COMPILE_FLAGS))
   assert wanted <= given, os.environ["XLA_FLAGS"]
   if jax.default_backend() == "cpu":
     assert jax.device_count() == 8
