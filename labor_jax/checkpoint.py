@@ -283,6 +283,9 @@ def resolve_step(directory, step: int | str | None = None, metric: str = selecti
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{directory}: no checkpoint")
+  if int(step) not in mgr.all_steps():
+    raise FileNotFoundError(f"{directory}: no checkpoint of step {step} (saved steps: "
+                            f"{', '.join(map(str, sorted(mgr.all_steps())))})")
   return int(step)
 
 

@@ -65,7 +65,7 @@ def test_an_io_error_fails_the_run_and_moves_nothing(tmp_path, nlsy_dataset, uni
   assert _step_dirs(run_dir) == before == ["4", "8"]
 
 
-def test_lora_checkpoints_hold_no_frozen_leaf_and_resume_exactly(tmp_path, nlsy_dataset, lora_run):
+def test_lora_checkpoints_hold_no_frozen_leaf_and_resume_exactly(tmp_path, nlsy_dataset, lora_run, capsys):
   for step in (2, 4):
     saved = checkpoint.saved_params(lora_run / "checkpoints", step)
     paths = [labels.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(saved)]
@@ -86,7 +86,13 @@ def test_lora_checkpoints_hold_no_frozen_leaf_and_resume_exactly(tmp_path, nlsy_
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0), want, got)
   from labor_jax.cli import export
   from labor_jax.interop import hf
-  assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf"), "--step", "latest"]) == 0
+  # --step as predict and forecast take it; a step that is not a checkpoint, or no step at all, is one line and exit 2
+  for bad, said in (("99", "no checkpoint of step 99 (saved steps: 2, 4)"), ("newest", "--step 'newest'")):
+    assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "bad"), "--step", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and said in err and err.count("\n") == 1, err
+  assert not (tmp_path / "bad").exists()
+  assert export.main(["--run", str(run_dir), "--out", str(tmp_path / "hf"), "--step", "last"]) == 0
   tokens = np.arange(1, 30, dtype=np.int32)[None]
   exported = forward(*hf.load(tmp_path / "hf"), tokens)
   # The export merges the adapters into the weights (rounded once): one forward pass's float32 bound.

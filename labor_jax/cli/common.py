@@ -104,8 +104,12 @@ def add_step_flag(ap: argparse.ArgumentParser) -> None:
 
 
 def step(args: argparse.Namespace) -> int | str:
-  """``--step`` as :func:`labor_jax.inference.open_model` takes it."""
-  return int(args.step) if str(args.step).isdigit() else args.step
+  """``--step`` as :func:`labor_jax.inference.open_model` takes it; ConfigError for anything else."""
+  if str(args.step).isdigit():
+    return int(args.step)
+  if args.step not in inference.STEPS:
+    raise ConfigError(f"--step {args.step!r}: expected 'best', 'last' (or 'latest') or a step number")
+  return args.step
 
 
 class JobBar:

@@ -25,6 +25,7 @@ import jax
 
 from data_pipeline.errors import disk_full
 from labor_jax import labels, lora
+from labor_jax.cli import common as cli
 from labor_jax.interop import hf, peft
 from labor_jax.config import ConfigError
 from labor_jax.rundir import RunDir
@@ -36,8 +37,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--out", required=True, help="output directory (created atomically)")
-  ap.add_argument("--step", help="checkpoint step, 'latest', or 'best' (default: lowest of the run's eval_metric)",
-                  default="best")
+  cli.add_step_flag(ap)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="tensor dtype (default: the run's)")
   ap.add_argument("--max-shard-size", default="5GB")
   what = ap.add_mutually_exclusive_group()
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
 
   run = RunDir(args.run)
   try:
-    step_arg = None if args.step == "latest" else args.step if args.step == "best" else int(args.step)
-    config, params, step = run.load_model(step_arg)
+    step = cli.step(args)
+    config, params, step = run.load_model(None if step in ("last", "latest") else step)
     if (args.adapter_only or args.base_only) and not config.lora_rank:
       raise ConfigError(f"{args.run} trained without LoRA adapters: --{'adapter' if args.adapter_only else 'base'}"
                         "-only needs a lora.enabled run")
