@@ -83,10 +83,15 @@ def test_bf16_policy(tiny):
   out32 = forward(config, params, tokens)
   assert out16.dtype == jnp.float32
   # bfloat16 operands, float32 accumulation: each product's inputs and each output rounded to 8 bits, a
-  # relative eps_bf16 per rounding that does not grow with the sum's length (terms=1), through every layer.
-  numerics.assert_close(out16, out32, terms=1, layers=config.num_hidden_layers, eps=numerics.EPS_BF16,
-                        what="bfloat16 forward")
+  # relative eps_bf16 per rounding that does not grow with the sum's length (terms=1), through every layer, at the
+  # logits' magnitude (floor 0: a fresh model's logits are below 1).
+  bf16 = dict(terms=1, layers=config.num_hidden_layers, eps=numerics.EPS_BF16, floor=0.0)
+  numerics.assert_close(out16, out32, **bf16, what="bfloat16 forward")
   assert np.abs(out16 - out32).max() > 0  # really computed in bf16
+  # broken: the last block's attention left out of the bfloat16 model
+  p16["layers_1"] = {**p16["layers_1"], "self_attn": jax.tree.map(jnp.zeros_like, p16["layers_1"]["self_attn"])}
+  with pytest.raises(AssertionError, match="bound"):
+    numerics.assert_close(forward(cfg16, p16, tokens), out32, **bf16, what="bfloat16 forward, an attention short")
 
 
 def test_every_param_has_logical_axes(tiny):

@@ -165,7 +165,8 @@ def test_two_processes_match_one_and_stop_together(tmp_path, nlsy_dataset):
   # mean log-prob: compared as its log.
   depth = numerics.forward_terms(RunDir(tmp_path / "single").model_config(), tokens=4 * 64)
   steps = dict(terms=depth["terms"], layers=6 * depth["layers"])
-  numerics.assert_close([r["loss"] for r in both], [r["loss"] for r in single], **steps, what="losses")
+  for key in ("loss", "grad_norm"):  # the gradient's norm too: AdamW's steps hardly notice a scaled gradient
+    numerics.assert_close([r[key] for r in both], [r[key] for r in single], **steps, what=key)
   numerics.assert_close(both[-1]["val_loss"], single[-1]["val_loss"], **steps, what="val_loss")
   numerics.assert_close(np.log(both[-1]["val_occupation_ppl"]), np.log(single[-1]["val_occupation_ppl"]), **steps,
                         what="log val_occupation_ppl")
