@@ -1,9 +1,12 @@
 """Census occupation codes of one vintage -> occ1990dd (Autor & Dorn 2013 crosswalks, package data).
 
 A raw code is read as an integer: ``"0010"``, ``"10"`` and ``"10.0"`` (a float written by
-a CSV export) are the same code. 2000 and 2005 codes have three digits (001-992); a file of
-those vintages whose codes reach 1000 and are all multiples of ten holds the four-digit
-form (code x 10), and its codes are divided by ten.
+a CSV export) are the same code. 2000 and 2005 codes have three digits (001-992), and are also
+written in a four-digit form (code x 10: ``0430`` for 043). A file of those vintages is read in
+the form under which more of its person-years have a crosswalk row (:func:`code_scale`); where
+both read alike (every code a multiple of ten that has a row either way), a code written
+zero-padded to four digits (``0430``) marks the four-digit form, and otherwise the three digits
+of the Census's own lists are taken.
 
 A person-year cannot be mapped when its code has no row in the crosswalk, is negative (the
 surveys' missing-value codes: refused, don't know, skip...), maps to a non-occupation (905
@@ -60,12 +63,19 @@ def normalize(code) -> str:
 
 
 def code_scale(occupation: pd.Series, crosswalk: Crosswalk | None) -> int:
-  """10 when a 2000/2005 file is in the four-digit form (codes up to 9830, all multiples of ten), else 1."""
+  """10 when a 2000/2005 file holds the four-digit form (code x 10), else 1: the reading under which more of its
+  person-years have a crosswalk row (a stray missing-value code such as 9999 counts for neither); on a tie, 10 if
+  a code is written zero-padded to four digits (``0430``), else 1 (the Census's three digits)."""
   if crosswalk is None or crosswalk.name not in THREE_DIGIT_X10:
     return 1
-  codes = pd.to_numeric(occupation.map(lambda v: None if v is None or pd.isna(v) else normalize(v)), errors="coerce")
-  codes = codes[codes.notna() & (codes >= 0)]
-  return 10 if len(codes) and codes.max() >= 1000 and (codes % 10 == 0).all() else 1
+  raw = occupation[occupation.notna()].astype(str).str.strip()
+  keys = raw.map(normalize)
+  codes = keys[keys.str.fullmatch(r"\d+")].astype(int)
+  as_three = int(codes.map(lambda c: str(c) in crosswalk.mapping).sum())
+  as_four = int(codes.map(lambda c: c % 10 == 0 and str(c // 10) in crosswalk.mapping).sum())
+  if as_three != as_four:
+    return 10 if as_four > as_three else 1
+  return 10 if raw.str.fullmatch(r"[+]?0\d{3}(?:\.0*)?").any() else 1
 
 
 def map_codes(occupation: pd.Series, crosswalk: Crosswalk | None, titles: TitleTable,
@@ -107,9 +117,12 @@ def _map_one(code: str, crosswalk: Crosswalk | None, known: set, source: str, sc
   if _NEGATIVE.fullmatch(code):
     return None, "missing-value code", f"negative {name} code (a survey missing-value code) has no occ1990dd title"
   key = normalize(code)
-  target = crosswalk.mapping.get(str(int(key) // scale) if scale > 1 and key.isdigit() else key)
+  if scale > 1 and key.isdigit():  # the four-digit form: code x 10 (4725 is no code of it)
+    key = str(int(key) // scale) if int(key) % scale == 0 else None
+  target = crosswalk.mapping.get(key)
   if target is None:
-    return None, "no mapping", f"{name} code has no occ1990dd mapping"
+    form = f" in the four-digit form (code x {scale}) this file is read in" if scale > 1 else ""
+    return None, "no mapping", f"{name} code has no occ1990dd mapping{form}"
   if target in NON_OCCUPATION:
     what = f"{NON_OCCUPATION[target]} ({target})"
     return None, what, f"{name} code maps to {target} ({NON_OCCUPATION[target]}), not an occupation"

@@ -40,7 +40,8 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
       if not isinstance(h, dict):
         raise PanelError(path, "each history entry must be an object", row=i)
       row = {k: doc.get(k) for k in ("dataset", "sex", "race", "ethnicity", "region", "birth_year")}
-      row.update(person_id=doc.get("person_id", "worker"), **h)
+      row["person_id"] = doc.get("person_id", "worker")
+      row.update(h)  # an entry's own person_id wins; a second worker is refused below
       rows.append(row)
     raw = pd.DataFrame(rows).astype(object)
     raw = raw.where(raw.notna(), None).map(lambda v: None if v is None else str(v))

@@ -43,13 +43,20 @@ YEAR_RANGE = (1900, 2100)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-  """Reads CSV or Parquet into string columns (missing values stay missing)."""
+  """Reads CSV or Parquet into string columns (missing values stay missing). A Parquet column of floats that are all
+  whole numbers (a Stata or pandas export of integer codes with missing values) reads as integers: ``5``, as its CSV
+  export reads, not ``5.0``, so one worker's rows in a CSV file and a Parquet file stay one worker."""
   path = Path(path)
   if not path.exists():
     raise PanelError(path, "file does not exist")
   try:
     if path.suffix.lower() in (".parquet", ".pq"):
       df = pd.read_parquet(path)
+      for c in df.columns:
+        if pd.api.types.is_float_dtype(df[c]):
+          v = df[c].dropna().to_numpy()
+          if len(v) and (np.abs(v) < 2 ** 53).all() and (v == np.round(v)).all():
+            df[c] = df[c].astype("Int64")
       df = df.astype(object).where(df.notna(), None)
       df = df.apply(lambda c: c.map(lambda v: None if v is None else str(v)))
     else:

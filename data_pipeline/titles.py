@@ -136,7 +136,7 @@ def _read_titles(f, source: str) -> TitleTable:
       raise PanelError(source, "empty title", row=i, column="title", value=title, has_value=True)
     if text_problem(title):
       raise PanelError(source, text_problem(title), row=i, column="title", value=title, has_value=True)
-  dup = df["code"].duplicated()
+  dup = df["code"].str.strip().duplicated()  # " 1" and "1" are one code
   if dup.any():
     i = int(dup.to_numpy().nonzero()[0][0]) + 1
     raise PanelError(source, "duplicate code", row=i, column="code", value=df["code"].iloc[i - 1], has_value=True)

@@ -80,6 +80,23 @@ def test_panel_with_occ2010_codes_builds(tmp_path, capsys):
   assert (out / "titles.csv").read_text().count("\n") == 331
 
 
+def test_each_panel_takes_its_own_crosswalk(tmp_path):
+  """A survey's rounds in two vintages, one file each (``--panel early.csv:NLSY79 --crosswalk occ1980 --panel
+  late.csv:NLSY79 --crosswalk occ2000``): code 4 is 1980's 004 (occ1990dd 4) in the first file and 2000's 004
+  (occ1990dd 13) in the second; given the other way round, the two files' person-years swap titles."""
+  early = _write(tmp_path, "person_id,year,occupation\n1,1988,4\n2,1988,5\n", "early.csv")
+  late = _write(tmp_path, "person_id,year,occupation\n1,2002,4\n2,2002,6\n", "late.csv")
+  def built(first, second, out):
+    assert build.main(["--panel", f"{early}:NLSY79", "--crosswalk", first, "--panel", f"{late}:NLSY79",
+                       "--crosswalk", second, "--out", str(out), "--vocab-size", "400"]) == 0
+    panel = pd.read_parquet(out / "panel.parquet")
+    return {(r.person_id, r.year): r.occupation for r in panel.itertuples()}
+  assert built("occ1980", "occ2000", tmp_path / "a") == {("1", 1988): "4", ("2", 1988): "22", ("1", 2002): "13",
+                                                          ("2", 2002): "13"}
+  assert built("occ2000", "occ1980", tmp_path / "b") == {("1", 1988): "13", ("2", 1988): "13", ("1", 2002): "4",
+                                                          ("2", 2002): "418"}
+
+
 def test_unmapped_code_fails_naming_the_row(tmp_path, capsys):
   out = tmp_path / "out"
   bad = _write(tmp_path, BAD)
@@ -141,3 +158,38 @@ def test_four_digit_2000_codes_are_divided_by_ten(tmp_path):
   three = _write(tmp_path, "person_id,year,occupation\n1,2002,001\n1,2003,472\n1,2004,10\n", "three.csv")
   panel, _, [report] = read_inputs([PanelInput(str(three), "PSID", "occ2000")], occ1990dd())
   assert list(panel["occupation"]) == ["4", "276", "22"] and "codes_divided_by" not in report
+
+
+def _read(tmp_path, occupations, unmapped="error"):
+  rows = "".join(f"1,{2000 + i},{c}\n" for i, c in enumerate(occupations))
+  f = _write(tmp_path, "person_id,year,occupation\n" + rows, f"p{len(list(tmp_path.iterdir()))}.csv")
+  panel, _, [report] = read_inputs([PanelInput(str(f), "NLSY97", "occ2000")], occ1990dd(), unmapped=unmapped)
+  return list(panel["occupation"]), report.get("codes_divided_by", 1)
+
+
+def test_the_four_digit_form_is_the_reading_under_which_more_codes_map(tmp_path):
+  """Managers only (every code a multiple of ten below 1000, a row either way): zero-padded to four digits they are
+  the four-digit form (0430 is 043, managers n.e.c., not 430); a stray 9999 dropped does not flip the reading; a
+  code that is no multiple of ten has no row in the four-digit form; written without padding, three digits."""
+  three = ["4", "22", "23", "22"]  # 001, 043, 080, 022 read as three digits
+  assert _read(tmp_path, ["001", "043", "080", "022"]) == (three, 1)
+  assert _read(tmp_path, ["0010", "0430", "0800", "0220"]) == (three, 10)
+  assert _read(tmp_path, ["0010", "0430", "0800", "0220", "9999"], unmapped="drop") == (three, 10)
+  assert _read(tmp_path, ["10", "430", "800", "220"]) == (["22", "459", "709", "154"], 1)
+  with pytest.raises(PanelError, match=r"row 5, column 'occupation'.*four-digit form.*'4725'"):
+    _read(tmp_path, ["0010", "0430", "0800", "4720", "4725"])
+
+
+def test_crosswalks_of_2000_and_2005_differ_where_the_census_changed_codes(tmp_path):
+  """Codes of one vintage only (003, 040 and 151 in 2000; 134 and 650 in 2005) map through their own crosswalk and
+  not through the other's: a file read with the other vintage's table would stop."""
+  def read(codes, vintage):
+    rows = "".join(f"1,{2000 + i},{c}\n" for i, c in enumerate(codes))
+    f = _write(tmp_path, "person_id,year,occupation\n" + rows, f"{vintage}.csv")
+    return list(read_inputs([PanelInput(str(f), "PSID", vintage)], occ1990dd())[0]["occupation"])
+  assert read(["003", "040", "151"], "occ2000") == ["4", "22", "59"]
+  assert read(["134", "650"], "occ2005") == ["59", "597"]
+  with pytest.raises(PanelError, match="row 1, column 'occupation'.*no occ1990dd mapping"):
+    read(["003"], "occ2005")
+  with pytest.raises(PanelError, match="row 1, column 'occupation'.*no occ1990dd mapping"):
+    read(["134"], "occ2000")

@@ -48,6 +48,17 @@ def test_parquet_reads_like_csv(tmp_path):
   pd.testing.assert_frame_equal(csv_panel, pq_panel)
 
 
+def test_parquet_whole_number_floats_read_as_integers(tmp_path):
+  """Integer columns that a Parquet export wrote as doubles (person ids, years) read as their CSV export does ("7",
+  not "7.0"): a worker whose early rounds are a CSV file and late ones a Parquet file stays one worker."""
+  csv_panel, _ = read_panel(_write(tmp_path, GOOD), nlsy_groups())
+  pq = tmp_path / "floats.parquet"
+  pd.read_csv(tmp_path / "panel.csv").astype({"person_id": float, "year": float}).to_parquet(pq)
+  pq_panel, _ = read_panel(pq, nlsy_groups(), dataset="panel")
+  pd.testing.assert_frame_equal(csv_panel, pq_panel)
+  assert list(pq_panel["person_id"]) == ["7", "7", "7", "9"]
+
+
 def test_missing_required_column(tmp_path):
   msg = _error(tmp_path, "person_id,occupation\n1,2\n")
   assert "missing required column 'year'" in msg
@@ -96,6 +107,8 @@ def test_missing_person_id(tmp_path):
 def test_titles_table_errors(tmp_path):
   with pytest.raises(PanelError, match=r"titles.csv, row 2, column 'code': duplicate code"):
     load_titles(_write(tmp_path, "code,title\n1,A\n1,B\n", "titles.csv"))
+  with pytest.raises(PanelError, match=r"titles.csv, row 2, column 'code': duplicate code"):
+    load_titles(_write(tmp_path, "code,title\n1,A\n 1 ,B\n", "titles.csv"))  # the same code once stripped
   with pytest.raises(PanelError, match="missing required column 'title'"):
     load_titles(_write(tmp_path, "code,name\n1,A\n", "titles.csv"))
 
@@ -112,3 +125,21 @@ def test_cli_failure_writes_nothing(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "row 2" in err and "column 'year'" in err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["panel.csv"]
+
+
+def test_a_history_entry_may_name_its_worker(tmp_path):
+  """A JSON history whose entries carry person_id reads as one worker when they name the document's worker, and
+  stops in one line when they name another (it crashed with a TypeError before)."""
+  import json
+
+  from data_pipeline.history import load_history
+  doc = {"person_id": "w1", "sex": "female", "history": [
+      {"person_id": "w1", "year": 1990, "occupation": "1"}, {"year": 1991, "occupation": "3"}]}
+  f = tmp_path / "h.json"
+  f.write_text(json.dumps(doc))
+  panel, next_year, _ = load_history(f, nlsy_groups(), "NLSY79")
+  assert list(panel["person_id"]) == ["w1", "w1"] and next_year == 1992
+  doc["history"][0]["person_id"] = "w2"
+  f.write_text(json.dumps(doc))
+  with pytest.raises(PanelError, match="h.json: the history must describe exactly one worker"):
+    load_history(f, nlsy_groups(), "NLSY79")
