@@ -47,6 +47,34 @@ def test_batches_and_history_loss_mask(nlsy_dataset):
   assert b["loss_mask"][:, :40].sum() == 0  # the header carries no loss
 
 
+def test_history_loss_mask_starts_at_the_first_entrys_newline(nlsy_dataset):
+  """loss_on="history": target i (token i + 1) is in the loss exactly from the first entry's leading newline on,
+  whole or cut to seq_len; loss_on="all": every target."""
+  data = DatasetDir(nlsy_dataset)
+  nl = data.tokenizer().encode_piece("\n")
+  for rec in (data.source("train")[i] for i in range(3)):
+    n, start = len(rec["tokens"]) - 1, int(rec["entry_starts"][0])
+    want = (np.arange(n) + 1 >= start).astype(np.int32)
+    for seq_len in (n + 10, 120):
+      ex = loader.example(rec, seq_len, "history")
+      np.testing.assert_array_equal(ex["loss_mask"], want[:seq_len])
+      np.testing.assert_array_equal(ex["targets"], rec["tokens"][1:seq_len + 1])
+      np.testing.assert_array_equal(loader.example(rec, seq_len, "all")["loss_mask"], np.ones(min(n, seq_len)))
+    first = int(np.argmax(want))
+    assert list(rec["tokens"][first + 1:first + 1 + len(nl)]) == nl  # the first target in the loss opens entry 0
+
+
+def test_the_train_splits_workers_are_the_panels_train_workers(nlsy_dataset):
+  """Each TFDS split holds exactly the workers that panel.parquet (read by the baselines) puts in that split."""
+  data = DatasetDir(nlsy_dataset)
+  panel = data.panel().drop_duplicates(["dataset", "person_id"])
+  for split in ("train", "validation", "test"):
+    src = data.source(split)
+    got = sorted((src[i]["dataset"].decode(), src[i]["person_id"].decode()) for i in range(len(src)))
+    want = sorted(map(tuple, panel.loc[panel["split"] == split, ["dataset", "person_id"]].to_numpy().tolist()))
+    assert got == want, split
+
+
 def test_shuffle_is_seeded(nlsy_dataset):
   a = next(iter(_ds(nlsy_dataset, seed=1)))["inputs"]
   np.testing.assert_array_equal(a, next(iter(_ds(nlsy_dataset, seed=1)))["inputs"])
@@ -84,6 +112,26 @@ def test_packing_puts_several_resumes_in_a_row(nlsy_dataset):
   assert b["segment_ids"].max() >= 2
   row = b["positions"][0][b["segment_ids"][0] == 2]
   np.testing.assert_array_equal(row, np.arange(len(row)))
+
+
+def test_packed_rows_hold_every_resume_once(nlsy_dataset):
+  """One packed epoch, cut back into its segments, is the unpacked epoch's rows (inputs, targets, loss mask) as a
+  multiset: no resume dropped, duplicated or cut, at two row lengths and both loss modes."""
+  from collections import Counter
+
+  def segments(**kw):
+    out = Counter()
+    for b in _ds(nlsy_dataset, num_epochs=1, batch_size=1, **kw):
+      for r in range(len(b["inputs"])):
+        for s in set(b["segment_ids"][r].tolist()) - {0}:
+          at = b["segment_ids"][r] == s
+          assert (b["positions"][r][at] == np.arange(at.sum())).all()
+          out[tuple(tuple(b[k][r][at].tolist()) for k in ("inputs", "targets", "loss_mask"))] += 1
+    return out
+  for seq_len, loss_on in ((224, "history"), (600, "all")):
+    plain = segments(seq_len=seq_len, loss_on=loss_on)
+    assert sum(plain.values()) == 375
+    assert segments(seq_len=seq_len, loss_on=loss_on, pack=True) == plain, (seq_len, loss_on)
 
 
 def test_prediction_prompt_is_the_training_prefix(nlsy_dataset, tmp_path):

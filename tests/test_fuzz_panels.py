@@ -153,6 +153,10 @@ def check_round_trip(out: Path, rows, stem: str):
   data = DatasetDir(out).check()
   tok, titles = data.tokenizer(), data.titles()
   rendered = {(x.dataset, x.person_id): x for x in resume.render_panel(data.panel(), titles)}
+  # the split a worker's rows carry in panel.parquet (what the baselines and forecasts read)
+  saved_split = {(d, p): s for d, p, s in data.panel()[["dataset", "person_id", "split"]].drop_duplicates()
+                 .itertuples(index=False)}
+  assert len(saved_split) == len(rendered)  # one split a worker
   seen = set()
   for split in ("train", "validation", "test"):
     if not data.summary["split_workers"][split]:
@@ -162,6 +166,7 @@ def check_round_trip(out: Path, rows, stem: str):
       ex = src[i]
       key = (ex["dataset"].decode(), ex["person_id"].decode())
       text, ids = ex["text"].decode(), [int(t) for t in ex["tokens"]]
+      assert key not in seen and saved_split[key] == split, (key, split)  # the TFDS split is panel.parquet's
       seen.add(key)
       # Re-parsed: header, one line per record in year order, the end marker.
       lines = text.split("\n")

@@ -157,6 +157,10 @@ def test_prefix_property_and_title_spans(which, request, sim):
       s, f = tr.title_spans[t]
       cand = cands[index[e.code]]
       assert full[s:f] + nl == cand == full[s:f + len(nl)]
+      # entry t starts at its leading newline: the newline and the entry's prefix lie between it and the title
+      assert full[tr.entry_starts[t]:s] == nl + tok.encode_piece(e.prefix)
+    # the last start is the end marker's newline, right after the last title
+    assert tr.entry_starts[-1] == tr.title_spans[-1][1] and full[tr.entry_starts[-1]:][:len(nl)] == nl
 
 
 def test_bytelevel_segments_equal_whole_text_tokens(bpe_tokenizer, sim):
