@@ -150,6 +150,15 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
   """
   out = Path(out)
   t0 = time.perf_counter()
+  if out.exists() and not out.is_dir():
+    raise PanelError(out, "exists and is not a directory: name another output directory for the dataset")
+  if out.is_dir() and not (out / SUMMARY).exists() and any(out.iterdir()):  # a panel's folder, a run, ...
+    raise PanelError(out, f"holds files that are not an earlier dataset (no {SUMMARY} there), which the build would "
+                          "replace: name another output directory, or remove it first")
+  if tokenizer_dir is not None and not str(tokenizer_dir).endswith(".gguf") and not any(
+      (Path(tokenizer_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+    raise PanelError(tokenizer_dir, "no tokenizer.json or tokenizer.model there (--tokenizer-dir takes a Hugging "
+                                    "Face model directory, a dataset's tokenizer/ directory or a .gguf file)")
   panel = panel.copy()
   panel["split"] = split_lib.assign(panel, seed, fractions)
   resumes = resume.render_panel(panel, titles, variant)

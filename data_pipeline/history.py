@@ -30,8 +30,8 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
   by_title = dict(zip(titles.titles, titles.codes))
   if path.suffix.lower() == ".json":
     try:
-      doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+      doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
       raise PanelError(path, f"cannot read JSON ({e})") from None
     if not isinstance(doc, dict) or not doc.get("history"):
       raise PanelError(path, "expected an object with a non-empty 'history' list")
@@ -54,7 +54,16 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
   if panel[["dataset", "person_id"]].drop_duplicates().shape[0] != 1:
     raise PanelError(path, "the history must describe exactly one worker")
   last = panel.iloc[-1]
-  next_year = int(next_year) if next_year is not None else int(last["year"]) + 1
+  if next_year is None:
+    next_year = int(last["year"]) + 1
+  else:
+    if isinstance(next_year, bool) or not isinstance(next_year, (int, str)) or not str(next_year).strip().isdigit():
+      raise PanelError(path, "next_year must be a year (an integer)", column="next_year", value=next_year,
+                       has_value=True)
+    next_year = int(next_year)
+    if next_year <= int(last["year"]):
+      raise PanelError(path, f"next_year must come after the history's last year ({int(last['year'])})",
+                       column="next_year", value=next_year, has_value=True)
   if next_edu is None and "education" in panel.columns:
     next_edu = last["education"]
   return panel, next_year, next_edu

@@ -28,6 +28,7 @@ consecutive observed entries (``gap`` = years skipped, 0 for adjacent years).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 from pathlib import Path
 
@@ -61,6 +62,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
       df = df.apply(lambda c: c.map(lambda v: None if v is None else str(v)))
     else:
       df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
+      with open(path, newline="", encoding="utf-8-sig") as f:  # pandas renames a repeated name ("year.1")
+        header = [c.strip() for c in next(csv.reader(f), [])]
+      repeated = sorted({c for c in header if header.count(c) > 1})
+      if repeated:
+        raise PanelError(path, f"column {repeated[0]!r} appears {header.count(repeated[0])} times in the header")
+  except PanelError:
+    raise
   except pd.errors.EmptyDataError:
     raise PanelError(path, "empty file") from None
   except UnicodeDecodeError:

@@ -67,6 +67,10 @@ def to_long(df: pd.DataFrame, path) -> tuple[pd.DataFrame, FileRows]:
       raise PanelError(path, f"column '{field}' and yearly columns '{field}_<year>' both given", column=field)
   if "person_id" not in df.columns:
     raise PanelError(path, f"missing required column 'person_id' (found: {list(df.columns)})")
+  for c in map(str, df.columns):  # occupation_198x, education_80: a year that would be read as a person-level field
+    if any(c.startswith(f"{field}_") for field in FIELDS) and not _YEARLY.fullmatch(c):
+      raise PanelError(path, "a yearly column's year must be four digits (<field>_<year>, e.g. occupation_1980)",
+                       column=c)
   _check_unique_people(df, path)
   wide_cols = {c for cols in yearly.values() for c in cols.values()}
   person = [c for c in df.columns if c not in wide_cols]

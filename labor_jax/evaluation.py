@@ -31,12 +31,13 @@ from data_pipeline.dataset_dir import DatasetDir
 from labor_jax import baselines as bl
 from labor_jax import inference, report
 from labor_jax.config import ConfigError
-from labor_jax.fileio import atomic_dir
+from labor_jax.fileio import atomic_dir, check_replaceable
 from labor_jax.career import CareerBaseline
 from labor_jax.metrics import bootstrap_intervals, model_metrics, perplexity, true_logp, worker_keys
 from labor_jax.rundir import RunDir
 
 MAIN_LLM = "LABOR-LLM (this run)"
+REPORT_MARKER = "metrics.json"  # every evaluation report holds it: an output directory holding it may be replaced
 
 
 def llm_scores(loaded: inference.Loaded, titles, variant: str, dataset: DatasetDir, split: str, *,
@@ -137,6 +138,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
       raise ConfigError(f"{model}: name an output directory (--out) for a Hugging Face model")
     out_dir = run.eval_dir(split)
   out_dir = Path(out_dir)
+  check_replaceable(out_dir, REPORT_MARKER, "evaluation report")  # before minutes of scoring
   titles = data.titles()
   panel = data.panel()
   table = bl.transition_table(panel, titles.index)
@@ -185,7 +187,8 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
       metrics["models"][name].update(ci)
   metrics["labour_force_task"] = "not available: the panel records employed person-years only"
   if writer:
-    with atomic_dir(out_dir) as tmp:  # the directory appears whole; a failure or a second writer leaves no mix
+    # the directory appears whole; a failure or a second writer leaves no mix
+    with atomic_dir(out_dir, marker=REPORT_MARKER, what="evaluation report") as tmp:
       write_report(tmp, metrics, probs, test, titles, data.summary)
   return metrics
 

@@ -7,19 +7,44 @@ import fcntl
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
+from labor_jax.config import ConfigError
+
 LOCK = ".lock"  # suffix of the file whose flock says a temporary directory's writer is alive
 
 
+class OutputExists(ConfigError):
+  """An output path that holds something this writer did not write: never replaced."""
+
+
+def check_replaceable(path: str | os.PathLike, marker: str | None, what: str = "output") -> None:
+  """Raises :class:`OutputExists` (one line) unless ``path`` is absent, an empty directory, or a directory holding
+  ``marker`` (an earlier ``what`` of the same kind, which a new one replaces whole): a file, a training run, a
+  dataset or anything else named as an output is left alone. ``marker`` None: any directory."""
+  path = Path(path)
+  if not path.exists() and not path.is_symlink():
+    return
+  if not path.is_dir():
+    raise OutputExists(f"{path} exists and is not a directory: name another output directory for the {what}")
+  if marker is None or (path / marker).exists() or not any(path.iterdir()):
+    return
+  raise OutputExists(f"{path} holds files that are not an earlier {what} (no {marker} there), which writing the "
+                     f"{what} would replace: name another output directory, or remove it first")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, writer: bool = True) -> Iterator[Path | None]:
+def atomic_dir(path: str | os.PathLike, writer: bool = True, *, marker: str | None = None,
+               what: str = "output") -> Iterator[Path | None]:
   """A temporary sibling of ``path`` that replaces ``path`` when the block ends without error (and is
   removed when it raises: nothing half-written is left). Writers racing for one ``path`` each replace
-  it whole; the last one wins, never a mix of two. Yields None on processes that do not write.
+  it whole; the last one wins, never a mix of two. Yields None on processes that do not write. An existing
+  ``path`` is replaced only when :func:`check_replaceable` allows it (``marker``: the file every such output
+  holds; ``what`` names it in the error), checked before anything is written.
 
   A process killed outright (SIGKILL, out of memory) cannot remove its temporary directory. So the writer
   holds an exclusive ``flock`` on a sibling ``.lock`` file for as long as the directory exists, which the
@@ -29,7 +54,9 @@ def atomic_dir(path: str | os.PathLike, writer: bool = True) -> Iterator[Path | 
     yield None
     return
   path = Path(path)
+  check_replaceable(path, marker, what)
   path.parent.mkdir(parents=True, exist_ok=True)
+  path = path.parent.resolve() / path.name  # "run/../out": the parent must still resolve once "run" is set aside
   remove_stale(path.parent, path.name)
   fd, lock_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=LOCK, dir=path.parent)
   lock, tmp = Path(lock_name), Path(lock_name[:-len(LOCK)])
@@ -47,9 +74,10 @@ def atomic_dir(path: str | os.PathLike, writer: bool = True) -> Iterator[Path | 
     os.close(fd)
 
 
-def _replace(new: Path, path: Path) -> None:
-  """Moves the directory ``new`` to ``path``, setting aside (then deleting) whatever is there."""
-  while True:
+def _replace(new: Path, path: Path, attempts: int = 100) -> None:
+  """Moves the directory ``new`` to ``path``, setting aside (then deleting) whatever is there; after ``attempts``
+  tries that another writer won, or a rename that keeps failing, the last OSError is raised (never a busy loop)."""
+  for _ in range(attempts):
     old = path.parent / f".{path.name}.old.{uuid.uuid4().hex}"
     try:
       os.rename(path, old)
@@ -65,10 +93,12 @@ def _replace(new: Path, path: Path) -> None:
         raise
       if old is not None:  # another writer put its directory there in between: set it aside too
         shutil.rmtree(old, ignore_errors=True)
+      error = sys.exc_info()[1]
       continue
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)
     return
+  raise error
 
 
 _STALE_TMP = re.compile(r"\.(?P<name>.+)\.tmp-[a-z0-9_]+" + re.escape(LOCK))

@@ -51,8 +51,10 @@ from data_pipeline.history import load_history
 from data_pipeline.titles import TitleTable
 from data_pipeline.tokenizer import ResumeTokenizer
 from labor_jax import inference, scorer
+from labor_jax.fileio import atomic_dir, check_replaceable
 from labor_jax.sampler import sample_paths
 
+FORECAST = "forecast.json"  # every forecast output holds it: an output directory holding it may be replaced
 SUBGROUPS = ("education", "sex", "race", "ethnicity", "region")  # panel columns the transition matrix is split by
 
 
@@ -111,8 +113,10 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
                  step: int | str | None = "best", mesh: jax.sharding.Mesh | None = None, progress: bool = True) -> dict:
   """Forecasts the worker of ``history`` (or every worker of ``split``), writes the outputs to
   ``out_dir`` (see the module docstring) and returns what ``forecast.json`` holds."""
-  if years < 1 or samples < 1 or batch_workers < 1:
-    raise ValueError(f"--years ({years}), --samples ({samples}) and --batch-workers ({batch_workers}) must be >= 1")
+  if years < 1 or samples < 1 or batch_workers < 1 or show_paths < 0:
+    raise ValueError(f"--years ({years}), --samples ({samples}) and --batch-workers ({batch_workers}) must be >= 1, "
+                     f"--show-paths ({show_paths}) >= 0")
+  check_replaceable(out_dir, FORECAST, "forecast")
   loaded = inference.open_model(run_dir, step=step, mesh=mesh)  # with a mesh: restored straight into its shardings
   data = DatasetDir(data_dir).check() if data_dir else loaded.dataset()
   titles = data.titles()
@@ -159,9 +163,13 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
     probs_WYJ.append(np.asarray(f.probs_BSYJ).mean(axis=1)[:real])
   doc = {"run": loaded.source, "step": loaded.step, "data": str(data.path),
          "workers_from": str(history) if history is not None else f"split {split}", "seed": seed}
-  doc.update(write_outputs(Path(out_dir), workers, titles, np.concatenate(titles_WSY), np.concatenate(probs_WYJ),
-                           show_paths=show_paths, split_mode=history is None))
-  (Path(out_dir) / "forecast.json").write_text(json.dumps(doc, indent=1) + "\n")
+  with atomic_dir(out_dir, jax.process_index() == 0, marker=FORECAST, what="forecast") as tmp:
+    # the directory appears whole (an earlier forecast there is replaced, never mixed with this one)
+    doc.update(write_outputs(tmp or Path(out_dir), workers, titles, np.concatenate(titles_WSY),
+                             np.concatenate(probs_WYJ), show_paths=show_paths, split_mode=history is None,
+                             write=tmp is not None))
+    if tmp is not None:
+      (tmp / FORECAST).write_text(json.dumps(doc, indent=1) + "\n")
   return doc
 
 
@@ -192,9 +200,31 @@ def transition_table(workers: list[Worker], titles: TitleTable, dest_WJ: np.ndar
 
 
 def write_outputs(out: Path, workers: list[Worker], titles: TitleTable, titles_WSY: np.ndarray, probs_WYJ: np.ndarray,
-                  *, show_paths: int, split_mode: bool) -> dict:
-  """Writes ``paths.csv`` and, for a split, the transition files; returns the ``forecast.json`` content."""
+                  *, show_paths: int, split_mode: bool, write: bool = True) -> dict:
+  """Writes ``paths.csv`` and, for a split, the transition files (unless ``write`` is False: a process that does not
+  write); returns the ``forecast.json`` content."""
+  if not write:
+    return _forecast_doc(workers, titles, titles_WSY, probs_WYJ, show_paths)
   out.mkdir(parents=True, exist_ok=True)
+  doc = _forecast_doc(workers, titles, titles_WSY, probs_WYJ, show_paths)
+  names = np.asarray(titles.titles, dtype=object)
+  w_idx, s_idx, y_idx = np.indices(titles_WSY.shape).reshape(3, -1)
+  occ = titles_WSY.reshape(-1)
+  pd.DataFrame({"dataset": [workers[i].resume.dataset for i in w_idx],
+                "person_id": [workers[i].resume.person_id for i in w_idx], "sample": s_idx,
+                "year": np.asarray([w.first_year for w in workers])[w_idx] + y_idx,
+                "occupation": np.asarray(titles.codes, dtype=object)[occ], "title": names[occ]}).to_csv(
+                    out / "paths.csv", index=False)
+  if split_mode:
+    table = transition_table(workers, titles, probs_WYJ[:, -1])
+    table.to_csv(out / "transitions.csv", index=False)
+    plot_transitions(out, table, titles, titles_WSY.shape[2])
+  return doc
+
+
+def _forecast_doc(workers: list[Worker], titles: TitleTable, titles_WSY: np.ndarray, probs_WYJ: np.ndarray,
+                  show_paths: int) -> dict:
+  """forecast.json's per-worker part: each year's mean probability and share of paths per title."""
   s, y = titles_WSY.shape[1:]
   j = len(titles)
   names = np.asarray(titles.titles, dtype=object)
@@ -210,17 +240,6 @@ def write_outputs(out: Path, workers: list[Worker], titles: TitleTable, titles_W
     doc["workers"].append({"dataset": w.resume.dataset, "person_id": w.resume.person_id,
                            "last_year": w.resume.entries[-1].year, "last_occupation": titles.title(w.last_code),
                            "forecast": per_year, "sample_paths": [list(names[p]) for p in paths_SY[:show_paths]]})
-  w_idx, s_idx, y_idx = np.indices(titles_WSY.shape).reshape(3, -1)
-  occ = titles_WSY.reshape(-1)
-  pd.DataFrame({"dataset": [workers[i].resume.dataset for i in w_idx],
-                "person_id": [workers[i].resume.person_id for i in w_idx], "sample": s_idx,
-                "year": np.asarray([w.first_year for w in workers])[w_idx] + y_idx,
-                "occupation": np.asarray(titles.codes, dtype=object)[occ], "title": names[occ]}).to_csv(
-                    out / "paths.csv", index=False)
-  if split_mode:
-    table = transition_table(workers, titles, probs_WYJ[:, -1])
-    table.to_csv(out / "transitions.csv", index=False)
-    plot_transitions(out, table, titles, y)
   return doc
 
 

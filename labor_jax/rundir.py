@@ -174,7 +174,10 @@ class RunDir:
     if jax.process_index() != 0 or "://" in str(self.path):
       yield
       return
-    self.path.mkdir(parents=True, exist_ok=True)
+    try:
+      self.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # under a file, /proc, a read-only mount: the config's run_dir, in one line
+      raise ConfigError(f"run_dir {self.path}: cannot create it ({e.strerror or e})") from None
     path = os.fspath(self.path / LOCK)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     tmp = f"{path}.{me['pid']}"

@@ -45,11 +45,14 @@ def test_a_changed_model_stops_and_keeps_every_checkpoint(tmp_path, nlsy_dataset
   run_dir = tmp_path / "run"
   shutil.copytree(src, run_dir)
   before = _step_dirs(run_dir)
+  configs = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "model_config.json")}
   extra = ["steps=8", "ckpt_every=4", "eval_every=4"] if run == "full" else LORA
   assert train.main(train_args(run_dir, nlsy_dataset, *extra, *IN_PROCESS, override)) == train.EXIT_CONFIG
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith("config error: checkpoint step") and leaf in err and "--set run_dir=" in err
   assert _step_dirs(run_dir) == before and not any(p.endswith(".unreadable") for p in before)
+  # the refused config was not recorded: the run's config still describes its checkpoints (export reads it)
+  assert {name: (run_dir / name).read_bytes() for name in configs} == configs
 
 
 def test_an_io_error_fails_the_run_and_moves_nothing(tmp_path, nlsy_dataset, uninterrupted, monkeypatch):

@@ -143,3 +143,33 @@ def test_a_history_entry_may_name_its_worker(tmp_path):
   f.write_text(json.dumps(doc))
   with pytest.raises(PanelError, match="h.json: the history must describe exactly one worker"):
     load_history(f, nlsy_groups(), "NLSY79")
+
+
+@pytest.mark.parametrize("next_year, said", [("soon", "next_year must be a year"), ([1992], "next_year must be a year"),
+                                             (1991, "next_year must come after the history's last year (1991)"),
+                                             (1970, "next_year must come after the history's last year (1991)")])
+def test_a_history_next_year_that_cannot_follow_it_is_refused(tmp_path, next_year, said):
+  import json
+
+  from data_pipeline.history import load_history
+  f = tmp_path / "h.json"
+  f.write_text(json.dumps({"next_year": next_year, "history": [{"year": 1990, "occupation": "1"},
+                                                              {"year": 1991, "occupation": "3"}]}))
+  with pytest.raises(PanelError, match=r"h.json, column 'next_year': " + said.replace("(", r"\(").replace(")", r"\)")):
+    load_history(f, nlsy_groups(), "NLSY79")
+  f.write_bytes('{"history": [{"year": 1990, "occupation": "Caf\xe9"}]}'.encode("latin-1"))
+  with pytest.raises(PanelError, match="h.json: cannot read JSON"):
+    load_history(f, nlsy_groups(), "NLSY79")
+
+
+def test_a_repeated_header_or_a_yearly_column_without_a_year_is_refused(tmp_path):
+  """Neither is read with a column quietly lost: pandas would rename a second 'year' to 'year.1', and
+  occupation_198x would be a person-level field."""
+  from data_pipeline.inputs import PanelInput, read_inputs
+  from data_pipeline.titles import occ1990dd
+  dup = _write(tmp_path, "person_id,year,occupation,year\n1,1990,4,1991\n", "dup.csv")
+  with pytest.raises(PanelError, match=r"dup.csv: column 'year' appears 2 times in the header$"):
+    read_inputs([PanelInput(str(dup), "X", None)], occ1990dd())
+  wide = _write(tmp_path, "person_id,occupation_1980,occupation_198x\n1,4,22\n", "wide.csv")
+  with pytest.raises(PanelError, match=r"wide.csv, column 'occupation_198x': a yearly column's year must be four"):
+    read_inputs([PanelInput(str(wide), "X", None)], occ1990dd())

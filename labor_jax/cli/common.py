@@ -26,8 +26,29 @@ from labor_jax.interop import hf
 from labor_jax.training.config import DistributedConfig
 
 EXIT_CONFIG, EXIT_NAN, EXIT_WRITE = 2, 3, 4
-# What a bad model source, dataset, mesh or input file raises: one line on stderr and exit 2.
-INPUT_ERRORS = (FileNotFoundError, ConfigError, sharding.ShardingError, hf.CheckpointError, PanelError, GGUFError)
+# What a bad model source, dataset, mesh, input file or output path raises: one line on stderr and exit 2 (an
+# OSError's line names its file: a missing input, an output under /proc or a read-only mount).
+INPUT_ERRORS = (OSError, ConfigError, sharding.ShardingError, hf.CheckpointError, PanelError, GGUFError)
+
+
+def positive(text: str) -> int:
+  """argparse type: an integer >= 1 (a count of workers, devices, years...)."""
+  return _int_at_least(text, 1)
+
+
+def count(text: str) -> int:
+  """argparse type: an integer >= 0 (0 meaning none: bootstrap resamples, paths shown)."""
+  return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  if v < low:
+    raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else f'>= {low}'}, got {v}")
+  return v
 
 
 def run_training(fn: Callable[[], object]) -> int:
@@ -36,6 +57,9 @@ def run_training(fn: Callable[[], object]) -> int:
   try:
     fn()
   except (ConfigError, GGUFError, hf.CheckpointError) as e:  # GGUF / HF sources named by model.hf_path
+    print(f"config error: {e}", file=sys.stderr)
+    return EXIT_CONFIG
+  except (FileNotFoundError, NotADirectoryError, FileExistsError) as e:  # a path in the config (model.hf_path, ...)
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_CONFIG
   except hooks.NonFiniteLoss as e:
@@ -73,10 +97,10 @@ def add_mesh_flags(ap: argparse.ArgumentParser, batch: bool = True) -> None:
   g.add_argument("--mesh", help="device mesh, e.g. data=8 or fsdp=4,tensor=2 (default: every device on data when "
                                 "the parameters take at most a quarter of one device, otherwise on fsdp)")
   if batch:
-    g.add_argument("--batch-workers", type=int, default=16,
+    g.add_argument("--batch-workers", type=positive, default=16,
                    help="at most this many workers scored per batch, all processes together (a multiple of the "
                         "mesh's data x fsdp; the workers are spread evenly over the fewest batches)")
-  g.add_argument("--chunk", type=int, help="workers per tree pass of the scorer (bounds memory; default: the whole "
+  g.add_argument("--chunk", type=positive, help="workers per tree pass of the scorer (bounds memory; default: the whole "
                                             "batch under 1B parameters, else one worker per batch device)")
   g.add_argument("--coordinator-address", help="host:port of process 0, for several processes without SLURM "
                                                "or a TPU pod (those are detected)")

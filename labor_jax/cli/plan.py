@@ -30,6 +30,7 @@ import numpy as np
 
 from labor_jax import config as config_lib
 from labor_jax import inference, planning, sharding
+from labor_jax.cli.common import positive
 from labor_jax.config import ConfigError
 from labor_jax.training import config as train_config
 
@@ -38,21 +39,23 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", required=True, help="YAML run config (configs/...)")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-  ap.add_argument("--devices", type=int, required=True, help="devices of the target slice or cluster")
+  ap.add_argument("--devices", type=positive, required=True, help="devices of the target slice or cluster")
   ap.add_argument("--mesh", help="data=N,fsdp=M,tensor=K (default: the config's mesh)")
   ap.add_argument("--chip", choices=sorted(planning.CHIPS), help="the verdict is against this chip's memory")
   ap.add_argument("--preset", help=f"architecture ({', '.join(sorted(config_lib.PRESETS))}); default: "
                                    "model.hf_path's config.json or the config's from-scratch sizes")
   ap.add_argument("--no-score", action="store_true", help="plan the train step only")
   ap.add_argument("--no-train", action="store_true", help="plan the scoring step only")
-  ap.add_argument("--score-devices", type=int, help="devices for the scoring plan (default: --devices)")
+  ap.add_argument("--score-devices", type=positive, help="devices for the scoring plan (default: --devices)")
   ap.add_argument("--score-mesh", help="mesh of the scoring plan (default: labor_jax.evaluate's for this chip)")
-  ap.add_argument("--batch-workers", type=int, default=16, help="scoring: workers per batch")
-  ap.add_argument("--chunk", type=int, help="scoring: workers per tree pass (default: labor_jax.evaluate's)")
-  ap.add_argument("--titles", type=int, default=335, help="scoring: occupation titles")
-  ap.add_argument("--resume-tokens", type=int, default=512, help="scoring: tokens per resume")
-  ap.add_argument("--entries", type=int, default=20, help="scoring: entries per resume")
+  ap.add_argument("--batch-workers", type=positive, default=16, help="scoring: workers per batch")
+  ap.add_argument("--chunk", type=positive, help="scoring: workers per tree pass (default: labor_jax.evaluate's)")
+  ap.add_argument("--titles", type=positive, default=335, help="scoring: occupation titles")
+  ap.add_argument("--resume-tokens", type=positive, default=512, help="scoring: tokens per resume")
+  ap.add_argument("--entries", type=positive, default=20, help="scoring: entries per resume")
   args = ap.parse_args(argv)
+  if args.no_train and args.no_score:
+    ap.error("--no-train and --no-score leave nothing to plan")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"

@@ -45,12 +45,12 @@ def main(argv=None) -> int:
   ap.add_argument("--titles", help="with --hf: the occupation titles (code,title CSV, or occ1990dd)")
   ap.add_argument("--variant", choices=resume.VARIANTS, help="with --hf: titles (default) or codes")
   ap.add_argument("--history", required=True, help="worker history: JSON or panel-format CSV")
-  ap.add_argument("--top-k", type=int, default=5)
+  ap.add_argument("--top-k", type=cli.positive, default=5, help="titles to print, most likely first")
   cli.add_step_flag(ap)
   cli.add_mesh_flags(ap, batch=False)
   args = ap.parse_args(argv)
   try:
-    model = cli.model_source(args, hf_only=("adapter", "dtype", "titles"))
+    model = cli.model_source(args, hf_only=("adapter", "dtype", "titles", "variant"))
     if args.run:
       RunDir(args.run).check()
     cli.start(args)

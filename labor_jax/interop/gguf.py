@@ -34,7 +34,7 @@ import numpy as np
 
 from data_pipeline.gguf_tokenizer import GGUFError, build_tokenizer, field, open_gguf
 from labor_jax.config import ConfigError, LlamaConfig
-from labor_jax.fileio import atomic_dir
+from labor_jax.fileio import atomic_dir, check_replaceable
 from labor_jax.interop.hf import SAFETENSORS_SINGLE
 
 __all__ = ["GGUFError", "convert", "resolve", "smollm2_path", "hf_config", "SUPPORTED_TYPES"]
@@ -233,6 +233,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike) -> dict:
   ``{"out", "tensors", "types" (count per GGUF type), "parameters", "seconds"}``.
   """
   t0 = time.perf_counter()
+  check_replaceable(out, "config.json", "Hugging Face checkpoint")
   reader = open_gguf(path)
   cfg = hf_config(reader)
   tokenizer, tokenizer_config = build_tokenizer(reader)
@@ -241,7 +242,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike) -> dict:
                     f"{cfg['vocab_size']} rows of token_embd.weight")
   plan = _plan(reader, cfg)
   out = Path(out)
-  with atomic_dir(out) as tmp:
+  with atomic_dir(out, marker="config.json", what="Hugging Face checkpoint") as tmp:
     _write_safetensors(tmp / SAFETENSORS_SINGLE, plan)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}

@@ -262,7 +262,7 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
       get_storage_size=lambda x: int(np.prod(x.shape)) * itemsize,
       filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
   writer = jax.process_index() == 0
-  with atomic_dir(path, writer) as tmp:
+  with atomic_dir(path, writer, marker="config.json", what="Hugging Face checkpoint") as tmp:
     for filename, tensor_names in split.filename_to_tensors.items():
       shard = {}
       for n in tensor_names:

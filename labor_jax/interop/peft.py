@@ -120,7 +120,7 @@ def save_adapter(config: LlamaConfig, params: Any, path: str | os.PathLike, *,
       "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
       "init_lora_weights": True, "inference_mode": True, "revision": None,
   }
-  with atomic_dir(path, jax.process_index() == 0) as tmp:
+  with atomic_dir(path, jax.process_index() == 0, marker=ADAPTER_CONFIG, what="PEFT adapter") as tmp:
     if tmp is not None:
       save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
       (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")

@@ -231,7 +231,9 @@ def load(path: str | Path | None, overrides: list[str] = (), *, resolved: bool =
       raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
       raise ConfigError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
-    if not resolved and isinstance(raw, dict):
+    if not isinstance(raw, dict):
+      raise ConfigError(f"{path}: a run config is a mapping of keys to values, not a {type(raw).__name__}")
+    if not resolved:
       _layer({}, raw, str(path))
   given: dict[str, Any] = {}
   for item in overrides:
@@ -243,7 +245,12 @@ def load(path: str | Path | None, overrides: list[str] = (), *, resolved: bool =
     _layer(raw, given, "--set")
   for key, value in given.items():
     _set(raw, key, value)
-  return _validated(_build(TrainConfig, raw))
+  try:
+    return _validated(_build(TrainConfig, raw))
+  except ConfigError as e:  # name the file the value came from (or --set)
+    if path is None or str(e).startswith(str(path)):
+      raise
+    raise ConfigError(f"{path}{' with --set' if overrides else ''}: {e}") from None
 
 
 def updated(cfg: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
@@ -300,6 +307,16 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
   for key, v in positive.items():
     if v is not None and v <= 0:
       raise ConfigError(f"{key}: must be positive, got {v}")
+  o = cfg.optim
+  if not (math.isfinite(o.lr) and o.lr > 0):
+    raise ConfigError(f"optim.lr: must be a positive number, got {o.lr}")
+  for key, v in (("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
+                 ("optim.clip_norm", o.clip_norm), ("optim.min_lr_ratio", o.min_lr_ratio)):
+    if not (math.isfinite(v) and v >= 0):
+      raise ConfigError(f"{key}: must be >= 0, got {v}")
+  for key, v in (("optim.b1", o.b1), ("optim.b2", o.b2)):
+    if not 0 <= v < 1:
+      raise ConfigError(f"{key}: must be in [0, 1), got {v}")
   if cfg.model.attention_query_block < 0:
     raise ConfigError(f"model.attention_query_block: must be >= 0, got {cfg.model.attention_query_block}")
   if cfg.model.loss_chunk is not None and cfg.model.loss_chunk <= 0:

@@ -13,6 +13,8 @@ The command line around it is ``python -m labor_jax.train``.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import sys
 
 import jax
@@ -183,9 +185,19 @@ def tree_bytes(tree) -> int:
 
 def run(cfg: TrainConfig, hooks: list[hooks_lib.Hook] | None = None) -> dict:
   """Trains (or resumes) the run ``cfg`` describes with ``hooks`` (default: :func:`hooks.default_hooks`);
-  returns the last step's metrics record. One process trains a run directory at a time (:meth:`RunDir.lock`)."""
+  returns the last step's metrics record. One process trains a run directory at a time (:meth:`RunDir.lock`).
+  A new run directory whose set-up fails (a config the model or the data refuses) is removed: nothing half-made
+  is left to be mistaken for a run."""
+  local = "://" not in str(cfg.run_dir)
+  fresh = local and not os.path.exists(cfg.run_dir)
   with RunDir(cfg.run_dir).lock():
-    return train(setup(cfg), hooks_lib.default_hooks() if hooks is None else hooks)
+    try:
+      trainer = setup(cfg)
+    except BaseException:
+      if fresh and jax.process_index() == 0:  # ours alone: made under the lock just taken
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+      raise
+    return train(trainer, hooks_lib.default_hooks() if hooks is None else hooks)
 
 
 def train(trainer: Trainer, hooks: list[hooks_lib.Hook]) -> dict:
@@ -223,13 +235,9 @@ def setup(cfg: TrainConfig) -> Trainer:
   check_truncation(cfg, data)
   cfg = resolve_length(cfg, run_dir, data, is_main)
   config = model_config_of(cfg, tok)
-  if is_main:
-    if cfg.model.dtype == "auto":
-      print(f"model.dtype auto: {config.dtype} compute ({runtime.auto_dtype()[1]}), "
-            f"{config.param_dtype} parameters", flush=True)
-    run_dir.write_config(cfg)
-    run_dir.copy_tokenizer(data)
-    run_dir.write_model_config(config)
+  if is_main and cfg.model.dtype == "auto":
+    print(f"model.dtype auto: {config.dtype} compute ({runtime.auto_dtype()[1]}), {config.param_dtype} parameters",
+          flush=True)
 
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   rng = jax.random.key(cfg.seed)
@@ -291,6 +299,10 @@ def setup(cfg: TrainConfig) -> Trainer:
       ckpt_lib.save_frozen(run_dir.frozen_dir, split_state(state, label_tree)[1])
   del restored
   start = int(start or 0)
+  if is_main:  # written once the checkpoints are known to fit them: a refused resume leaves the run as it was
+    run_dir.write_config(cfg)
+    run_dir.copy_tokenizer(data)
+    run_dir.write_model_config(config)
 
   batch_sh = train_core.batch_sharding(mesh)
   cache = None

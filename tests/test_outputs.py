@@ -1,0 +1,141 @@
+"""What a command is told to write: an output path is replaced only when it holds an earlier output of the same kind
+(a training run, a dataset, an input folder or a file named as --out is refused in one line and left as it was), a
+directory appears whole, and a run whose set-up fails leaves no directory behind."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from data_pipeline import build
+from labor_jax import fileio
+from labor_jax.cli import export, forecast
+from labor_jax.config import ConfigError
+from labor_jax.training import config as train_config
+from tests.runs import ROOT, cpu_env, train_args
+
+
+def _tree(path):
+  """Every file under ``path`` with its bytes (a directory's whole content)."""
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_check_replaceable_and_the_parent_that_stops_resolving(tmp_path):
+  (tmp_path / "file").write_text("x")
+  (tmp_path / "theirs").mkdir()
+  (tmp_path / "theirs" / "notes.txt").write_text("mine")
+  (tmp_path / "ours").mkdir()
+  (tmp_path / "ours" / "report.json").write_text("{}")
+  (tmp_path / "empty").mkdir()
+  for ok in ("absent", "ours", "empty"):
+    fileio.check_replaceable(tmp_path / ok, "report.json")
+  with pytest.raises(ConfigError, match="file exists and is not a directory"):
+    fileio.check_replaceable(tmp_path / "file", "report.json")
+  with pytest.raises(ConfigError, match=r"theirs holds files that are not an earlier report \(no report.json there\)"):
+    fileio.check_replaceable(tmp_path / "theirs", "report.json", "report")
+  # "run/../out" with run replaced: the path is resolved first, so setting "out" aside keeps the parent reachable
+  (tmp_path / "run").mkdir()
+  with fileio.atomic_dir(tmp_path / "run" / ".." / "run") as tmp:
+    (tmp / "new.txt").write_text("new")
+  assert _tree(tmp_path / "run") == {"new.txt": b"new"}
+
+
+def test_a_rename_that_keeps_failing_raises_instead_of_spinning(tmp_path, monkeypatch):
+  new, path = tmp_path / "new", tmp_path / "path"
+  new.mkdir()
+  path.mkdir()
+  rename = os.rename
+
+  def refuse(src, dst):
+    if os.fspath(src) == os.fspath(new):
+      raise PermissionError(13, "Permission denied", os.fspath(dst))
+    rename(src, dst)
+  monkeypatch.setattr(fileio.os, "rename", refuse)
+  with pytest.raises(PermissionError):
+    fileio._replace(new, path, attempts=5)
+
+
+def test_export_never_replaces_its_own_run_or_a_file(tmp_path, uninterrupted, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(uninterrupted, run)
+  before = _tree(run)
+  victim = tmp_path / "notes.txt"
+  victim.write_text("keep me")
+  for out, said in ((run, "holds files that are not an earlier Hugging Face checkpoint (no config.json there)"),
+                    (tmp_path / "run" / ".." / "run", "no config.json there"),
+                    (victim, "exists and is not a directory")):
+    assert export.main(["--run", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1, err
+  assert _tree(run) == before and victim.read_text() == "keep me"
+  assert export.main(["--run", str(run), "--out", str(tmp_path / "hf"), "--base-model", "x"]) == 2
+  assert "--adapter-only" in capsys.readouterr().err
+  # an earlier export is replaced whole
+  assert export.main(["--run", str(run), "--out", str(tmp_path / "hf")]) == 0
+  (tmp_path / "hf" / "stale.txt").write_text("from before")
+  assert export.main(["--run", str(run), "--out", str(tmp_path / "hf")]) == 0
+  assert not (tmp_path / "hf" / "stale.txt").exists()
+
+
+def test_evaluate_refuses_a_dataset_as_its_output_before_scoring(uninterrupted, nlsy_dataset):
+  from labor_jax import evaluation
+  before = _tree(nlsy_dataset)
+  with pytest.raises(ConfigError, match="not an earlier evaluation report"):
+    evaluation.evaluate(uninterrupted, "test", nlsy_dataset, career=False, bootstrap=0)
+  assert _tree(nlsy_dataset) == before
+
+
+def test_build_refuses_its_input_folder_and_names_a_missing_tokenizer(tmp_path, capsys):
+  folder = tmp_path / "survey"
+  folder.mkdir()
+  panel = folder / "panel.csv"
+  panel.write_text("person_id,year,occupation\n1,1990,4\n1,1991,22\n2,1990,13\n")
+  (folder / "notes.txt").write_text("field notes")
+  before = _tree(folder)
+  assert build.main(["--panel", str(panel), "--titles", "occ1990dd", "--out", str(folder)]) == 2
+  err = capsys.readouterr().err
+  assert "holds files that are not an earlier dataset (no summary.json there)" in err and err.count("\n") == 1
+  assert _tree(folder) == before
+  missing = tmp_path / "no_such_tokenizer"
+  assert build.main(["--tokenizer-dir", str(missing), "--out", str(tmp_path / "d")]) == 2
+  err = capsys.readouterr().err
+  assert str(missing) in err and "no tokenizer.json or tokenizer.model" in err and not (tmp_path / "d").exists()
+
+
+def test_forecast_replaces_an_earlier_forecast_whole_and_refuses_split_with_history(tmp_path, uninterrupted, capsys):
+  out = tmp_path / "f"
+  history = tmp_path / "w.json"
+  history.write_text(json.dumps({"sex": "female", "history": [{"year": 1980, "occupation": "1"}]}))
+  assert forecast.main(["--run", str(uninterrupted), "--out", str(out), "--years", "1", "--samples", "2"]) == 0
+  assert (out / "transitions.csv").exists()
+  assert forecast.main(["--run", str(uninterrupted), "--history", str(history), "--out", str(out), "--years", "1",
+                        "--samples", "2"]) == 0
+  assert sorted(p.name for p in out.iterdir()) == ["forecast.json", "paths.csv"]  # no split's files left beside it
+  with pytest.raises(SystemExit):
+    forecast.main(["--run", str(uninterrupted), "--history", str(history), "--split", "train", "--out", str(out)])
+  assert "give one of them" in capsys.readouterr().err
+
+
+def test_a_new_run_whose_set_up_fails_leaves_no_directory(tmp_path, nlsy_dataset):
+  run = tmp_path / "new_run"
+  p = subprocess.run([sys.executable, "-m", "labor_jax.train",
+                      *train_args(run, nlsy_dataset, f"model.hf_path={tmp_path / 'no_such_model'}", "steps=2")],
+                     cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("config error:"), p.stderr[-2000:]
+  assert not run.exists()
+
+
+def test_config_values_a_run_cannot_use_name_their_file(tmp_path):
+  listed = tmp_path / "list.yaml"
+  listed.write_text("- steps: 3\n")
+  with pytest.raises(ConfigError, match="list.yaml: a run config is a mapping of keys to values, not a list"):
+    train_config.load(listed)
+  for override, said in (("optim.lr=.nan", "optim.lr: must be a positive number"),
+                         ("optim.lr=-1", "optim.lr: must be a positive number"),
+                         ("optim.warmup_steps=-30", "optim.warmup_steps: must be >= 0"),
+                         ("batch_size=-4", "batch_size: must be positive")):
+    with pytest.raises(ConfigError, match=f"^configs/demo.yaml with --set: {said}"):
+      train_config.load("configs/demo.yaml", [override])
