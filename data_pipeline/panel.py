@@ -62,11 +62,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
       df = df.apply(lambda c: c.map(lambda v: None if v is None else str(v)))
     else:
       df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
-      with open(path, newline="", encoding="utf-8-sig") as f:  # pandas renames a repeated name ("year.1")
-        header = [c.strip() for c in next(csv.reader(f), [])]
-      repeated = sorted({c for c in header if header.count(c) > 1})
-      if repeated:
-        raise PanelError(path, f"column {repeated[0]!r} appears {header.count(repeated[0])} times in the header")
+      with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = csv.reader(f)
+        header = [c.strip() for c in next(rows, [])]
+        repeated = sorted({c for c in header if header.count(c) > 1})  # pandas renames a repeated name ("year.1")
+        if repeated:
+          raise PanelError(path, f"column {repeated[0]!r} appears {header.count(repeated[0])} times in the header")
+        for i, fields in enumerate((r for r in rows if r), start=1):  # pandas pads a short row with missing values
+          if len(fields) != len(header):
+            raise PanelError(path, f"{len(fields)} fields where the header has {len(header)} (a cut or shifted line?)",
+                             row=i)
   except PanelError:
     raise
   except pd.errors.EmptyDataError:

@@ -173,3 +173,9 @@ def test_a_repeated_header_or_a_yearly_column_without_a_year_is_refused(tmp_path
   wide = _write(tmp_path, "person_id,occupation_1980,occupation_198x\n1,4,22\n", "wide.csv")
   with pytest.raises(PanelError, match=r"wide.csv, column 'occupation_198x': a yearly column's year must be four"):
     read_inputs([PanelInput(str(wide), "X", None)], occ1990dd())
+
+
+def test_a_row_with_fewer_fields_than_the_header_is_refused(tmp_path):
+  """A line cut short (a truncated last line, a lost comma) is not read as missing values."""
+  msg = _error(tmp_path, GOOD + "4,1990\n")
+  assert "row 5" in msg and "2 fields where the header has 6" in msg

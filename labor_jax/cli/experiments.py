@@ -237,8 +237,15 @@ def main(argv=None) -> int:
   ap.add_argument("--tiny-llm", metavar="RUN", help="foundation: score this finished run of the tiny LLM (a main/stage2 run, "
                   "e.g. runs/experiments/main/seed0 of the ablations) instead of training one")
   args = ap.parse_args(argv)
-  if args.seeds < 1 or args.full_seeds < 1:
-    ap.error("--seeds and --full-seeds must be at least 1")
+  if args.which == "ablations":  # the foundation experiment's flags would be ignored: refused instead
+    given = [f for f, v in (("--steps", args.steps), ("--model", args.model), ("--tiny-llm", args.tiny_llm),
+                            ("--full-seeds", args.full_seeds != foundation.FULL_SEEDS),
+                            ("--in-context", args.in_context != foundation.IN_CONTEXT)) if v]
+    if given:
+      ap.error(f"{', '.join(given)}: options of 'experiments foundation', not of the ablations")
+  for flag, path in (("--model", args.model), ("--tiny-llm", args.tiny_llm)):
+    if path and not Path(path).exists():
+      ap.error(f"{flag} {path}: no such file or directory")
   base = "runs/foundation" if args.which == "foundation" else "runs/experiments"
   out = Path(args.out or (base + "_quick" if args.quick else base))
   if args.which == "foundation":
