@@ -57,6 +57,8 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
   if next_year is None:
     next_year = int(last["year"]) + 1
   else:
+    if isinstance(next_year, float) and next_year.is_integer():
+      next_year = int(next_year)
     if isinstance(next_year, bool) or not isinstance(next_year, (int, str)) or not str(next_year).strip().isdigit():
       raise PanelError(path, "next_year must be a year (an integer)", column="next_year", value=next_year,
                        has_value=True)

@@ -62,16 +62,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
       df = df.apply(lambda c: c.map(lambda v: None if v is None else str(v)))
     else:
       df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
-      with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = csv.reader(f)
-        header = [c.strip() for c in next(rows, [])]
-        repeated = sorted({c for c in header if header.count(c) > 1})  # pandas renames a repeated name ("year.1")
-        if repeated:
-          raise PanelError(path, f"column {repeated[0]!r} appears {header.count(repeated[0])} times in the header")
-        for i, fields in enumerate((r for r in rows if r), start=1):  # pandas pads a short row with missing values
-          if len(fields) != len(header):
-            raise PanelError(path, f"{len(fields)} fields where the header has {len(header)} (a cut or shifted line?)",
-                             row=i)
+      if path.suffix.lower() not in _COMPRESSED:  # pandas opens those itself; its own reading is all there is
+        _check_csv_shape(path)
   except PanelError:
     raise
   except pd.errors.EmptyDataError:
@@ -84,6 +76,26 @@ def read_table(path: str | Path) -> pd.DataFrame:
     raise PanelError(path, "empty file (a header but no rows)")
   df.columns = [str(c).strip() for c in df.columns]
   return df
+
+
+_COMPRESSED = (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")
+
+
+def _check_csv_shape(path: Path) -> None:
+  """What pandas reads without a word and should not: a column name given twice (the second renamed ``year.1``) and
+  a line with fewer or more fields than the header (a cut or shifted line, padded with missing values). Lines are
+  split as pandas splits them (spaces after a delimiter skipped, blank lines passed over)."""
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    lines = (r for r in csv.reader(f, skipinitialspace=True) if any(c.strip() for c in r))
+    header = [c.strip() for c in next(lines, [])]
+    named = [c for c in header if c]  # unnamed columns (a trailing comma) are pandas' "Unnamed: 3"
+    repeated = sorted({c for c in named if named.count(c) > 1})
+    if repeated:
+      raise PanelError(path, f"column {repeated[0]!r} appears {named.count(repeated[0])} times in the header")
+    for i, fields in enumerate(lines, start=1):
+      if len(fields) != len(header):
+        raise PanelError(path, f"{len(fields)} fields where the header has {len(header)} (a cut or shifted line?)",
+                         row=i)
 
 
 def _not_utf8(path: Path) -> PanelError:

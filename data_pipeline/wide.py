@@ -27,6 +27,8 @@ from data_pipeline.panel import OPTIONAL, REQUIRED, FileRows
 FIELDS = tuple(c for c in REQUIRED + OPTIONAL if c not in ("person_id", "year", "dataset"))
 LAYOUTS = ("auto", "long", "wide")
 _YEARLY = re.compile(r"(.+)_(\d{4})")
+# a field's name, "_", then something with a digit: meant as a year (race_ethnicity, industry_code are not)
+_YEAR_LIKE = re.compile(r"(?:" + "|".join(FIELDS) + r")_(?=.*\d).+")
 
 
 def yearly_columns(columns) -> dict[str, dict[int, str]]:
@@ -68,7 +70,7 @@ def to_long(df: pd.DataFrame, path) -> tuple[pd.DataFrame, FileRows]:
   if "person_id" not in df.columns:
     raise PanelError(path, f"missing required column 'person_id' (found: {list(df.columns)})")
   for c in map(str, df.columns):  # occupation_198x, education_80: a year that would be read as a person-level field
-    if any(c.startswith(f"{field}_") for field in FIELDS) and not _YEARLY.fullmatch(c):
+    if _YEAR_LIKE.fullmatch(c) and not _YEARLY.fullmatch(c):
       raise PanelError(path, "a yearly column's year must be four digits (<field>_<year>, e.g. occupation_1980)",
                        column=c)
   _check_unique_people(df, path)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -85,15 +85,16 @@ def _replace(new: Path, path: Path, attempts: int = 100) -> None:
       old = None
     try:
       os.rename(new, path)
-    except OSError:
-      if not new.exists():  # our directory is gone (removed by hand?): put back what was there, and stop
+    except OSError as e:
+      raced = e.errno in (errno.EEXIST, errno.ENOTEMPTY) and new.exists()  # another writer's directory is there
+      if not raced:  # our directory is gone (removed by hand?) or cannot be moved: put back what was there, stop
         if old is not None:
           with contextlib.suppress(OSError):
             os.rename(old, path)
         raise
-      if old is not None:  # another writer put its directory there in between: set it aside too
+      if old is not None:  # set the earlier output aside and try again
         shutil.rmtree(old, ignore_errors=True)
-      error = sys.exc_info()[1]
+      error = e
       continue
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)

@@ -47,6 +47,7 @@ def test_a_rename_that_keeps_failing_raises_instead_of_spinning(tmp_path, monkey
   new, path = tmp_path / "new", tmp_path / "path"
   new.mkdir()
   path.mkdir()
+  (path / "earlier.txt").write_text("the earlier output")
   rename = os.rename
 
   def refuse(src, dst):
@@ -56,6 +57,7 @@ def test_a_rename_that_keeps_failing_raises_instead_of_spinning(tmp_path, monkey
   monkeypatch.setattr(fileio.os, "rename", refuse)
   with pytest.raises(PermissionError):
     fileio._replace(new, path, attempts=5)
+  assert _tree(path) == {"earlier.txt": b"the earlier output"}  # put back, not deleted
 
 
 def test_export_never_replaces_its_own_run_or_a_file(tmp_path, uninterrupted, capsys):
@@ -71,6 +73,7 @@ def test_export_never_replaces_its_own_run_or_a_file(tmp_path, uninterrupted, ca
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1, err
   assert _tree(run) == before and victim.read_text() == "keep me"
+  assert export._shard_size("500mb") == "500MB" and export._shard_size("1000") == 1000
   assert export.main(["--run", str(run), "--out", str(tmp_path / "hf"), "--base-model", "x"]) == 2
   assert "--adapter-only" in capsys.readouterr().err
   # an earlier export is replaced whole
@@ -119,13 +122,18 @@ def test_forecast_replaces_an_earlier_forecast_whole_and_refuses_split_with_hist
   assert "give one of them" in capsys.readouterr().err
 
 
-def test_a_new_run_whose_set_up_fails_leaves_no_directory(tmp_path, nlsy_dataset):
-  run = tmp_path / "new_run"
-  p = subprocess.run([sys.executable, "-m", "labor_jax.train",
-                      *train_args(run, nlsy_dataset, f"model.hf_path={tmp_path / 'no_such_model'}", "steps=2")],
-                     cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=300)
-  assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("config error:"), p.stderr[-2000:]
-  assert not run.exists()
+def test_a_new_run_whose_set_up_fails_leaves_no_directory(tmp_path, nlsy_dataset, uninterrupted):
+  """...and an existing run named through a path that does not exist yet ("new/../existing") is not new."""
+  existing = tmp_path / "existing"
+  shutil.copytree(uninterrupted, existing)
+  before = _tree(existing)
+  for run in (tmp_path / "new_run", tmp_path / "new" / ".." / "existing"):
+    p = subprocess.run([sys.executable, "-m", "labor_jax.train",
+                        *train_args(run, nlsy_dataset, f"model.hf_path={tmp_path / 'no_such_model'}", "steps=2")],
+                       cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("config error:"), p.stderr[-2000:]
+  assert not (tmp_path / "new_run").exists()
+  assert _tree(existing) == before
 
 
 def test_config_values_a_run_cannot_use_name_their_file(tmp_path):

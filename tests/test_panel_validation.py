@@ -170,12 +170,30 @@ def test_a_repeated_header_or_a_yearly_column_without_a_year_is_refused(tmp_path
   dup = _write(tmp_path, "person_id,year,occupation,year\n1,1990,4,1991\n", "dup.csv")
   with pytest.raises(PanelError, match=r"dup.csv: column 'year' appears 2 times in the header$"):
     read_inputs([PanelInput(str(dup), "X", None)], occ1990dd())
+  fine = _write(tmp_path, "person_id,race_ethnicity,industry_code,occupation_1980\n1,x,y,4\n", "fine.csv")
+  assert len(read_inputs([PanelInput(str(fine), "X", None)], occ1990dd())[0]) == 1  # person-level, not yearly
   wide = _write(tmp_path, "person_id,occupation_1980,occupation_198x\n1,4,22\n", "wide.csv")
   with pytest.raises(PanelError, match=r"wide.csv, column 'occupation_198x': a yearly column's year must be four"):
     read_inputs([PanelInput(str(wide), "X", None)], occ1990dd())
 
 
 def test_a_row_with_fewer_fields_than_the_header_is_refused(tmp_path):
-  """A line cut short (a truncated last line, a lost comma) is not read as missing values."""
+  """A line cut short (a truncated last line, a lost comma) is not read as missing values; what pandas reads as
+  written (a blank or white line, a space before a quoted field, unnamed trailing columns, a gzipped file) is
+  read as before."""
+  import gzip
   msg = _error(tmp_path, GOOD + "4,1990\n")
   assert "row 5" in msg and "2 fields where the header has 6" in msg
+  want, _ = read_panel(_write(tmp_path, GOOD), nlsy_groups())
+  odd = ("\n"  # a blank line first, a line of spaces, a quoted field after a space, two unnamed trailing columns
+         "person_id,year,occupation,education,sex,birth_year,,\n"
+         "7,1980,3,high school diploma,female,1962,,\n"
+         "7,1981,3,high school diploma,female, \"1962\",,\n"
+         "   \n"
+         "7,1983,5,some college,female,1962,,\n"
+         "9,1980,1,bachelor's degree,male,,,\n")
+  got, _ = read_panel(_write(tmp_path, odd, "odd.csv"), nlsy_groups(), dataset="panel")
+  pd.testing.assert_frame_equal(got, want)
+  packed = tmp_path / "panel.csv.gz"
+  packed.write_bytes(gzip.compress(GOOD.encode()))
+  pd.testing.assert_frame_equal(read_panel(packed, nlsy_groups(), dataset="panel")[0], want)

@@ -39,8 +39,8 @@ def _shard_size(text: str) -> int | str:
   """``--max-shard-size``: bytes, or a number with one of the units safetensors' splitter reads."""
   if text.strip().isdigit() and int(text) > 0:
     return int(text)
-  if re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", text.strip()) and float(re.match(r"[\d.]+", text.strip())[0]) > 0:
-    return text.strip()
+  if re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", text.strip().upper()) and float(re.match(r"[\d.]+", text.strip())[0]) > 0:
+    return text.strip().upper()
   raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a number of bytes, got {text!r}")
 
 

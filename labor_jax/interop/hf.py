@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from data_pipeline.tokenizer import TOKENIZER_FILES
 from labor_jax import model
-from labor_jax.fileio import atomic_dir
+from labor_jax.fileio import atomic_dir, check_replaceable
 from labor_jax import sharding as shard_lib
 from labor_jax.config import LlamaConfig
 
@@ -245,6 +245,7 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
   import transformers  # heavy (seconds): only the export needs it
 
   path = Path(path)
+  check_replaceable(path, "config.json", "Hugging Face checkpoint")  # every process: none waits in a gather alone
   if config.lora_rank:
     raise CheckpointError("params carry LoRA adapters: fold them in first with labor_jax.lora.merge")
   flat = traverse_util.flatten_dict(params, sep="/")

@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from labor_jax import labels, model
 from labor_jax import sharding as shard_lib
 from labor_jax.config import ConfigError, LlamaConfig
-from labor_jax.fileio import atomic_dir
+from labor_jax.fileio import atomic_dir, check_replaceable
 from labor_jax.interop.hf import CheckpointError, check_names, expected_tensors, hf_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -96,6 +96,7 @@ def save_adapter(config: LlamaConfig, params: Any, path: str | os.PathLike, *,
   directory appears atomically; every process of a multi-process run must call this, process 0 writes.
   """
   path = Path(path)
+  check_replaceable(path, ADAPTER_CONFIG, "PEFT adapter")  # every process: none waits in a gather alone
   if not config.lora_rank:
     raise CheckpointError("the model has no LoRA adapters (lora_rank=0): nothing to export")
   adapters = labels.split(params, labels.label_tree(params, labels.ADAPTERS))[0]

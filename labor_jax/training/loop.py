@@ -188,14 +188,15 @@ def run(cfg: TrainConfig, hooks: list[hooks_lib.Hook] | None = None) -> dict:
   returns the last step's metrics record. One process trains a run directory at a time (:meth:`RunDir.lock`).
   A new run directory whose set-up fails (a config the model or the data refuses) is removed: nothing half-made
   is left to be mistaken for a run."""
-  local = "://" not in str(cfg.run_dir)
-  fresh = local and not os.path.exists(cfg.run_dir)
+  # the directory the path names once resolved ("runs/new/../old" is runs/old, which exists)
+  real = os.path.realpath(cfg.run_dir) if "://" not in str(cfg.run_dir) else None
+  fresh = real is not None and not os.path.lexists(real)
   with RunDir(cfg.run_dir).lock():
     try:
       trainer = setup(cfg)
     except BaseException:
       if fresh and jax.process_index() == 0:  # ours alone: made under the lock just taken
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        shutil.rmtree(real, ignore_errors=True)
       raise
     return train(trainer, hooks_lib.default_hooks() if hooks is None else hooks)
 
