@@ -50,6 +50,9 @@ def open_gguf(path: str | os.PathLike):
   import gguf  # the reader parses every field at open: only the GGUF paths pay for it
 
   path = Path(path)
+  if path.is_dir():
+    raise GGUFError(f"{path}: a directory, not a .gguf file (a Hugging Face directory goes where --hf or "
+                    "model.hf_path takes one)")
   if not path.is_file():
     raise GGUFError(f"{path}: no such file")
   with open(path, "rb") as f:

@@ -147,3 +147,15 @@ def test_config_values_a_run_cannot_use_name_their_file(tmp_path):
                          ("batch_size=-4", "batch_size: must be positive")):
     with pytest.raises(ConfigError, match=f"^configs/demo.yaml with --set: {said}"):
       train_config.load("configs/demo.yaml", [override])
+
+
+def test_gguf_conversion_names_a_directory_and_refuses_a_foreign_output(tmp_path, capsys):
+  from labor_jax.cli import gguf as gguf_cli
+  (tmp_path / "theirs").mkdir()
+  (tmp_path / "theirs" / "notes.txt").write_text("mine")
+  assert gguf_cli.main([str(tmp_path / "any.gguf"), "--out", str(tmp_path / "theirs")]) == 2
+  assert "not an earlier Hugging Face checkpoint" in capsys.readouterr().err
+  assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
+  assert gguf_cli.main([str(tmp_path / "theirs"), "--out", str(tmp_path / "hf")]) == 2
+  err = capsys.readouterr().err
+  assert "theirs: a directory, not a .gguf file" in err and err.count("\n") == 1 and not (tmp_path / "hf").exists()
