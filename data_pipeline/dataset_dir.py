@@ -34,7 +34,7 @@ import pandas as pd
 from etils import epath
 
 from data_pipeline import gguf_tokenizer, nlsy, resume, splits as split_lib
-from data_pipeline.errors import PanelError, WriteError, disk_full
+from data_pipeline.errors import PanelError, WriteError, disk_full, output_problem
 from data_pipeline.panel import summary, validate
 from data_pipeline.titles import TitleTable, load_titles
 from data_pipeline.tokenizer import TOKENIZER_FILES, ResumeTokenizer, train_sentencepiece
@@ -150,11 +150,9 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
   """
   out = Path(out)
   t0 = time.perf_counter()
-  if out.exists() and not out.is_dir():
-    raise PanelError(out, "exists and is not a directory: name another output directory for the dataset")
-  if out.is_dir() and not (out / SUMMARY).exists() and any(out.iterdir()):  # a panel's folder, a run, ...
-    raise PanelError(out, f"holds files that are not an earlier dataset (no {SUMMARY} there), which the build would "
-                          "replace: name another output directory, or remove it first")
+  problem = output_problem(out, SUMMARY, "dataset")  # a panel's folder, a run, a file ...
+  if problem:
+    raise PanelError(out, problem)
   if tokenizer_dir is not None and not str(tokenizer_dir).endswith(".gguf") and not any(
       (Path(tokenizer_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
     raise PanelError(tokenizer_dir, "no tokenizer.json or tokenizer.model there (--tokenizer-dir takes a Hugging "

@@ -1,10 +1,25 @@
 """The data pipeline's errors, each one line: :class:`PanelError` (bad input: file, row, column,
 value) and :class:`WriteError` (an output that could not be written: a full disk, a file size limit).
-:func:`disk_full` tells the latter apart from other failures (also used for checkpoints)."""
+:func:`disk_full` tells the latter apart from other failures (also used for checkpoints); :func:`output_problem`
+says why an output path must not be replaced (also used by :mod:`labor_jax.fileio`)."""
 
 import errno
 import os
 import re
+
+
+def output_problem(path: str | os.PathLike, marker: str | None, what: str = "output") -> str | None:
+  """Why writing the ``what`` to ``path`` must not replace what is there, or None when it may: ``path`` is absent, an
+  empty directory, or a directory holding ``marker`` (an earlier ``what`` of the same kind; None: any directory). A
+  file, a training run, a dataset or anything else named as an output is left alone."""
+  if not os.path.lexists(path):
+    return None
+  if not os.path.isdir(path):
+    return f"exists and is not a directory: name another output directory for the {what}"
+  if marker is None or os.path.exists(os.path.join(path, marker)) or not os.listdir(path):
+    return None
+  return (f"holds files that are not an earlier {what} (no {marker} there), which writing the {what} would replace: "
+          "name another output directory, or remove it first")
 
 
 class PanelError(ValueError):

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from data_pipeline.errors import output_problem
 from labor_jax.config import ConfigError
 
 LOCK = ".lock"  # suffix of the file whose flock says a temporary directory's writer is alive
@@ -26,15 +27,9 @@ def check_replaceable(path: str | os.PathLike, marker: str | None, what: str = "
   """Raises :class:`OutputExists` (one line) unless ``path`` is absent, an empty directory, or a directory holding
   ``marker`` (an earlier ``what`` of the same kind, which a new one replaces whole): a file, a training run, a
   dataset or anything else named as an output is left alone. ``marker`` None: any directory."""
-  path = Path(path)
-  if not path.exists() and not path.is_symlink():
-    return
-  if not path.is_dir():
-    raise OutputExists(f"{path} exists and is not a directory: name another output directory for the {what}")
-  if marker is None or (path / marker).exists() or not any(path.iterdir()):
-    return
-  raise OutputExists(f"{path} holds files that are not an earlier {what} (no {marker} there), which writing the "
-                     f"{what} would replace: name another output directory, or remove it first")
+  problem = output_problem(path, marker, what)
+  if problem:
+    raise OutputExists(f"{path} {problem}")
 
 
 @contextlib.contextmanager

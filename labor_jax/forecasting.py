@@ -163,12 +163,12 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
     probs_WYJ.append(np.asarray(f.probs_BSYJ).mean(axis=1)[:real])
   doc = {"run": loaded.source, "step": loaded.step, "data": str(data.path),
          "workers_from": str(history) if history is not None else f"split {split}", "seed": seed}
+  titles_WSY, probs_WYJ = np.concatenate(titles_WSY), np.concatenate(probs_WYJ)
+  doc.update(forecast_doc(workers, titles, titles_WSY, probs_WYJ, show_paths))
+  # the directory appears whole (an earlier forecast there is replaced, never mixed with this one)
   with atomic_dir(out_dir, jax.process_index() == 0, marker=FORECAST, what="forecast") as tmp:
-    # the directory appears whole (an earlier forecast there is replaced, never mixed with this one)
-    doc.update(write_outputs(tmp or Path(out_dir), workers, titles, np.concatenate(titles_WSY),
-                             np.concatenate(probs_WYJ), show_paths=show_paths, split_mode=history is None,
-                             write=tmp is not None))
     if tmp is not None:
+      write_outputs(tmp, workers, titles, titles_WSY, probs_WYJ, split_mode=history is None)
       (tmp / FORECAST).write_text(json.dumps(doc, indent=1) + "\n")
   return doc
 
@@ -200,13 +200,8 @@ def transition_table(workers: list[Worker], titles: TitleTable, dest_WJ: np.ndar
 
 
 def write_outputs(out: Path, workers: list[Worker], titles: TitleTable, titles_WSY: np.ndarray, probs_WYJ: np.ndarray,
-                  *, show_paths: int, split_mode: bool, write: bool = True) -> dict:
-  """Writes ``paths.csv`` and, for a split, the transition files (unless ``write`` is False: a process that does not
-  write); returns the ``forecast.json`` content."""
-  if not write:
-    return _forecast_doc(workers, titles, titles_WSY, probs_WYJ, show_paths)
-  out.mkdir(parents=True, exist_ok=True)
-  doc = _forecast_doc(workers, titles, titles_WSY, probs_WYJ, show_paths)
+                  *, split_mode: bool) -> None:
+  """Writes ``paths.csv`` and, for a split, the transition files into ``out``."""
   names = np.asarray(titles.titles, dtype=object)
   w_idx, s_idx, y_idx = np.indices(titles_WSY.shape).reshape(3, -1)
   occ = titles_WSY.reshape(-1)
@@ -219,10 +214,9 @@ def write_outputs(out: Path, workers: list[Worker], titles: TitleTable, titles_W
     table = transition_table(workers, titles, probs_WYJ[:, -1])
     table.to_csv(out / "transitions.csv", index=False)
     plot_transitions(out, table, titles, titles_WSY.shape[2])
-  return doc
 
 
-def _forecast_doc(workers: list[Worker], titles: TitleTable, titles_WSY: np.ndarray, probs_WYJ: np.ndarray,
+def forecast_doc(workers: list[Worker], titles: TitleTable, titles_WSY: np.ndarray, probs_WYJ: np.ndarray,
                   show_paths: int) -> dict:
   """forecast.json's per-worker part: each year's mean probability and share of paths per title."""
   s, y = titles_WSY.shape[1:]

@@ -39,8 +39,9 @@ def _shard_size(text: str) -> int | str:
   """``--max-shard-size``: bytes, or a number with one of the units safetensors' splitter reads."""
   if text.strip().isdigit() and int(text) > 0:
     return int(text)
-  if re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]B", text.strip().upper()) and float(re.match(r"[\d.]+", text.strip())[0]) > 0:
-    return text.strip().upper()
+  size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*[KMGT]B", text.strip().upper())
+  if size and float(size[1]) > 0:
+    return size[0]
   raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a number of bytes, got {text!r}")
 
 
@@ -60,9 +61,9 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
 
   run = RunDir(args.run)
-  what = "PEFT adapter" if args.adapter_only else "Hugging Face checkpoint"
-  try:
-    check_replaceable(args.out, peft.ADAPTER_CONFIG if args.adapter_only else "config.json", what)  # before loading
+  try:  # the output checked before loading (the writers check it again)
+    check_replaceable(args.out, *((peft.ADAPTER_CONFIG, peft.OUTPUT_NAME) if args.adapter_only else
+                                  (hf.CONFIG_FILE, hf.OUTPUT_NAME)))
     if args.base_model and not args.adapter_only:
       raise ConfigError("--base-model names the base in adapter_config.json: it goes with --adapter-only")
     step = cli.step(args)

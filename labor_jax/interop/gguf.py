@@ -35,7 +35,7 @@ import numpy as np
 from data_pipeline.gguf_tokenizer import GGUFError, build_tokenizer, field, open_gguf
 from labor_jax.config import ConfigError, LlamaConfig
 from labor_jax.fileio import atomic_dir, check_replaceable
-from labor_jax.interop.hf import SAFETENSORS_SINGLE
+from labor_jax.interop.hf import CONFIG_FILE, OUTPUT_NAME, SAFETENSORS_SINGLE
 
 __all__ = ["GGUFError", "convert", "resolve", "smollm2_path", "hf_config", "SUPPORTED_TYPES"]
 
@@ -233,7 +233,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike) -> dict:
   ``{"out", "tensors", "types" (count per GGUF type), "parameters", "seconds"}``.
   """
   t0 = time.perf_counter()
-  check_replaceable(out, "config.json", "Hugging Face checkpoint")
+  check_replaceable(out, CONFIG_FILE, OUTPUT_NAME)
   reader = open_gguf(path)
   cfg = hf_config(reader)
   tokenizer, tokenizer_config = build_tokenizer(reader)
@@ -242,7 +242,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike) -> dict:
                     f"{cfg['vocab_size']} rows of token_embd.weight")
   plan = _plan(reader, cfg)
   out = Path(out)
-  with atomic_dir(out, marker="config.json", what="Hugging Face checkpoint") as tmp:
+  with atomic_dir(out, marker=CONFIG_FILE, what=OUTPUT_NAME) as tmp:
     _write_safetensors(tmp / SAFETENSORS_SINGLE, plan)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}

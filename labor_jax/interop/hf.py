@@ -37,6 +37,9 @@ from labor_jax import sharding as shard_lib
 from labor_jax.config import LlamaConfig
 
 SAFETENSORS_SINGLE = "model.safetensors"
+# what every Hugging Face checkpoint written here holds, and its name in errors: an output directory holding it may
+# be replaced by a new one (labor_jax.fileio.check_replaceable)
+CONFIG_FILE, OUTPUT_NAME = "config.json", "Hugging Face checkpoint"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 # (HF name, labor_jax path, transposed). "{i}" is a layer index, "{p}" a projection name.
@@ -245,7 +248,7 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
   import transformers  # heavy (seconds): only the export needs it
 
   path = Path(path)
-  check_replaceable(path, "config.json", "Hugging Face checkpoint")  # every process: none waits in a gather alone
+  check_replaceable(path, CONFIG_FILE, OUTPUT_NAME)  # every process: none waits in a gather alone
   if config.lora_rank:
     raise CheckpointError("params carry LoRA adapters: fold them in first with labor_jax.lora.merge")
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -263,7 +266,7 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
       get_storage_size=lambda x: int(np.prod(x.shape)) * itemsize,
       filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
   writer = jax.process_index() == 0
-  with atomic_dir(path, writer, marker="config.json", what="Hugging Face checkpoint") as tmp:
+  with atomic_dir(path, writer, marker=CONFIG_FILE, what=OUTPUT_NAME) as tmp:
     for filename, tensor_names in split.filename_to_tensors.items():
       shard = {}
       for n in tensor_names:

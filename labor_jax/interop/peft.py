@@ -29,6 +29,7 @@ from labor_jax.fileio import atomic_dir, check_replaceable
 from labor_jax.interop.hf import CheckpointError, check_names, expected_tensors, hf_name
 
 ADAPTER_CONFIG = "adapter_config.json"
+OUTPUT_NAME = "PEFT adapter"  # in errors about an output directory that holds no ADAPTER_CONFIG
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # labor_jax adapter leaf -> PEFT tensor suffix (lora_a [in, r] -> lora_A.weight [r, in], lora_b [r, out] ->
@@ -96,7 +97,7 @@ def save_adapter(config: LlamaConfig, params: Any, path: str | os.PathLike, *,
   directory appears atomically; every process of a multi-process run must call this, process 0 writes.
   """
   path = Path(path)
-  check_replaceable(path, ADAPTER_CONFIG, "PEFT adapter")  # every process: none waits in a gather alone
+  check_replaceable(path, ADAPTER_CONFIG, OUTPUT_NAME)  # every process: none waits in a gather alone
   if not config.lora_rank:
     raise CheckpointError("the model has no LoRA adapters (lora_rank=0): nothing to export")
   adapters = labels.split(params, labels.label_tree(params, labels.ADAPTERS))[0]
@@ -121,7 +122,7 @@ def save_adapter(config: LlamaConfig, params: Any, path: str | os.PathLike, *,
       "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
       "init_lora_weights": True, "inference_mode": True, "revision": None,
   }
-  with atomic_dir(path, jax.process_index() == 0, marker=ADAPTER_CONFIG, what="PEFT adapter") as tmp:
+  with atomic_dir(path, jax.process_index() == 0, marker=ADAPTER_CONFIG, what=OUTPUT_NAME) as tmp:
     if tmp is not None:
       save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
       (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
