@@ -95,7 +95,8 @@ def test_adapters_are_born_sharded_without_a_full_size_array(monkeypatch):
   base = jax.jit(lambda r: model.init_params(config, r), out_shardings=model.param_shardings(config, mesh))(
       jax.random.key(0))
   base_shapes = {x.shape for x in jax.tree.leaves(base)}
-  before = {id(x) for x in jax.live_arrays()}
+  alive = jax.live_arrays()  # held, so no array freed here can lend its id to a new one
+  before = {id(x) for x in alive}
 
   def no_init(*args, **kwargs):
     raise AssertionError("add_adapters initialised a whole model")

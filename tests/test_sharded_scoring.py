@@ -133,7 +133,8 @@ def test_rows_are_split_evenly_over_calls_and_score_as_in_one_call(fsdp_run, mon
 
 def test_restoring_for_scoring_places_parameters_only_in_their_shardings(fsdp_run):
   mesh = sharding.make_mesh(fsdp=4, tensor=2)
-  before = {id(x) for x in jax.live_arrays()}
+  alive = jax.live_arrays()  # held, so no array freed here can lend its id to a new one
+  before = {id(x) for x in alive}
   config, params, step = RunDir(fsdp_run).load_model(mesh=mesh)
   created = [x for x in jax.live_arrays() if id(x) not in before]
   leaves = jax.tree.leaves(params)
