@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ def train_args(run_dir, data_dir, *extra):
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that no one listens on now, for a test's JAX coordinator (the OS picks it)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def cpu_env(devices: int = 1, optimize: bool = False, **extra) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.runs import cpu_env
+from tests.runs import cpu_env, free_port
 
 SCRIPT = r"""
 import sys
@@ -45,10 +45,7 @@ def test_two_process_save_equals_source(tmp_path, scan):
   config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
   hf.save(config, model.init_params(config, jax.random.key(3)), tmp_path / "src")
-  sock = __import__("socket").socket()
-  sock.bind(("127.0.0.1", 0))
-  port = sock.getsockname()[1]
-  sock.close()
+  port = free_port()
   env = cpu_env(2)
   procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "src"), str(tmp_path / "out"), str(port),
                              str(i), scan], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,7 +14,7 @@ import pytest
 from labor_jax import evaluation, inference, sharding
 from labor_jax.rundir import RunDir
 from tests import numerics
-from tests.runs import ROOT, cpu_env, longest_resume, run_train
+from tests.runs import ROOT, cpu_env, free_port, longest_resume, run_train
 
 # (mesh, workers per tree pass): each takes the model's sums in another order (sharded contractions, gathered
 # and reduced over other devices, other batch tilings); None is one device, the whole batch of 16 at once.
@@ -151,10 +151,7 @@ def _evaluate(run_dir, out, devices, *extra, processes=1):
   if processes == 1:
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
   else:
-    import socket
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen(cmd + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                                      "--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(processes)]

@@ -10,7 +10,7 @@ import pytest
 from labor_jax.cli import train
 from labor_jax.rundir import RunDir
 from tests import numerics
-from tests.runs import final_params, read_metrics, run_train, spawn_train, train_args
+from tests.runs import final_params, free_port, read_metrics, run_train, spawn_train, train_args
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -111,13 +111,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nlsy_dataset):
   assert good and max(good) < bad_step
 
 
-def _free_port():
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one_and_stop_together(tmp_path, nlsy_dataset):
   """2 local processes x 2 CPU devices (gloo collectives) fine-tune a HF checkpoint like 1 process x 4 devices
   (hf.load places every tensor into its multi-process sharding). A SIGTERM to one process makes both save the
@@ -136,7 +129,7 @@ def test_two_processes_match_one_and_stop_together(tmp_path, nlsy_dataset):
   assert code == 0, err
 
   def multi(sleep=0.0):
-    port = _free_port()
+    port = free_port()
     return [spawn_train(tmp_path / "multi", nlsy_dataset, *common, "distributed.initialize=true",
                         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
                         f"distributed.process_id={i}", devices=2, sleep=sleep) for i in range(2)]
