@@ -6,20 +6,41 @@ says why an output path must not be replaced (also used by :mod:`labor_jax.filei
 import errno
 import os
 import re
+import tempfile
 
 
 def output_problem(path: str | os.PathLike, marker: str | None, what: str = "output") -> str | None:
   """Why writing the ``what`` to ``path`` must not replace what is there, or None when it may: ``path`` is absent, an
   empty directory, or a directory holding ``marker`` (an earlier ``what`` of the same kind; None: any directory). A
-  file, a training run, a dataset or anything else named as an output is left alone."""
+  file, a training run, a dataset or anything else named as an output is left alone. Also says so when nothing can
+  be written where ``path`` would go (see :func:`_unwritable`)."""
   if not os.path.lexists(path):
-    return None
+    return _unwritable(path)
   if not os.path.isdir(path):
     return f"exists and is not a directory: name another output directory for the {what}"
   if marker is None or os.path.exists(os.path.join(path, marker)) or not os.listdir(path):
-    return None
+    return _unwritable(path)
   return (f"holds files that are not an earlier {what} (no {marker} there), which writing the {what} would replace: "
           "name another output directory, or remove it first")
+
+
+def _unwritable(path: str | os.PathLike) -> str | None:
+  """Why no output can be made at ``path``, found by making (and removing) an empty file where the writer would put
+  its temporary sibling: in ``path``'s parent, or in the nearest folder above it that exists (the writer makes the
+  rest). None when one can; catches a parent that is a file, a read-only or pseudo file system (``/proc``), a
+  folder without write permission, before any work rather than after it."""
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"cannot be made: {parent} is not a directory"
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".labor_jax-write-probe-", dir=parent)
+  except OSError as e:
+    return f"cannot be written: no file can be made in {parent} ({e.strerror or e})"
+  os.close(fd)
+  os.unlink(probe)
+  return None
 
 
 class PanelError(ValueError):

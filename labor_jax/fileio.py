@@ -20,7 +20,8 @@ LOCK = ".lock"  # suffix of the file whose flock says a temporary directory's wr
 
 
 class OutputExists(ConfigError):
-  """An output path that holds something this writer did not write: never replaced."""
+  """An output path that holds something this writer did not write (never replaced), or where nothing can be
+  written (its parent is a file, a read-only or pseudo file system, a folder without write permission)."""
 
 
 def check_replaceable(path: str | os.PathLike, marker: str | None, what: str = "output") -> None:

@@ -30,8 +30,16 @@ def test_check_replaceable_and_the_parent_that_stops_resolving(tmp_path):
   (tmp_path / "ours").mkdir()
   (tmp_path / "ours" / "report.json").write_text("{}")
   (tmp_path / "empty").mkdir()
-  for ok in ("absent", "ours", "empty"):
+  listed = sorted(os.listdir(tmp_path))
+  for ok in ("absent", "ours", "empty", "absent/deeper/still"):
     fileio.check_replaceable(tmp_path / ok, "report.json")
+  assert sorted(os.listdir(tmp_path)) == listed  # the write probe leaves nothing behind
+  # where nothing can be written: said before any work, not by the temporary directory's lock after it
+  with pytest.raises(ConfigError, match=r"out cannot be made: \S+file is not a directory"):
+    fileio.check_replaceable(tmp_path / "file" / "deeper" / "out", "report.json")
+  if os.path.isdir("/proc/self"):  # a pseudo file system: no file can be made there, even by root
+    with pytest.raises(ConfigError, match="cannot be written: no file can be made in /proc"):
+      fileio.check_replaceable("/proc/labor_jax-out", "report.json")
   with pytest.raises(ConfigError, match="file exists and is not a directory"):
     fileio.check_replaceable(tmp_path / "file", "report.json")
   with pytest.raises(ConfigError, match=r"theirs holds files that are not an earlier report \(no report.json there\)"):

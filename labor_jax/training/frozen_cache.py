@@ -35,7 +35,7 @@ from data_pipeline import loader
 from data_pipeline.dataset_dir import DatasetDir
 from labor_jax import inference, model
 from labor_jax.config import ConfigError, LlamaConfig
-from labor_jax.fileio import atomic_dir, remove_stale
+from labor_jax.fileio import OutputExists, atomic_dir, remove_stale
 
 _KEY_FIELDS = ("inputs", "positions", "segment_ids")
 
@@ -117,7 +117,7 @@ class Store:
         for k, a in arrays.items():
           np.save(tmp / f"{k}.npy", np.ascontiguousarray(a).view(np.uint8).reshape(-1))
         (tmp / "arrays.json").write_text(json.dumps({k: [a.dtype.name, list(a.shape)] for k, a in arrays.items()}))
-    except OSError as e:
+    except (OSError, OutputExists) as e:  # OutputExists: nothing can be written there (labor_jax.fileio)
       self.log(f"lora.cache_dir: could not keep {path} ({e}); later runs compute it again")
       return False
     return True
