@@ -335,6 +335,18 @@ class SharedLower:
     return self.lowers[key]
 
 
+def check_batch(mesh: Mesh | None, batch_workers: int, chunk: int | None) -> None:
+  """Raises ConfigError (one line) unless ``batch_workers`` rows per call divide over ``mesh``'s batch axes and
+  ``chunk`` (workers per tree pass, None: the default) divides them: what :func:`score_examples` and the memory
+  plan (labor_jax.plan) both need."""
+  if batch_workers % batch_size(mesh):
+    raise ConfigError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
+                      f"{batch_size(mesh)}")
+  if chunk is not None and batch_workers % chunk:
+    raise ConfigError(f"--chunk {chunk} does not divide --batch-workers {batch_workers} (workers per tree pass "
+                      "must divide a batch's)")
+
+
 def even_batches(rows: int, most: int, multiple: int = 1) -> int:
   """Rows per call when ``rows`` rows go in calls of at most ``most`` (a multiple of ``multiple``): the fewest
   calls, each as small as holds them all, rounded up to ``multiple``; never more than ``most``."""
@@ -355,12 +367,7 @@ def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Seque
   batches of 16: 8 calls of 15, not 7 of 16 and one of 1 padded to 16). Every process gets every score.
   ``shared``: the first blocks' output, computed by the first model scored with it and reused by later ones
   that have the same first blocks (:class:`SharedLower`)."""
-  if batch_workers % batch_size(loaded.mesh):
-    raise ConfigError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
-                      f"{batch_size(loaded.mesh)}")
-  if chunk is not None and batch_workers % chunk:
-    raise ConfigError(f"--chunk {chunk} does not divide --batch-workers {batch_workers} (workers per tree pass "
-                      "must divide a batch's)")
+  check_batch(loaded.mesh, batch_workers, chunk)
   first = shared.n_layers if shared is not None and shared.usable(loaded) else 0
   if shared is not None:
     shared.last_used = bool(first)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.runs import ROOT, cpu_env
 
 MEASURE = r"""
@@ -77,7 +79,7 @@ def _plan(*args):
                         timeout=300)
 
 
-def test_verdict_and_exit_code(monkeypatch):
+def test_verdict_and_exit_code(monkeypatch, capsys):
   ok = _plan("--config", "configs/demo.yaml", "--devices", "2", "--mesh", "data=2", "--chip", "v5e")
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "train step" in ok.stdout and "scoring" in ok.stdout and "verdict on v5e: fits" in ok.stdout
@@ -93,3 +95,14 @@ def test_verdict_and_exit_code(monkeypatch):
   for var in ("XLA_FLAGS", "JAX_PLATFORMS"):  # plan.main sets them; restored after the test
     monkeypatch.setenv(var, os.environ.get(var, ""))
   assert plan.main(["--config", "configs/demo.yaml", "--devices", "8", "--mesh", "data=3"]) == 2
+  assert "data=3 x fsdp=1 x tensor=1 = 3 devices, but 8 are present" in capsys.readouterr().err
+  # what labor_jax.evaluate refuses, the plan refuses alike (it stopped with IndivisibleError's traceback)
+  plan_score = ["--config", "configs/demo.yaml", "--devices", "8", "--no-train", "--score-devices", "4",
+                "--score-mesh", "data=4"]
+  assert plan.main(plan_score + ["--batch-workers", "6"]) == 2
+  assert capsys.readouterr().err == "config error: --batch-workers 6 does not divide over the mesh's data x fsdp = 4\n"
+  assert plan.main(plan_score + ["--batch-workers", "8", "--chunk", "3"]) == 2
+  assert "--chunk 3 does not divide --batch-workers 8" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_:  # it planned on the 8 devices there are, as if asked for them
+    plan.main(["--config", "configs/demo.yaml", "--devices", "8", "--score-devices", "16"])
+  assert exit_.value.code == 2 and "--score-devices 16 is more than --devices 8" in capsys.readouterr().err

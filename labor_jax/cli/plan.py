@@ -56,6 +56,8 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.no_train and args.no_score:
     ap.error("--no-train and --no-score leave nothing to plan")
+  if args.score_devices and args.score_devices > args.devices:
+    ap.error(f"--score-devices {args.score_devices} is more than --devices {args.devices}")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -83,8 +85,14 @@ def main(argv=None) -> int:
     print("\n".join(planning.report(plans[-1], chip)), flush=True)
   if not args.no_score:
     n = args.score_devices or args.devices  # labor_jax.evaluate's default mesh for this model on this chip
-    score_mesh = sharding.scoring_mesh(args.score_mesh, config.num_params() * np.dtype(config.jnp_param_dtype).itemsize,
-                                       devices=jax.devices()[:n], device_bytes=chip.hbm_bytes if chip else None)
+    try:
+      score_mesh = sharding.scoring_mesh(args.score_mesh,
+                                         config.num_params() * np.dtype(config.jnp_param_dtype).itemsize,
+                                         devices=jax.devices()[:n], device_bytes=chip.hbm_bytes if chip else None)
+      inference.check_batch(score_mesh, args.batch_workers, args.chunk)  # as labor_jax.evaluate refuses them
+    except (ConfigError, sharding.ShardingError) as e:
+      print(f"config error: {e}", file=sys.stderr)
+      return 2
     chunk = args.chunk or inference.default_chunk(config, score_mesh, args.batch_workers)
     plans.append(planning.score_plan(config, score_mesh, batch_workers=args.batch_workers, chunk=chunk,
                             titles=args.titles, resume_tokens=args.resume_tokens, entries=args.entries))
