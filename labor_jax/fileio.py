@@ -130,12 +130,18 @@ def remove_stale(parent: str | os.PathLike, name: str | None = None) -> list[Pat
     return removed
   for entry in entries:
     m = _STALE_TMP.fullmatch(entry.name)
-    if m and (name is None or m["name"] == name) and _writer_gone(entry):
+    if m and (name is None or m["name"] == name):
       tmp = entry.with_name(entry.name[:-len(LOCK)])
-      shutil.rmtree(tmp, ignore_errors=True)
-      entry.unlink(missing_ok=True)
-      if not tmp.exists():
-        removed.append(tmp)
+      # The directory is looked for before the lock: a writer makes it only once it holds the lock, so one seen here
+      # whose lock is free is a dead writer's; one made after the look is a live writer's that took its lock just
+      # after ours was released (between its mkstemp and its flock), never removed.
+      # A lock file alone is left too: it may be such a writer's, whose later kill its lock must still reveal (one
+      # left by a writer killed between its mkstemp and its mkdir is an empty file).
+      if tmp.exists() and _writer_gone(entry):
+        shutil.rmtree(tmp, ignore_errors=True)
+        entry.unlink(missing_ok=True)
+        if not tmp.exists():
+          removed.append(tmp)
       continue
     m = _SET_ASIDE.fullmatch(entry.name)
     if m and (name is None or m["name"] == name) and entry.is_dir() and not entry.is_symlink():

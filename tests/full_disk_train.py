@@ -1,14 +1,18 @@
 """``python -m tests.full_disk_train STEP BYTES [labor_jax.train args]``: the trainer with a file size limit of
 BYTES (``RLIMIT_FSIZE``, SIGXFSZ ignored so writes fail with EFBIG, as on a full disk) set just before the
 checkpoint save of STEP, so that earlier steps save and that one cannot. The limit lives here, not in the
-library."""
+library. JAX's persistent compilation cache, which the suite shares between processes, is off here: a write cut
+short by the limit must not leave a truncated entry for others."""
 
+import os
 import resource
 import signal
 import sys
 
-from labor_jax import checkpoint
-from labor_jax.cli import train
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # before JAX is imported
+
+from labor_jax import checkpoint  # noqa: E402
+from labor_jax.cli import train  # noqa: E402
 
 _save = checkpoint.save
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,10 +26,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-  """A TCP port on 127.0.0.1 that no one listens on now, for a test's JAX coordinator (the OS picks it)."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  """A TCP port on 127.0.0.1 that no one listens on now, for a test's JAX coordinator. It is bound by the coordinator
+  only seconds later (after the child imports JAX), so it is drawn below the kernel's ephemeral range, which the
+  kernel never hands out to a bind of port 0 (gloo's listeners, another test's sockets) in the meantime."""
+  try:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+  except (OSError, ValueError, IndexError):
+    low = 0
+  rng = random.Random()
+  for _ in range(100):
+    port = rng.randrange(20000, low) if low > 21000 else 0  # 0: no such range here; the kernel picks one
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return s.getsockname()[1]
+  raise OSError("no free TCP port on 127.0.0.1 below the ephemeral range")
 
 
 def cpu_env(devices: int = 1, optimize: bool = False, **extra) -> dict:

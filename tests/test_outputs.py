@@ -2,11 +2,13 @@
 (a training run, a dataset, an input folder or a file named as --out is refused in one line and left as it was), a
 directory appears whole, and a run whose set-up fails leaves no directory behind."""
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -66,6 +68,31 @@ def test_a_rename_that_keeps_failing_raises_instead_of_spinning(tmp_path, monkey
   with pytest.raises(PermissionError):
     fileio._replace(new, path, attempts=5)
   assert _tree(path) == {"earlier.txt": b"the earlier output"}  # put back, not deleted
+
+
+def test_cleaning_up_never_removes_a_writer_that_takes_its_lock_meanwhile(tmp_path, monkeypatch):
+  """A writer makes its lock file, then takes the lock, then makes its directory. Another writer's clean-up that finds
+  the lock free in between (the lock taken and released at once) must not then remove the directory made after it
+  looked: it did, when it looked for the directory after the lock (a FileNotFoundError in the first writer)."""
+  fd, lock = tempfile.mkstemp(prefix=".out.tmp-", suffix=fileio.LOCK, dir=tmp_path)  # writer A, lock not yet taken
+  tmp = tmp_path / os.path.basename(lock)[:-len(fileio.LOCK)]
+  writer_gone = fileio._writer_gone
+
+  def writer_a_goes_on():  # A takes its lock and makes its directory
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    tmp.mkdir(exist_ok=True)
+
+  def then_writer_a_goes_on(path):  # the lock was free when the clean-up tried it; A goes on just after
+    free = writer_gone(path)
+    writer_a_goes_on()
+    return free
+  monkeypatch.setattr(fileio, "_writer_gone", then_writer_a_goes_on)
+  assert fileio.remove_stale(tmp_path, "out") == []
+  writer_a_goes_on()  # (when the clean-up did not try the lock at all)
+  assert tmp.is_dir()  # A's directory, still there for it to write into
+  os.close(fd)  # A is killed: the next clean-up removes its directory and lock
+  monkeypatch.setattr(fileio, "_writer_gone", writer_gone)
+  assert fileio.remove_stale(tmp_path, "out") == [tmp] and os.listdir(tmp_path) == []
 
 
 def test_export_never_replaces_its_own_run_or_a_file(tmp_path, uninterrupted, capsys):

@@ -133,7 +133,7 @@ def test_two_processes_match_one_and_stop_together(tmp_path, nlsy_dataset):
     return [spawn_train(tmp_path / "multi", nlsy_dataset, *common, "distributed.initialize=true",
                         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
                         f"distributed.process_id={i}", devices=2, sleep=sleep) for i in range(2)]
-  procs = multi(sleep=0.5)
+  procs = multi(sleep=1.0)  # the notice sent after step 2 must reach both before step 5 ends: 3 s, on a loaded machine
   deadline = time.time() + 240
   while not (tmp_path / "multi" / "metrics.jsonl").exists() or len(read_metrics(tmp_path / "multi")) < 2:
     assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
