@@ -60,6 +60,10 @@ class LlamaConfig:
   lora_targets: str = r"self_attn/(q|k|v|o)_proj"  # regex over module paths that get adapters
 
   def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings"):
+      if not getattr(self, name) > 0:
+        raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
     if self.head_dim is None:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
     if self.num_attention_heads % self.num_key_value_heads:

@@ -5,6 +5,7 @@ directory appears whole, and a run whose set-up fails leaves no directory behind
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,9 +180,28 @@ def test_config_values_a_run_cannot_use_name_their_file(tmp_path):
   for override, said in (("optim.lr=.nan", "optim.lr: must be a positive number"),
                          ("optim.lr=-1", "optim.lr: must be a positive number"),
                          ("optim.warmup_steps=-30", "optim.warmup_steps: must be >= 0"),
-                         ("batch_size=-4", "batch_size: must be positive")):
+                         ("batch_size=-4", "batch_size: must be a positive number"),
+                         # each of these stopped later with a traceback, trained on, or diverged (probe, 2026-12-05)
+                         ("model.num_attention_heads=0", "model.num_attention_heads: must be a positive number"),
+                         ("model.max_position_embeddings=0", "model.max_position_embeddings: must be a positive"),
+                         ("data.vocab_size=0", "data.vocab_size: must be a positive number"),
+                         ("epochs=.nan", "epochs: must be a positive number, got nan"),
+                         ("eval_every_epochs=.inf", "eval_every_epochs: must be a positive number, got inf"),
+                         ("eval_batches=-1", "eval_batches: must be >= 0"),
+                         ("ckpt_every_minutes=.nan", "ckpt_every_minutes: must be >= 0"),
+                         ("lora.alpha=.nan", "lora.alpha: must be a positive number"),
+                         ("lora.dropout=1.5", r"lora.dropout: a probability in \[0, 1\)")):
     with pytest.raises(ConfigError, match=f"^configs/demo.yaml with --set: {said}"):
       train_config.load("configs/demo.yaml", [override])
+  # an empty value (an empty shell variable) took the default in silence; a section set whole took every default
+  for override, said in (("steps=", "no value (write steps=null for null)"),
+                         ("model=null", "model is a section; set its keys (model.KEY=VALUE)")):
+    with pytest.raises(ConfigError, match=re.escape(f"--set {override!r}: {said}")):
+      train_config.load("configs/demo.yaml", [override])
+  assert train_config.load("configs/demo.yaml", ["steps=null"]).steps == train_config.DEFAULT_STEPS["steps"]
+  from labor_jax.config import LlamaConfig  # a preset or config.json with a zero size: one line, not ZeroDivisionError
+  with pytest.raises(ConfigError, match="num_attention_heads: must be positive, got 0"):
+    LlamaConfig(num_attention_heads=0)
 
 
 def test_gguf_conversion_names_a_directory_and_refuses_a_foreign_output(tmp_path, capsys):

@@ -190,6 +190,17 @@ def _build(cls, data: dict, prefix: str = ""):
   return cls(**kwargs)
 
 
+def _field_type(dotted: str) -> Any:
+  """The declared type of the config field ``dotted`` (``model.hidden_size``), or None if there is no such field
+  (:func:`_build` then names the unknown key)."""
+  typ = TrainConfig
+  for part in dotted.split("."):
+    if not dataclasses.is_dataclass(typ):
+      return None
+    typ = typing.get_type_hints(typ).get(part)
+  return typ
+
+
 def _set(tree: dict, dotted: str, value: Any):
   *parents, last = dotted.split(".")
   node = tree
@@ -240,7 +251,12 @@ def load(path: str | Path | None, overrides: list[str] = (), *, resolved: bool =
     if "=" not in item:
       raise ConfigError(f"--set {item!r}: expected key=value")
     key, value = item.split("=", 1)
-    given[key.strip()] = yaml.safe_load(value)
+    key = key.strip()
+    if dataclasses.is_dataclass(_field_type(key)):
+      raise ConfigError(f"--set {item!r}: {key} is a section; set its keys ({key}.KEY=VALUE)")
+    if not value.strip():  # an empty shell variable, most likely: never the default in silence
+      raise ConfigError(f"--set {item!r}: no value (write {key}=null for null)")
+    given[key] = yaml.safe_load(value)
   if isinstance(raw, dict):
     _layer(raw, given, "--set")
   for key, value in given.items():
@@ -304,9 +320,19 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
               "mesh.tensor": cfg.mesh.tensor, "log_every": cfg.log_every, "eval_every": cfg.eval_every,
               "eval_every_epochs": cfg.eval_every_epochs, "ckpt_every": cfg.ckpt_every,
               "ckpt_every_epochs": cfg.ckpt_every_epochs, "keep": cfg.keep}
+  m = cfg.model
+  positive.update({f"model.{k}": getattr(m, k) for k in _ARCHITECTURE}, **{"data.vocab_size": cfg.data.vocab_size})
   for key, v in positive.items():
-    if v is not None and v <= 0:
-      raise ConfigError(f"{key}: must be positive, got {v}")
+    if v is not None and not (math.isfinite(v) and v > 0):  # NaN and inf too (epochs: .nan, .inf)
+      raise ConfigError(f"{key}: must be a positive number, got {v}")
+  for key, v in (("eval_batches", cfg.eval_batches), ("ckpt_every_minutes", cfg.ckpt_every_minutes)):
+    if not (math.isfinite(v) and v >= 0):
+      raise ConfigError(f"{key}: must be >= 0, got {v}")
+  if not math.isfinite(cfg.lora.alpha) or cfg.lora.alpha <= 0:
+    raise ConfigError(f"lora.alpha: must be a positive number (the branch is scaled by alpha / rank), "
+                      f"got {cfg.lora.alpha}")
+  if not 0 <= cfg.lora.dropout < 1:
+    raise ConfigError(f"lora.dropout: a probability in [0, 1), got {cfg.lora.dropout}")
   o = cfg.optim
   if not (math.isfinite(o.lr) and o.lr > 0):
     raise ConfigError(f"optim.lr: must be a positive number, got {o.lr}")
@@ -323,8 +349,6 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
     raise ConfigError(f"model.loss_chunk: must be positive or null, got {cfg.model.loss_chunk}")
   if cfg.model.hf_path and cfg.model.init_from:
     raise ConfigError("model.hf_path and model.init_from are exclusive")
-  if cfg.ckpt_every_minutes < 0:
-    raise ConfigError(f"ckpt_every_minutes: must be >= 0, got {cfg.ckpt_every_minutes}")
   if cfg.lora.enabled and cfg.lora.rank <= 0:
     raise ConfigError(f"lora.rank: must be positive, got {cfg.lora.rank}")
   if cfg.model.adapter_path and not cfg.lora.enabled:

@@ -74,8 +74,10 @@ class LossCheck(Hook):
   def after_step(self, trainer, info):
     loss = float(info.metrics["loss"])
     if not math.isfinite(loss):
-      raise NonFiniteLoss(f"loss is {loss} at step {info.step}: stopping; the last good checkpoint "
-                          f"(step {trainer.mgr.latest_step()}) is kept in {trainer.mgr.directory}")
+      last = trainer.mgr.latest_step()
+      kept = (f"the last good checkpoint (step {last}) is kept in {trainer.mgr.directory}" if last is not None else
+              f"no checkpoint was saved before it (the run's settings, e.g. optim.lr, make it diverge at once)")
+      raise NonFiniteLoss(f"loss is {loss} at step {info.step}: stopping; {kept}")
     info.record.update(loss=loss, lr=float(info.metrics["lr"]), grad_norm=float(info.metrics["grad_norm"]),
                        batch_crc=zlib.crc32(np.ascontiguousarray(info.batch["inputs"]).tobytes()))
 
