@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_pipeline.errors import PanelError
-from data_pipeline.panel import read_table, validate
+from data_pipeline.panel import YEAR_RANGE, read_table, validate
 from data_pipeline.titles import TitleTable
 
 
@@ -28,9 +28,9 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
   the survey when the file does not."""
   path = Path(path)
   by_title = dict(zip(titles.titles, titles.codes))
-  if path.suffix.lower() == ".json":
+  if path.suffix.lower() == ".json" or _looks_like_json(path):
     try:
-      doc = json.loads(path.read_text(encoding="utf-8"))
+      doc = json.loads(path.read_text(encoding="utf-8-sig"))  # with or without a BOM (Windows editors write one)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
       raise PanelError(path, f"cannot read JSON ({e})") from None
     if not isinstance(doc, dict) or not doc.get("history"):
@@ -49,7 +49,7 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
   else:
     raw, next_year, next_edu = read_table(path), None, None
   if "occupation" in raw.columns:
-    raw["occupation"] = raw["occupation"].map(lambda v: by_title.get(v, v) if v is not None else v)
+    raw["occupation"] = raw["occupation"].map(lambda v: by_title.get(v.strip(), v) if v is not None else v)
   panel, _ = validate(raw, path, titles, dataset=dataset)
   if panel[["dataset", "person_id"]].drop_duplicates().shape[0] != 1:
     raise PanelError(path, "the history must describe exactly one worker")
@@ -63,9 +63,23 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
       raise PanelError(path, "next_year must be a year (an integer)", column="next_year", value=next_year,
                        has_value=True)
     next_year = int(next_year)
+    if not YEAR_RANGE[0] <= next_year <= YEAR_RANGE[1]:
+      raise PanelError(path, f"next_year must be a year in [{YEAR_RANGE[0]}, {YEAR_RANGE[1]}], as the history's are",
+                       column="next_year", value=next_year, has_value=True)
     if next_year <= int(last["year"]):
       raise PanelError(path, f"next_year must come after the history's last year ({int(last['year'])})",
                        column="next_year", value=next_year, has_value=True)
   if next_edu is None and "education" in panel.columns:
     next_edu = last["education"]
   return panel, next_year, next_edu
+
+
+def _looks_like_json(path: Path) -> bool:
+  """Whether a file not named ``.json`` holds JSON all the same (its first character, after a BOM and blanks, opens
+  an object or a list), so that it is read as the JSON it is rather than as a CSV of odd fields."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(4096)
+  except OSError:
+    return False
+  return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"[")

@@ -34,6 +34,9 @@ class PanelInput:
   def parse(cls, spec: str, crosswalk: str | None = None) -> "PanelInput":
     """``"a.csv"`` or ``"a.csv:NLSY79"``; a path that exists is never split at a colon."""
     path, sep, dataset = spec.rpartition(":")
+    if sep and path and not dataset.strip() and not os.path.exists(spec) and os.path.exists(path):
+      raise PanelError(spec, "no dataset name after ':' (FILE:DATASET names the rows' dataset; without one, "
+                             "leave out the colon)")
     if os.path.exists(spec) or not sep or not path or not dataset or "/" in dataset or "\\" in dataset:
       return cls(spec, None, crosswalk)
     return cls(path, dataset.strip(), crosswalk)

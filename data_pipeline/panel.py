@@ -50,6 +50,10 @@ def read_table(path: str | Path) -> pd.DataFrame:
   path = Path(path)
   if not path.exists():
     raise PanelError(path, "file does not exist")
+  other = _OTHER_FORMATS.get(path.suffix.lower())
+  if other:  # read as CSV, it said something about a header it does not have
+    raise PanelError(path, f"a {other} file: tables are read from CSV (.csv, also compressed) or Parquet (.parquet); "
+                           "save it as one of those")
   try:
     if path.suffix.lower() in (".parquet", ".pq"):
       df = pd.read_parquet(path)
@@ -79,6 +83,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 _COMPRESSED = (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar")
+_OTHER_FORMATS = {".json": "JSON", ".jsonl": "JSON lines", ".xlsx": "Excel", ".xls": "Excel", ".dta": "Stata",
+                  ".sav": "SPSS", ".sas7bdat": "SAS", ".xpt": "SAS transport", ".feather": "Feather",
+                  ".arrow": "Arrow", ".pkl": "pickle", ".pickle": "pickle", ".rds": "R", ".rdata": "R"}
 
 
 def _check_csv_shape(path: Path) -> None:

@@ -198,6 +198,8 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | Path, vocab_size
   segment boundary rule above needs that); identity normalisation keeps text as is.
   Writes ``{out_prefix}.model``.
   """
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+    raise PanelError("--vocab-size", f"must be a positive integer, got {vocab_size!r}")
   out_prefix = Path(out_prefix)
   out_prefix.parent.mkdir(parents=True, exist_ok=True)
   try:

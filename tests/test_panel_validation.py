@@ -1,9 +1,12 @@
 """Every validation error names the file, the row and the field, in one line."""
 
+import re
+
 import pandas as pd
 import pytest
 
 from data_pipeline import build
+from data_pipeline import panel as panel_lib
 from data_pipeline.errors import PanelError
 from data_pipeline.panel import read_panel, summary, transitions
 from data_pipeline.titles import load_titles, nlsy_groups
@@ -147,7 +150,8 @@ def test_a_history_entry_may_name_its_worker(tmp_path):
 
 @pytest.mark.parametrize("next_year, said", [("soon", "next_year must be a year"), ([1992], "next_year must be a year"),
                                              (1991, "next_year must come after the history's last year (1991)"),
-                                             (1970, "next_year must come after the history's last year (1991)")])
+                                             (1970, "next_year must come after the history's last year (1991)"),
+                                             (99999, "next_year must be a year in [1900, 2100], as the history's are")])
 def test_a_history_next_year_that_cannot_follow_it_is_refused(tmp_path, next_year, said):
   import json
 
@@ -155,11 +159,35 @@ def test_a_history_next_year_that_cannot_follow_it_is_refused(tmp_path, next_yea
   f = tmp_path / "h.json"
   f.write_text(json.dumps({"next_year": next_year, "history": [{"year": 1990, "occupation": "1"},
                                                               {"year": 1991, "occupation": "3"}]}))
-  with pytest.raises(PanelError, match=r"h.json, column 'next_year': " + said.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(PanelError, match=r"h.json, column 'next_year': " + re.escape(said)):
     load_history(f, nlsy_groups(), "NLSY79")
   f.write_bytes('{"history": [{"year": 1990, "occupation": "Caf\xe9"}]}'.encode("latin-1"))
   with pytest.raises(PanelError, match="h.json: cannot read JSON"):
     load_history(f, nlsy_groups(), "NLSY79")
+
+
+def test_a_history_reads_padded_titles_and_json_by_content_and_other_formats_are_named(tmp_path):
+  """A padded title was refused as 'not in the titles table', quoting the title; JSON in a file not named .json was
+  read as a CSV ('4 fields where the header has 6'); a JSON, Stata or Excel panel was read as CSV ('column ... appears
+  47 times in the header'); ``FILE:`` said that ``FILE:`` does not exist."""
+  import json
+
+  from data_pipeline.history import load_history
+  from data_pipeline.inputs import PanelInput
+  groups = nlsy_groups()
+  f = tmp_path / "history"  # no suffix
+  f.write_text("\ufeff" + json.dumps({"history": [{"year": 1990, "occupation": f"  {groups.titles[0]} "},
+                                                   {"year": 1991, "occupation": groups.titles[2]}]}))
+  panel, next_year, _ = load_history(f, groups, "NLSY79")
+  assert list(panel["occupation"]) == [groups.codes[0], groups.codes[2]] and next_year == 1992
+  for suffix, kind in ((".json", "JSON"), (".dta", "Stata"), (".xlsx", "Excel")):
+    other = _write(tmp_path, GOOD, "panel" + suffix)
+    with pytest.raises(PanelError, match=f"panel{re.escape(suffix)}: a {kind} file: tables are read from CSV"):
+      panel_lib.read_table(other)
+  good = _write(tmp_path, GOOD, "good.csv")
+  with pytest.raises(PanelError, match="good.csv:: no dataset name after ':'"):
+    PanelInput.parse(f"{good}:")
+  assert PanelInput.parse(f"{good}:NLSY79").dataset == "NLSY79"
 
 
 def test_a_repeated_header_or_a_yearly_column_without_a_year_is_refused(tmp_path):
