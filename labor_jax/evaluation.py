@@ -152,6 +152,14 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
   sources.update({name: (src, None) for name, src in (extra_llms or {}).items()})
   for members in (ensembles or {}).values():
     sources.update({f"{src}": (src, None) for src in members if all(str(v[0]) != str(src) for v in sources.values())})
+  for name, (src, _) in sources.items():  # a missing model or another tokenizer: said before scoring the first
+    try:
+      inference.check_dataset(src, data)
+    except ConfigError:
+      if name == MAIN_LLM:
+        raise
+      raise ConfigError(f"{src}: its tokenizer is not the one {data.path} was tokenised with (the main model's); "
+                        "the models compared or ensembled must share one") from None
   by_source = {}
   for name, (src, adp) in sources.items():
     norm, raw, what = score_transitions(src, data, test, split, adapter=adp, mesh=mesh,

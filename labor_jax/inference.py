@@ -77,6 +77,27 @@ def source_kind(source: str | os.PathLike) -> str:
                           "checkpoint (config.json) nor a .gguf file")
 
 
+def source_tokenizer(source: str | os.PathLike) -> ResumeTokenizer:
+  """The tokenizer of a run, Hugging Face directory or GGUF file, without reading a weight."""
+  if source_kind(source) == RUN:
+    return RunDir(source).tokenizer()
+  return ResumeTokenizer.from_dir(hf_dir(source))
+
+
+def check_dataset(source: str | os.PathLike, data: DatasetDir, tokenizer: ResumeTokenizer | None = None) -> None:
+  """Stops (one line) when ``data``'s tokens were not made by the tokenizer of ``source`` (``tokenizer``: that
+  tokenizer, when it is already open); cheap, so callers check every model before scoring the first."""
+  mine = tokenizer or source_tokenizer(source)
+  probe = "\n1984 (some college): Clerical and kindred workers\n<END OF DATA>"
+  theirs = data.tokenizer()
+  if mine.vocab_size != theirs.vocab_size or mine.encode_piece(probe) != theirs.encode_piece(probe):
+    run = source_kind(source) == RUN
+    own = RunDir(source).tokenizer_dir if run else source  # what data_pipeline.build reads
+    raise ConfigError(f"{data.path} was tokenised with another tokenizer than {source}'s: rebuild it with "
+                      f"python -m data_pipeline.build --tokenizer-dir {own}"
+                      + (" (or leave out --data: the run's own dataset)" if run else ""))
+
+
 def hf_dir(source: str | os.PathLike) -> Path:
   """The Hugging Face directory of an HF or GGUF source (a GGUF file is converted once, cached)."""
   if source_kind(source) == GGUF:
@@ -127,12 +148,7 @@ class Loaded:
 
   def check_dataset(self, data: DatasetDir) -> None:
     """Stops (one line) when ``data``'s tokens were not made by this model's tokenizer."""
-    probe = "\n1984 (some college): Clerical and kindred workers\n<END OF DATA>"
-    theirs = data.tokenizer()
-    if (self.tokenizer.vocab_size != theirs.vocab_size
-            or self.tokenizer.encode_piece(probe) != theirs.encode_piece(probe)):
-      raise ConfigError(f"{data.path} was tokenised with another tokenizer than {self.source}'s: rebuild it with "
-                        f"python -m data_pipeline.build --tokenizer-dir {self.source}")
+    check_dataset(self.source, data, self.tokenizer)
 
   def candidates(self, titles: TitleTable, variant: str = "titles") -> tuple[tuple[int, ...], ...]:
     """The titles' candidate tokens (title segment + entry terminator) under this model's tokenizer."""

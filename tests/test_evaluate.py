@@ -1,6 +1,8 @@
 """Evaluation and prediction on a tiny trained model."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -139,6 +141,33 @@ def test_ensemble_of_one_run_equals_the_run_and_hf_scoring_equals_the_run(traine
   build_default(other, vocab_size=500)
   with pytest.raises(evaluation.ConfigError, match="another tokenizer"):
     evaluation.evaluate(tmp_path / "hf", "test", tmp_path / "x", data=other, career=False, bootstrap=0)
+  # for a run, the fix it names is a folder data_pipeline.build reads (it named the run, which build refuses)
+  with pytest.raises(evaluation.ConfigError, match="another tokenizer") as e:
+    evaluation.evaluate(trained_run, "test", tmp_path / "y", data=other, career=False, bootstrap=0)
+  named = Path(str(e.value).split("--tokenizer-dir ")[1].split(" ")[0])
+  assert named == Path(trained_run) / "tokenizer" and {"tokenizer.model", "tokenizer.json"} & set(os.listdir(named))
+
+
+def test_every_model_is_checked_before_the_first_is_scored(trained_run, tmp_path, monkeypatch):
+  """A missing --compare-hf model or an ensemble member with another tokenizer was found after the main model's
+  scoring (minutes on a real model)."""
+  from data_pipeline.dataset_dir import build_default
+  from labor_jax import evaluation
+
+  def no_scoring(*args, **kwargs):
+    raise AssertionError("scored before every model was checked")
+  monkeypatch.setattr(evaluation, "score_transitions", no_scoring)
+  with pytest.raises(FileNotFoundError, match="nope: neither a labor_jax.train run"):
+    evaluation.evaluate(trained_run, "test", tmp_path / "a", extra_llms={"x": tmp_path / "nope"}, career=False)
+  other = tmp_path / "other_tokens"
+  build_default(other, vocab_size=500)
+  (tmp_path / "other_run").mkdir()
+  for f in ("model_config.json", "config.yaml"):
+    (tmp_path / "other_run" / f).write_bytes((Path(trained_run) / f).read_bytes())
+  (tmp_path / "other_run" / "tokenizer").symlink_to(other / "tokenizer")
+  with pytest.raises(evaluation.ConfigError, match=r"other_run: its tokenizer is not the one .* \(the main model's\)"):
+    evaluation.evaluate(trained_run, "test", tmp_path / "b", ensembles={"e": [trained_run, tmp_path / "other_run"]},
+                        career=False)
 
 
 def test_python_api_scores_a_run_and_its_hf_export_like_evaluate(trained_run, tmp_path, nlsy_dataset):
