@@ -11,6 +11,7 @@ from typing import Mapping
 
 import jax
 
+from labor_jax.config import ConfigError
 from labor_jax.training.config import DistributedConfig
 
 # Set by GKE on TPU pods (JAX's GkeTpuCluster reads the first two). Plain Cloud TPU VMs set none
@@ -48,6 +49,13 @@ def plan(cfg: DistributedConfig, environ: Mapping[str, str] | None = None) -> di
     GKE TPU node: no arguments; JAX reads the topology (SLURM's variables, the TPU metadata).
   """
   environ = os.environ if environ is None else environ
+  given = [k for k in ("num_processes", "process_id") if getattr(cfg, k) is not None]
+  if given and not cfg.coordinator_address:  # they would be ignored
+    raise ConfigError(f"{' and '.join(given)} given without a coordinator address (--coordinator-address, "
+                      "distributed.coordinator_address); under SLURM and on TPU pods JAX reads them itself")
+  if cfg.num_processes is not None and cfg.process_id is not None and not 0 <= cfg.process_id < cfg.num_processes:
+    raise ConfigError(f"process_id {cfg.process_id} is not one of the {cfg.num_processes} processes (0 to "
+                      f"{cfg.num_processes - 1})")
   if cfg.initialize is False:
     return None
   if cfg.coordinator_address:

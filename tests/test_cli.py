@@ -88,3 +88,29 @@ def test_training_and_scoring_commands_never_load_pytorch():
                         cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == "False"
+
+
+def test_flags_that_would_be_ignored_are_refused_before_any_work(tmp_path, capsys):
+  """Each was accepted and silently dropped (probe, 2026-12-05): the answer then came from something else than asked."""
+  from labor_jax.cli import experiments, main, predict
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "model_config.json").write_text("{}")  # what makes a directory a run
+  history = tmp_path / "h.json"
+  history.write_text('{"history": [{"year": 1990, "occupation": "1"}]}')
+  for command, argv, said in (
+      (predict, ["--hf", str(run), "--history", str(history)], "is a labor_jax.train run: use --run"),
+      (predict, ["--hf", str(tmp_path / "m.gguf"), "--step", "5", "--history", str(history)],
+       "--step applies to --run"),
+      (main, ["--quick", "--seeds", "3"], "--quick runs one seed: leave out --seeds"),
+      (experiments, ["--quick", "--seeds", "2"], "--quick runs 1 seed of 2 steps a run: leave out --seeds"),
+      (experiments, ["foundation", "--quick", "--steps", "4"], "leave out --steps"),
+      (experiments, ["foundation", "--tiny-llm", str(tmp_path)], "not a labor_jax.train run"),
+      (predict, ["--run", str(run), "--history", str(history), "--num-processes", "-3"], "must be"),
+  ):
+    try:
+      code = command.main(argv)
+    except SystemExit as e:
+      code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and said in err.strip().splitlines()[-1] and "Traceback" not in err, (argv, err)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from labor_jax import distributed
+from labor_jax.config import ConfigError
 from labor_jax.training.config import DistributedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,11 @@ def test_plan_from_the_environment(no_tpu):
   assert distributed.plan(DistributedConfig(initialize=True), {}) == {}
   coord = DistributedConfig(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
   assert distributed.plan(coord, {}) == dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)
+  # given without a coordinator they were ignored in silence; a process outside the count hung the others
+  with pytest.raises(ConfigError, match="num_processes given without a coordinator address"):
+    distributed.plan(DistributedConfig(num_processes=3), {"SLURM_NTASKS": "4"})
+  with pytest.raises(ConfigError, match=r"process_id 2 is not one of the 2 processes \(0 to 1\)"):
+    distributed.plan(DistributedConfig(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=2), {})
 
 
 def test_initialize_calls_jax_with_the_plan(monkeypatch):

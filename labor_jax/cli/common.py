@@ -23,6 +23,7 @@ from labor_jax import distributed, inference, runtime, sharding
 from labor_jax.training import hooks
 from labor_jax.config import ConfigError
 from labor_jax.interop import hf
+from labor_jax.rundir import RunDir
 from labor_jax.training.config import DistributedConfig
 
 EXIT_CONFIG, EXIT_NAN, EXIT_WRITE = 2, 3, 4
@@ -88,6 +89,10 @@ def model_source(args: argparse.Namespace, hf_only: tuple[str, ...] = ("adapter"
   given = [f"--{name}" for name in hf_only if getattr(args, name, None)]
   if given and not args.hf:
     raise ConfigError(f"{' and '.join(given)} apply to --hf models (a run has its own)")
+  if args.hf and getattr(args, "step", None) is not None:
+    raise ConfigError("--step applies to --run (a run's checkpoints); a --hf model has one set of weights")
+  if args.hf and Path(args.hf).suffix.lower() != ".gguf" and RunDir(args.hf).is_run:
+    raise ConfigError(f"--hf {args.hf} is a labor_jax.train run: use --run (scored at its best checkpoint)")
   return args.run or args.hf
 
 
@@ -104,8 +109,8 @@ def add_mesh_flags(ap: argparse.ArgumentParser, batch: bool = True) -> None:
                                             "batch under 1B parameters, else one worker per batch device)")
   g.add_argument("--coordinator-address", help="host:port of process 0, for several processes without SLURM "
                                                "or a TPU pod (those are detected)")
-  g.add_argument("--num-processes", type=int, help="processes in all (with --coordinator-address)")
-  g.add_argument("--process-id", type=int, help="this process (with --coordinator-address)")
+  g.add_argument("--num-processes", type=positive, help="processes in all (with --coordinator-address)")
+  g.add_argument("--process-id", type=count, help="this process, from 0 (with --coordinator-address)")
   g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -123,12 +128,14 @@ def mesh(args: argparse.Namespace, source) -> "sharding.Mesh":
 
 
 def add_step_flag(ap: argparse.ArgumentParser) -> None:
-  ap.add_argument("--step", default="best", help="a run's checkpoint: 'best' (lowest value of the run's eval_metric), "
-                                                 "'last' (also 'latest') or a step number")
+  ap.add_argument("--step", help="a run's checkpoint: 'best' (the default: lowest value of the run's eval_metric), "
+                                 "'last' (also 'latest') or a step number")
 
 
 def step(args: argparse.Namespace) -> int | str:
   """``--step`` as :func:`labor_jax.inference.open_model` takes it; ConfigError for anything else."""
+  if args.step is None:
+    return "best"
   if str(args.step).isdigit():
     return int(args.step)
   if args.step not in inference.STEPS:

@@ -49,9 +49,11 @@ from labor_jax import evaluation, runtime
 from labor_jax.cli import common as cli
 from labor_jax.cli import foundation
 from labor_jax.metrics import bootstrap_intervals, perplexity, worker_keys
+from labor_jax.rundir import RunDir
 from labor_jax.training.recipes import STAGE1_WORKERS, build_stage1_data, synthetic_careers, train
 
 QUICK_STEPS = 2  # --quick: optimizer steps of every run
+SEEDS = 3  # stage-2 runs per variant by default (foundation: LoRA runs)
 QUICK_STAGE1_WORKERS = 200  # --quick: synthetic careers in the stage-1 corpus
 
 
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
   ap.add_argument("which", nargs="?", choices=("ablations", "foundation"), default="ablations",
                   help="ablations (default): the tiny model's ablations; foundation: SmolLM2 off the shelf, in "
                        "context, LoRA- and fully fine-tuned (titles, codes) against the baselines")
-  ap.add_argument("--seeds", type=cli.positive, default=3, help="seeds per variant (stage 2; foundation: LoRA runs)")
+  ap.add_argument("--seeds", type=cli.positive, help=f"seeds per variant (stage 2; foundation: LoRA runs; default "
+                                                     f"{SEEDS})")
   ap.add_argument("--out", default=None, help="directory for every run (default runs/experiments or runs/foundation, "
                   "+ _quick with --quick)")
   ap.add_argument("--steps", type=cli.positive, default=None,
@@ -246,14 +249,21 @@ def main(argv=None) -> int:
   for flag, path in (("--model", args.model), ("--tiny-llm", args.tiny_llm)):
     if path and not Path(path).exists():
       ap.error(f"{flag} {path}: no such file or directory")
+  if args.tiny_llm and not RunDir(args.tiny_llm).is_run:  # before the datasets are built
+    ap.error(f"--tiny-llm {args.tiny_llm}: not a labor_jax.train run (no model_config.json)")
+  if args.quick:  # --quick sets these itself: a value given with it would be ignored
+    given = [f for f, v in (("--seeds", args.seeds), ("--steps", args.steps)) if v is not None]
+    if given:
+      ap.error(f"--quick runs 1 seed of {QUICK_STEPS} steps a run: leave out {' and '.join(given)}")
+  seeds = args.seeds or SEEDS
   base = "runs/foundation" if args.which == "foundation" else "runs/experiments"
   out = Path(args.out or (base + "_quick" if args.quick else base))
   if args.which == "foundation":
-    return cli.run_training(lambda: foundation.run(out, 1 if args.quick else args.seeds, steps=args.steps,
+    return cli.run_training(lambda: foundation.run(out, 1 if args.quick else seeds, steps=args.steps,
                                                    quick=args.quick, bootstrap=args.bootstrap, model=args.model,
                                                    tiny_llm=args.tiny_llm, in_context=args.in_context,
                                                    full_seeds=args.full_seeds))
-  return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, quick=args.quick,
+  return cli.run_training(lambda: run(out, 1 if args.quick else seeds, quick=args.quick,
                                        bootstrap=args.bootstrap))
 
 

@@ -55,6 +55,8 @@ def main(argv=None) -> int:
   ap.add_argument("--bootstrap", type=cli.count, default=1000, help="bootstrap resamples of the test workers")
   ap.add_argument("--quick", action="store_true", help="2 steps a run, one epoch of the CAREER-style baseline and one seed: the smoke test, not results")
   args = ap.parse_args(argv)
+  if args.quick and args.seeds > 1:
+    ap.error("--quick runs one seed: leave out --seeds")
   out = Path(args.out)
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / ".jax_cache"))  # read when JAX first compiles
   return cli.run_training(lambda: run(out, 1 if args.quick else args.seeds, model=args.model, quick=args.quick,
