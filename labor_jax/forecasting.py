@@ -117,6 +117,7 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
     raise ValueError(f"--years ({years}), --samples ({samples}) and --batch-workers ({batch_workers}) must be >= 1, "
                      f"--show-paths ({show_paths}) >= 0")
   check_replaceable(out_dir, FORECAST, "forecast")
+  inference.check_batch(mesh, batch_workers, None)  # before the weights are read
   loaded = inference.open_model(run_dir, step=step, mesh=mesh)  # with a mesh: restored straight into its shardings
   data = DatasetDir(data_dir).check() if data_dir else loaded.dataset()
   titles = data.titles()
@@ -130,9 +131,6 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
     if panel.empty:
       raise ValueError(f"{data.path}: split {split!r} has no workers")
     workers = panel_workers(panel, titles, data.variant, education=education)
-  if batch_workers % inference.batch_size(mesh):
-    raise ValueError(f"--batch-workers {batch_workers} does not divide over the mesh's data x fsdp = "
-                     f"{inference.batch_size(mesh)} devices")
   tok, config, params = loaded.tokenizer, loaded.config, loaded.params
   tree = scorer.CandidateTree.for_titles(tok, titles, data.variant)
   inputs = encode_workers(tok, workers, years)

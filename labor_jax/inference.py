@@ -393,6 +393,9 @@ def score_examples(loaded: Loaded, titles: TitleTable, variant: str, rows: Seque
   step = scoring_step(loaded.config, cands, loaded.mesh, chunk, False, first)
   n = max(len(tokens) for tokens, _ in rows)
   t = max(max(len(ends) for _, ends in rows), 1)
+  if n > loaded.config.max_position_embeddings and jax.process_index() == 0:
+    print(f"warning: {desc}: a row of {n} tokens, beyond the model's {loaded.config.max_position_embeddings} "
+          "positions (its scores are extrapolated); every row of a call is padded to the longest", file=sys.stderr)
   out = []
   bar = tqdm(total=len(rows), unit="worker", desc=desc, dynamic_ncols=True, file=sys.stdout,
              disable=not (progress and jax.process_index() == 0))

@@ -170,7 +170,7 @@ def test_every_model_is_checked_before_the_first_is_scored(trained_run, tmp_path
                         career=False)
 
 
-def test_python_api_scores_a_run_and_its_hf_export_like_evaluate(trained_run, tmp_path, nlsy_dataset):
+def test_python_api_scores_a_run_and_its_hf_export_like_evaluate(trained_run, tmp_path, nlsy_dataset, capsys):
   """labor_jax.load(run).score(test panel) gives evaluate's predictions.csv log-probabilities; the run exported
   to a Hugging Face directory gives the same through labor_jax.load(hf, titles=...); next_distribution of a
   history equals score's row for the entry that follows it, and predict's top-k."""
@@ -215,6 +215,12 @@ def test_python_api_scores_a_run_and_its_hf_export_like_evaluate(trained_run, tm
   np.testing.assert_allclose([p for _, p in top], nxt_default.to_numpy(), rtol=1e-6)
   with pytest.raises(labor_jax.api.PanelError, match="occupation"):
     m.score(test.assign(occupation="not a title"))
+  # a history longer than the model's positions is scored, and said to be (it was scored in silence)
+  long = pd.concat([history.iloc[:1]] * 80, ignore_index=True).assign(year=range(1901, 1981))
+  capsys.readouterr()
+  assert np.isfinite(m.next_distribution(long).to_numpy()).all()
+  err = capsys.readouterr().err
+  assert "beyond the model's 512 positions (its scores are extrapolated)" in err, err
 
 
 def test_in_context_scores_equal_a_forward_pass_over_context_history_and_title(trained_run, nlsy_dataset):
