@@ -164,7 +164,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
   for name, (src, adp) in sources.items():
     norm, raw, what = score_transitions(src, data, test, split, adapter=adp, mesh=mesh,
                                         batch_workers=batch_workers, chunk=chunk, progress=progress,
-                                        dtype=None if inference.source_kind(src) == inference.RUN else dtype)
+                                        dtype=inference.source_dtype(src, dtype))
     by_source[str(src)] = np.exp(norm)
     if name in (MAIN_LLM, *(extra_llms or {})):
       probs[name] = by_source[str(src)]

@@ -77,6 +77,12 @@ def source_kind(source: str | os.PathLike) -> str:
                           "checkpoint (config.json) nor a .gguf file")
 
 
+def source_dtype(source: str | os.PathLike, dtype: str | None) -> str | None:
+  """The ``dtype`` :func:`open_model` takes for ``source``: ``dtype`` for a Hugging Face or GGUF model, None for a
+  run (which computes in its own ``model.dtype``), so that one setting applies to a mix of both."""
+  return None if source_kind(source) == RUN else dtype
+
+
 def source_tokenizer(source: str | os.PathLike) -> ResumeTokenizer:
   """The tokenizer of a run, Hugging Face directory or GGUF file, without reading a weight."""
   if source_kind(source) == RUN:

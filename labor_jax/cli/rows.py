@@ -56,7 +56,7 @@ class Rows:
     data = self.data if data is None else data
     table = evaluation.transitions_of(data, self.surveys)
     evaluation.check_same_transitions(self.ref, table, f"{name} ({data.path})")
-    dtype = None if inference.source_kind(source) == inference.RUN else "auto"
+    dtype = inference.source_dtype(source, "auto")
     shared = None
     if self.shared_layers and context is None:
       shared = self.shared.setdefault(Path(data.path).resolve(), inference.SharedLower(self.shared_layers))
