@@ -34,7 +34,7 @@ import pandas as pd
 from etils import epath
 
 from data_pipeline import gguf_tokenizer, nlsy, resume, splits as split_lib
-from data_pipeline.errors import PanelError, WriteError, disk_full, output_problem
+from data_pipeline.errors import PanelError, WriteError, disk_full, output_problem, write_problem
 from data_pipeline.panel import summary, validate
 from data_pipeline.titles import TitleTable, load_titles
 from data_pipeline.tokenizer import TOKENIZER_FILES, ResumeTokenizer, train_sentencepiece
@@ -153,6 +153,9 @@ def build_dataset(panel: pd.DataFrame, titles: TitleTable, out: str | Path, *,
   problem = output_problem(out, SUMMARY, "dataset")  # a panel's folder, a run, a file ...
   if problem:
     raise PanelError(out, problem)
+  unwritable = write_problem(out)  # a read-only or full file system: exit 3, before the work
+  if unwritable:
+    raise unwritable
   if tokenizer_dir is not None and not str(tokenizer_dir).endswith(".gguf") and not any(
       (Path(tokenizer_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
     raise PanelError(tokenizer_dir, "no tokenizer.json or tokenizer.model there (--tokenizer-dir takes a Hugging "

@@ -1,7 +1,10 @@
 """The data pipeline's errors, each one line: :class:`PanelError` (bad input: file, row, column,
 value) and :class:`WriteError` (an output that could not be written: a full disk, a file size limit).
 :func:`disk_full` tells the latter apart from other failures (also used for checkpoints); :func:`output_problem`
-says why an output path must not be replaced (also used by :mod:`labor_jax.fileio`)."""
+says why an output path must not be replaced and :func:`write_problem` whether the file system lets it be written
+(both also used by :mod:`labor_jax.fileio`)."""
+
+from __future__ import annotations
 
 import errno
 import os
@@ -12,35 +15,48 @@ import tempfile
 def output_problem(path: str | os.PathLike, marker: str | None, what: str = "output") -> str | None:
   """Why writing the ``what`` to ``path`` must not replace what is there, or None when it may: ``path`` is absent, an
   empty directory, or a directory holding ``marker`` (an earlier ``what`` of the same kind; None: any directory). A
-  file, a training run, a dataset or anything else named as an output is left alone. Also says so when nothing can
-  be written where ``path`` would go (see :func:`_unwritable`)."""
+  file, a training run, a dataset or anything else named as an output is left alone, and a path under a file cannot be
+  made. Whether the file system lets the writer write there is :func:`write_problem`'s question."""
   if not os.path.lexists(path):
-    return _unwritable(path)
+    above = _nearest_existing(_writer_parent(path))
+    return None if os.path.isdir(above) else f"cannot be made: {above} is not a directory"
   if not os.path.isdir(path):
     return f"exists and is not a directory: name another output directory for the {what}"
   if marker is None or os.path.exists(os.path.join(path, marker)) or not os.listdir(path):
-    return _unwritable(path)
+    return None
   return (f"holds files that are not an earlier {what} (no {marker} there), which writing the {what} would replace: "
           "name another output directory, or remove it first")
 
 
-def _unwritable(path: str | os.PathLike) -> str | None:
-  """Why no output can be made at ``path``, found by making (and removing) an empty file where the writer would put
-  its temporary sibling: in ``path``'s parent, or in the nearest folder above it that exists (the writer makes the
-  rest). None when one can; catches a parent that is a file, a read-only or pseudo file system (``/proc``), a
-  folder without write permission, before any work rather than after it."""
-  parent = os.path.dirname(os.path.abspath(path))
-  while not os.path.lexists(parent):
-    parent = os.path.dirname(parent)
+def write_problem(path: str | os.PathLike) -> WriteError | None:
+  """A :class:`WriteError` (one line) when no file can be made where the writer of the output ``path`` puts its
+  temporary sibling, else None: found by making and removing an empty file in ``path``'s parent as the writer resolves
+  it (symbolic links followed), or in the nearest folder above it that exists (the writer makes the rest). Catches a
+  read-only or pseudo file system (``/proc``), a folder without write permission, a full disk, before any work."""
+  parent = _nearest_existing(_writer_parent(path))
   if not os.path.isdir(parent):
-    return f"cannot be made: {parent} is not a directory"
+    return None  # output_problem's case
   try:
     fd, probe = tempfile.mkstemp(prefix=".labor_jax-write-probe-", dir=parent)
   except OSError as e:
-    return f"cannot be written: no file can be made in {parent} ({e.strerror or e})"
+    full = disk_full(e)
+    err = WriteError(f"{path} cannot be written: no file can be made in {parent} ({full[0] if full else e.strerror or e})")
+    err.errno = e.errno  # disk_full() still tells a full disk apart
+    return err
   os.close(fd)
   os.unlink(probe)
   return None
+
+
+def _writer_parent(path: str | os.PathLike) -> str:
+  """The folder an output ``path``'s writer writes in (labor_jax.fileio.atomic_dir: the parent, links resolved)."""
+  return os.path.realpath(os.path.dirname(os.fspath(path)) or ".")
+
+
+def _nearest_existing(folder: str) -> str:
+  while not os.path.lexists(folder):
+    folder = os.path.dirname(folder)
+  return folder
 
 
 class PanelError(ValueError):

@@ -49,7 +49,7 @@ def load_history(path: str | Path, titles: TitleTable, dataset: str) -> tuple[pd
   else:
     raw, next_year, next_edu = read_table(path), None, None
   if "occupation" in raw.columns:
-    raw["occupation"] = raw["occupation"].map(lambda v: by_title.get(v.strip(), v) if v is not None else v)
+    raw["occupation"] = raw["occupation"].map(lambda v: by_title.get(v.strip(), v) if isinstance(v, str) else v)
   panel, _ = validate(raw, path, titles, dataset=dataset)
   if panel[["dataset", "person_id"]].drop_duplicates().shape[0] != 1:
     raise PanelError(path, "the history must describe exactly one worker")

@@ -62,8 +62,9 @@ class LlamaConfig:
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings"):
-      if not getattr(self, name) > 0:
-        raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
     if self.head_dim is None:
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
     if self.num_attention_heads % self.num_key_value_heads:
@@ -138,7 +139,7 @@ class LlamaConfig:
         num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=n_heads,
         num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        head_dim=hf.get("head_dim"),  # None: hidden_size // num_attention_heads, once the sizes are checked
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_type=rope_type,
@@ -154,7 +155,10 @@ class LlamaConfig:
         pad_token_id=hf.get("pad_token_id"),
     )
     kw.update(policy)
-    return cls(**kw)
+    try:
+      return cls(**kw)
+    except ConfigError as e:
+      raise ConfigError(f"{source}: {e}") from None
 
   @classmethod
   def from_hf_file(cls, path: str | Path, **policy) -> "LlamaConfig":

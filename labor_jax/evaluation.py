@@ -138,7 +138,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
       raise ConfigError(f"{model}: name an output directory (--out) for a Hugging Face model")
     out_dir = run.eval_dir(split)
   out_dir = Path(out_dir)
-  check_replaceable(out_dir, REPORT_MARKER, "evaluation report")  # before minutes of scoring
+  check_replaceable(out_dir, REPORT_MARKER, "evaluation report", writer)  # before minutes of scoring
   titles = data.titles()
   panel = data.panel()
   table = bl.transition_table(panel, titles.index)
@@ -155,7 +155,7 @@ def evaluate(model: str | Path, split: str = "test", out_dir: str | Path | None 
   for name, (src, _) in sources.items():  # a missing model or another tokenizer: said before scoring the first
     try:
       inference.check_dataset(src, data)
-    except ConfigError:
+    except inference.TokenizerMismatch:
       if name == MAIN_LLM:
         raise
       raise ConfigError(f"{src}: its tokenizer is not the one {data.path} was tokenised with (the main model's); "

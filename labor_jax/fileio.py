@@ -13,24 +13,30 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.errors import output_problem
+from data_pipeline.errors import output_problem, write_problem
 from labor_jax.config import ConfigError
 
 LOCK = ".lock"  # suffix of the file whose flock says a temporary directory's writer is alive
 
 
 class OutputExists(ConfigError):
-  """An output path that holds something this writer did not write (never replaced), or where nothing can be
-  written (its parent is a file, a read-only or pseudo file system, a folder without write permission)."""
+  """An output path that holds something this writer did not write (never replaced), or that cannot be made (a file
+  on the way)."""
 
 
-def check_replaceable(path: str | os.PathLike, marker: str | None, what: str = "output") -> None:
+def check_replaceable(path: str | os.PathLike, marker: str | None, what: str = "output", writer: bool = True) -> None:
   """Raises :class:`OutputExists` (one line) unless ``path`` is absent, an empty directory, or a directory holding
   ``marker`` (an earlier ``what`` of the same kind, which a new one replaces whole): a file, a training run, a
-  dataset or anything else named as an output is left alone. ``marker`` None: any directory."""
+  dataset or anything else named as an output is left alone. ``marker`` None: any directory. On the ``writer``
+  process, also a :class:`~data_pipeline.errors.WriteError` (an OSError) when the file system lets no file be made
+  there (read-only, full, no permission; :func:`data_pipeline.errors.write_problem`); the others do not write
+  there, and their hosts may not even share that file system."""
   problem = output_problem(path, marker, what)
   if problem:
     raise OutputExists(f"{path} {problem}")
+  unwritable = write_problem(path) if writer else None
+  if unwritable:
+    raise unwritable
 
 
 @contextlib.contextmanager

@@ -116,7 +116,7 @@ def run_forecast(run_dir: str | Path, out_dir: str | Path, *, history: str | Pat
   if years < 1 or samples < 1 or batch_workers < 1 or show_paths < 0:
     raise ValueError(f"--years ({years}), --samples ({samples}) and --batch-workers ({batch_workers}) must be >= 1, "
                      f"--show-paths ({show_paths}) >= 0")
-  check_replaceable(out_dir, FORECAST, "forecast")
+  check_replaceable(out_dir, FORECAST, "forecast", jax.process_index() == 0)
   inference.check_batch(mesh, batch_workers, None)  # before the weights are read
   loaded = inference.open_model(run_dir, step=step, mesh=mesh)  # with a mesh: restored straight into its shardings
   data = DatasetDir(data_dir).check() if data_dir else loaded.dataset()

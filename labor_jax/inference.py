@@ -83,8 +83,13 @@ def source_dtype(source: str | os.PathLike, dtype: str | None) -> str | None:
   return None if source_kind(source) == RUN else dtype
 
 
+class TokenizerMismatch(ConfigError):
+  """A dataset whose tokens another tokenizer made than the model's (:func:`check_dataset`)."""
+
+
 def source_tokenizer(source: str | os.PathLike) -> ResumeTokenizer:
-  """The tokenizer of a run, Hugging Face directory or GGUF file, without reading a weight."""
+  """The tokenizer of a run, Hugging Face directory or GGUF file, without reading a weight of a run or a Hugging Face
+  directory (a GGUF file not converted yet is converted whole, once, into the cache that scoring it reads)."""
   if source_kind(source) == RUN:
     return RunDir(source).tokenizer()
   return ResumeTokenizer.from_dir(hf_dir(source))
@@ -99,7 +104,7 @@ def check_dataset(source: str | os.PathLike, data: DatasetDir, tokenizer: Resume
   if mine.vocab_size != theirs.vocab_size or mine.encode_piece(probe) != theirs.encode_piece(probe):
     run = source_kind(source) == RUN
     own = RunDir(source).tokenizer_dir if run else source  # what data_pipeline.build reads
-    raise ConfigError(f"{data.path} was tokenised with another tokenizer than {source}'s: rebuild it with "
+    raise TokenizerMismatch(f"{data.path} was tokenised with another tokenizer than {source}'s: rebuild it with "
                       f"python -m data_pipeline.build --tokenizer-dir {own}"
                       + (" (or leave out --data: the run's own dataset)" if run else ""))
 

@@ -59,7 +59,7 @@ def test_steps_and_epochs_together_is_a_one_line_error(tmp_path, capsys, text, s
   assert err.count("\n") == 0 and f"{str(path) if where == 'FILE' else where}: {fields} are exclusive" in err
   with pytest.raises(train_config.ConfigError, match="exclusive"):
     train_config.updated(train_config.load(None), {"steps": 3, "epochs": 1.0})
-  with pytest.raises(train_config.ConfigError, match="epochs: must be a positive number"):
+  with pytest.raises(train_config.ConfigError, match="epochs: must be a finite positive number"):
     train_config.load(None, ["epochs=0"])
 
 

@@ -13,7 +13,8 @@ import tempfile
 
 import pytest
 
-from data_pipeline import build
+from data_pipeline import build, errors
+from data_pipeline.errors import WriteError
 from labor_jax import fileio
 from labor_jax.cli import export, forecast
 from labor_jax.config import ConfigError
@@ -41,8 +42,13 @@ def test_check_replaceable_and_the_parent_that_stops_resolving(tmp_path):
   with pytest.raises(ConfigError, match=r"out cannot be made: \S+file is not a directory"):
     fileio.check_replaceable(tmp_path / "file" / "deeper" / "out", "report.json")
   if os.path.isdir("/proc/self"):  # a pseudo file system: no file can be made there, even by root
-    with pytest.raises(ConfigError, match="cannot be written: no file can be made in /proc"):
+    with pytest.raises(WriteError, match="cannot be written: no file can be made in /proc"):  # an OSError: exit 3
       fileio.check_replaceable("/proc/labor_jax-out", "report.json")
+    fileio.check_replaceable("/proc/labor_jax-out", "report.json", writer=False)  # another host's file system
+  # the folder the writer writes in, links followed (as atomic_dir resolves it), not "link/.." read as text
+  (tmp_path / "deep" / "sub").mkdir(parents=True)
+  (tmp_path / "theirs" / "link").symlink_to(tmp_path / "deep" / "sub")
+  assert errors._writer_parent(tmp_path / "theirs" / "link" / ".." / "out") == str(tmp_path / "deep")
   with pytest.raises(ConfigError, match="file exists and is not a directory"):
     fileio.check_replaceable(tmp_path / "file", "report.json")
   with pytest.raises(ConfigError, match=r"theirs holds files that are not an earlier report \(no report.json there\)"):
@@ -179,16 +185,16 @@ def test_config_values_a_run_cannot_use_name_their_file(tmp_path):
     train_config.load(listed)
   for override, said in (("optim.lr=.nan", "optim.lr: must be a positive number"),
                          ("optim.lr=-1", "optim.lr: must be a positive number"),
-                         ("optim.warmup_steps=-30", "optim.warmup_steps: must be >= 0"),
-                         ("batch_size=-4", "batch_size: must be a positive number"),
+                         ("optim.warmup_steps=-30", "optim.warmup_steps: must be a finite number >= 0"),
+                         ("batch_size=-4", "batch_size: must be a finite positive number"),
                          # each of these stopped later with a traceback, trained on, or diverged (probe, 2026-12-05)
-                         ("model.num_attention_heads=0", "model.num_attention_heads: must be a positive number"),
-                         ("model.max_position_embeddings=0", "model.max_position_embeddings: must be a positive"),
-                         ("data.vocab_size=0", "data.vocab_size: must be a positive number"),
-                         ("epochs=.nan", "epochs: must be a positive number, got nan"),
-                         ("eval_every_epochs=.inf", "eval_every_epochs: must be a positive number, got inf"),
-                         ("eval_batches=-1", "eval_batches: must be >= 0"),
-                         ("ckpt_every_minutes=.nan", "ckpt_every_minutes: must be >= 0"),
+                         ("model.num_attention_heads=0", "model.num_attention_heads: must be a finite positive number"),
+                         ("model.max_position_embeddings=0", "model.max_position_embeddings: must be a finite positive"),
+                         ("data.vocab_size=0", "data.vocab_size: must be a finite positive number"),
+                         ("epochs=.nan", "epochs: must be a finite positive number, got nan"),
+                         ("eval_every_epochs=.inf", "eval_every_epochs: must be a finite positive number, got inf"),
+                         ("eval_batches=-1", "eval_batches: must be a finite number >= 0"),
+                         ("ckpt_every_minutes=.inf", "ckpt_every_minutes: must be a finite number >= 0, got inf"),
                          ("lora.alpha=.nan", "lora.alpha: must be a positive number"),
                          ("lora.dropout=1.5", r"lora.dropout: a probability in \[0, 1\)")):
     with pytest.raises(ConfigError, match=f"^configs/demo.yaml with --set: {said}"):
@@ -200,8 +206,11 @@ def test_config_values_a_run_cannot_use_name_their_file(tmp_path):
       train_config.load("configs/demo.yaml", [override])
   assert train_config.load("configs/demo.yaml", ["steps=null"]).steps == train_config.DEFAULT_STEPS["steps"]
   from labor_jax.config import LlamaConfig  # a preset or config.json with a zero size: one line, not ZeroDivisionError
-  with pytest.raises(ConfigError, match="num_attention_heads: must be positive, got 0"):
+  with pytest.raises(ConfigError, match="num_attention_heads: must be a positive integer, got 0"):
     LlamaConfig(num_attention_heads=0)
+  with pytest.raises(ConfigError, match="^x/config.json: num_attention_heads: must be a positive integer, got 0"):
+    LlamaConfig.from_hf_dict({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+                              "num_hidden_layers": 1, "num_attention_heads": 0}, source="x/config.json")
 
 
 def test_gguf_conversion_names_a_directory_and_refuses_a_foreign_output(tmp_path, capsys):

@@ -180,6 +180,9 @@ def test_a_history_reads_padded_titles_and_json_by_content_and_other_formats_are
                                                    {"year": 1991, "occupation": groups.titles[2]}]}))
   panel, next_year, _ = load_history(f, groups, "NLSY79")
   assert list(panel["occupation"]) == [groups.codes[0], groups.codes[2]] and next_year == 1992
+  blank = _write(tmp_path, "person_id,year,occupation\nw,1990,1\nw,1991,\n", "h.csv")  # a missing cell: NaN
+  with pytest.raises(PanelError, match="h.csv, row 2, column 'occupation': missing value"):
+    load_history(blank, groups, "NLSY79")
   for suffix, kind in ((".json", "JSON"), (".dta", "Stata"), (".xlsx", "Excel")):
     other = _write(tmp_path, GOOD, "panel" + suffix)
     with pytest.raises(PanelError, match=f"panel{re.escape(suffix)}: a {kind} file: tables are read from CSV"):

@@ -252,7 +252,7 @@ def main(argv=None) -> int:
   if args.tiny_llm and not RunDir(args.tiny_llm).is_run:  # before the datasets are built
     ap.error(f"--tiny-llm {args.tiny_llm}: not a labor_jax.train run (no model_config.json)")
   if args.quick:  # --quick sets these itself: a value given with it would be ignored
-    given = [f for f, v in (("--seeds", args.seeds), ("--steps", args.steps)) if v is not None]
+    given = [f for f, v in (("--seeds", args.seeds not in (None, 1)), ("--steps", args.steps is not None)) if v]
     if given:
       ap.error(f"--quick runs 1 seed of {QUICK_STEPS} steps a run: leave out {' and '.join(given)}")
   seeds = args.seeds or SEEDS

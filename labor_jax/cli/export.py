@@ -24,7 +24,7 @@ import sys
 
 import jax
 
-from data_pipeline.errors import disk_full
+from data_pipeline.errors import WriteError, disk_full
 from labor_jax import labels, lora
 from labor_jax.cli import common as cli
 from labor_jax.fileio import check_replaceable
@@ -92,6 +92,9 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ConfigError, hf.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_INPUT
+  except WriteError as e:  # an --out where no file can be made, found before any work: the line says it all
+    print(f"error: {e}; nothing was written", file=sys.stderr)
+    return EXIT_WRITE
   except Exception as e:  # noqa: BLE001 - a full disk or an unwritable --out in one line; anything else propagates
     full = disk_full(e)
     if full is None and isinstance(e, OSError):

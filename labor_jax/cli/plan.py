@@ -77,13 +77,7 @@ def main(argv=None) -> int:
         f"parameters, {config.param_dtype}), {'LoRA r=%d' % cfg.lora.rank if cfg.lora.enabled else 'full'}, "
         f"remat={config.remat}, scan_layers={config.scan_layers}; {args.devices} fake CPU devices"
         + (f"; chip {args.chip} ({planning.gib(chip.hbm_bytes)})" if chip else ""))
-  plans = []
-  if not args.no_train:
-    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
-    plans.append(planning.train_plan(cfg, config, mesh))
-    print(f"mesh {dict(mesh.shape)}")
-    print("\n".join(planning.report(plans[-1], chip)), flush=True)
-  if not args.no_score:
+  if not args.no_score:  # the scoring mesh and batch checked before the train step's compile (minutes on 7B)
     n = args.score_devices or args.devices  # labor_jax.evaluate's default mesh for this model on this chip
     try:
       score_mesh = sharding.scoring_mesh(args.score_mesh,
@@ -93,6 +87,13 @@ def main(argv=None) -> int:
     except (ConfigError, sharding.ShardingError) as e:
       print(f"config error: {e}", file=sys.stderr)
       return 2
+  plans = []
+  if not args.no_train:
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
+    plans.append(planning.train_plan(cfg, config, mesh))
+    print(f"mesh {dict(mesh.shape)}")
+    print("\n".join(planning.report(plans[-1], chip)), flush=True)
+  if not args.no_score:
     chunk = args.chunk or inference.default_chunk(config, score_mesh, args.batch_workers)
     plans.append(planning.score_plan(config, score_mesh, batch_workers=args.batch_workers, chunk=chunk,
                             titles=args.titles, resume_tokens=args.resume_tokens, entries=args.entries))

@@ -96,6 +96,8 @@ def hf_config(reader) -> dict:
     raise GGUFError(f"{src}: missing tensor token_embd.weight")
   heads = int(key("attention.head_count"))
   hidden = int(key("embedding_length"))
+  if heads <= 0:  # before the head width divides by it
+    raise GGUFError(f"{src}: {arch}.attention.head_count={heads}: expected a positive number")
   head_dim = int(key("attention.key_length", hidden // heads))
   rotary = key("rope.dimension_count", head_dim)
   if rotary != head_dim:

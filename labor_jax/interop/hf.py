@@ -248,7 +248,8 @@ def save(config: LlamaConfig, params: Any, path: str | os.PathLike,
   import transformers  # heavy (seconds): only the export needs it
 
   path = Path(path)
-  check_replaceable(path, CONFIG_FILE, OUTPUT_NAME)  # every process: none waits in a gather alone
+  # every process: none waits in a gather alone; process 0, the writer, also tries the file system
+  check_replaceable(path, CONFIG_FILE, OUTPUT_NAME, writer=jax.process_index() == 0)
   if config.lora_rank:
     raise CheckpointError("params carry LoRA adapters: fold them in first with labor_jax.lora.merge")
   flat = traverse_util.flatten_dict(params, sep="/")

@@ -97,7 +97,8 @@ def save_adapter(config: LlamaConfig, params: Any, path: str | os.PathLike, *,
   directory appears atomically; every process of a multi-process run must call this, process 0 writes.
   """
   path = Path(path)
-  check_replaceable(path, ADAPTER_CONFIG, OUTPUT_NAME)  # every process: none waits in a gather alone
+  # every process: none waits in a gather alone; process 0, the writer, also tries the file system
+  check_replaceable(path, ADAPTER_CONFIG, OUTPUT_NAME, writer=jax.process_index() == 0)
   if not config.lora_rank:
     raise CheckpointError("the model has no LoRA adapters (lora_rank=0): nothing to export")
   adapters = labels.split(params, labels.label_tree(params, labels.ADAPTERS))[0]

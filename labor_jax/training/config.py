@@ -324,10 +324,10 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
   positive.update({f"model.{k}": getattr(m, k) for k in _ARCHITECTURE}, **{"data.vocab_size": cfg.data.vocab_size})
   for key, v in positive.items():
     if v is not None and not (math.isfinite(v) and v > 0):  # NaN and inf too (epochs: .nan, .inf)
-      raise ConfigError(f"{key}: must be a positive number, got {v}")
+      raise ConfigError(f"{key}: must be a finite positive number, got {v}")
   for key, v in (("eval_batches", cfg.eval_batches), ("ckpt_every_minutes", cfg.ckpt_every_minutes)):
     if not (math.isfinite(v) and v >= 0):
-      raise ConfigError(f"{key}: must be >= 0, got {v}")
+      raise ConfigError(f"{key}: must be a finite number >= 0, got {v}")
   if not math.isfinite(cfg.lora.alpha) or cfg.lora.alpha <= 0:
     raise ConfigError(f"lora.alpha: must be a positive number (the branch is scaled by alpha / rank), "
                       f"got {cfg.lora.alpha}")
@@ -339,7 +339,7 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
   for key, v in (("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
                  ("optim.clip_norm", o.clip_norm), ("optim.min_lr_ratio", o.min_lr_ratio)):
     if not (math.isfinite(v) and v >= 0):
-      raise ConfigError(f"{key}: must be >= 0, got {v}")
+      raise ConfigError(f"{key}: must be a finite number >= 0, got {v}")
   for key, v in (("optim.b1", o.b1), ("optim.b2", o.b2)):
     if not 0 <= v < 1:
       raise ConfigError(f"{key}: must be in [0, 1), got {v}")
