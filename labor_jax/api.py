@@ -20,6 +20,7 @@ m.candidate_tree(), tokens, mask, ends)`` jits, vmaps and differentiates.
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -29,8 +30,8 @@ import pandas as pd
 
 from data_pipeline import resume
 from data_pipeline.errors import PanelError
-from data_pipeline.panel import validate
-from data_pipeline.titles import TitleTable, load_titles
+from data_pipeline.panel import YEAR_RANGE, validate
+from data_pipeline.titles import TitleTable, load_titles, text_problem
 from labor_jax import inference, scorer
 from labor_jax.config import ConfigError
 
@@ -72,12 +73,35 @@ class Model:
     """``df`` validated against the titles (occupations given as titles are mapped to their codes)."""
     if not isinstance(df, pd.DataFrame):
       raise TypeError(f"expected a pandas DataFrame in the panel schema, got {type(df).__name__}")
-    df = df.copy()
+    twice = df.columns[df.columns.duplicated()]
+    if len(twice):
+      raise PanelError(FRAME, f"column {twice[0]!r} appears more than once")
+    df = df.astype({c: object for c in df.columns if isinstance(df[c].dtype, pd.CategoricalDtype)})
     if "occupation" in df.columns:
       by_title = dict(zip(self.titles.titles, self.titles.codes))
-      df["occupation"] = df["occupation"].map(lambda v: by_title.get(v, v) if isinstance(v, str) else v)
+      by_folded = {t.casefold(): c for t, c in by_title.items()}
+
+      def code(v):  # a title (padded, in any case) as its code; a whole float (5.0 after a merge) as the integer
+        if isinstance(v, str):
+          v = v.strip()
+          return by_title.get(v, by_folded.get(v.casefold(), v))
+        if isinstance(v, float) and v.is_integer():
+          return int(v)
+        return v
+      df["occupation"] = df["occupation"].map(code)
     panel, _ = validate(df, FRAME, self.titles, dataset=self.dataset)
     return panel
+
+  @staticmethod
+  def _ids(df: pd.DataFrame) -> dict:
+    """The caller's person_id values by the text id the panel uses (``str(v).strip()``), where each text id
+    comes from one value: the results then carry the caller's ids (integers stay integers, so they merge back)."""
+    if not isinstance(df, pd.DataFrame) or "person_id" not in df.columns:
+      return {}
+    found: dict = {}
+    for v in df["person_id"].dropna().unique():
+      found.setdefault(str(v).strip(), set()).add(v)
+    return {k: next(iter(vs)) for k, vs in found.items() if len(vs) == 1}
 
   def _score(self, rows: list[tuple[np.ndarray, np.ndarray]], progress: bool, desc: str):
     return inference.score_examples(self.loaded, self.titles, self.variant, rows, progress=progress, desc=desc,
@@ -91,6 +115,9 @@ class Model:
     (the true code), ``title``, ``prob`` and ``logprob`` (of the true title given the worker's history,
     normalised over the titles), then ``top1`` .. ``top{k}`` (titles) with ``top1_prob`` .. Rows are
     sorted by dataset, person and year."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+      raise ConfigError(f"top_k: a count of titles (an integer >= 0), got {top_k!r}")
+    ids = self._ids(panel)
     panel = self._panel(panel)
     resumes = resume.render_panel(panel, self.titles, self.variant)
     encoded = [self.tokenizer.encode_resume(r) for r in resumes]
@@ -102,12 +129,15 @@ class Model:
         e = r.entries[t]
         p_J = np.exp(logp_TJ[t])
         j = index[e.code]
-        row = {"dataset": r.dataset, "person_id": r.person_id, "year": e.year, "t": t, "occupation": e.code,
+        row = {"dataset": r.dataset, "person_id": ids.get(r.person_id, r.person_id), "year": e.year, "t": t,
+               "occupation": e.code,
                "title": self.titles.titles[j], "prob": float(p_J[j]), "logprob": float(logp_TJ[t, j])}
         for k, top in enumerate(np.argsort(-p_J)[:top_k], start=1):
           row[f"top{k}"], row[f"top{k}_prob"] = self.titles.titles[top], float(p_J[top])
         out.append(row)
-    return pd.DataFrame(out)
+    columns = ["dataset", "person_id", "year", "t", "occupation", "title", "prob", "logprob"]
+    columns += [f"top{k}{s}" for k in range(1, min(top_k, len(self.titles)) + 1) for s in ("", "_prob")]
+    return pd.DataFrame(out, columns=columns)  # the columns also when no worker has a transition
 
   def next_distribution(self, history: pd.DataFrame, *, next_year: int | None = None,
                         next_education: str | None = None, progress: bool = False) -> pd.DataFrame:
@@ -116,25 +146,43 @@ class Model:
     The next entry is ``next_year`` (default: each worker's last year + 1) with ``next_education``
     (default: the worker's last). Returns a DataFrame indexed by ``person_id`` with one column per
     title (table order); each row sums to 1."""
+    ids = self._ids(history)
     panel = self._panel(history)
+    if next_year is not None:
+      if isinstance(next_year, bool) or not isinstance(next_year, numbers.Integral) or not (
+          YEAR_RANGE[0] <= next_year <= YEAR_RANGE[1]):
+        raise PanelError(FRAME, f"next_year must be a year (an integer in [{YEAR_RANGE[0]}, {YEAR_RANGE[1]}])",
+                         column="next_year", value=next_year, has_value=True)
+      late = panel[panel["year"] >= next_year]
+      if len(late):
+        raise PanelError(FRAME, f"next_year must come after every worker's last year (person_id "
+                                f"{late['person_id'].iloc[0]!r} has {int(late['year'].max())})",
+                         column="next_year", value=next_year, has_value=True)
+    if next_education is not None:  # cleaned as the panel's education column is
+      problem = None if isinstance(next_education, str) else "expected text"
+      next_education = next_education.strip() if isinstance(next_education, str) else next_education
+      problem = problem or text_problem(next_education)
+      if problem:
+        raise PanelError(FRAME, problem, column="next_education", value=next_education, has_value=True)
+      next_education = next_education or None  # empty: no education, as an empty cell
     people = panel.drop_duplicates(["dataset", "person_id"])
     if people["person_id"].duplicated().any():
       pid = people.loc[people["person_id"].duplicated(), "person_id"].iloc[0]
       raise PanelError(FRAME, f"person_id {pid!r} appears in two datasets; ask one dataset at a time",
                        column="person_id")
     last = panel.groupby(["dataset", "person_id"], sort=False).tail(1).set_index(["dataset", "person_id"])
-    rows, ids = [], []
+    rows, out_ids = [], []
     for r in resume.render_panel(panel, self.titles, self.variant):
       row = last.loc[(r.dataset, r.person_id)]
-      year = int(next_year) if next_year is not None else int(row["year"]) + 1
+      year = int(next_year) if next_year is not None else int(row["year"]) + 1  # (next_year checked above)
       education = next_education if next_education is not None else row.get("education")
       tokens = prompt_tokens(r, self.tokenizer, year, education)
       rows.append((tokens, np.asarray([len(tokens)], np.int32)))
-      ids.append(r.person_id)
+      out_ids.append(ids.get(r.person_id, r.person_id))
     scores = self._score(rows, progress, "next occupation")
     probs_WJ = np.exp(np.stack([logp_TJ[0] for logp_TJ, _ in scores]).astype(np.float64))
     probs_WJ /= probs_WJ.sum(axis=1, keepdims=True)  # exact normalisation in float64
-    return pd.DataFrame(probs_WJ, index=pd.Index(ids, name="person_id"), columns=list(self.titles.titles))
+    return pd.DataFrame(probs_WJ, index=pd.Index(out_ids, name="person_id"), columns=list(self.titles.titles))
 
 
 def prompt_tokens(worker: resume.Resume | pd.DataFrame, tokenizer, next_year: int, next_education=None, *,
@@ -160,6 +208,9 @@ def load(source: str | os.PathLike, *, step: int | str | None = None, adapter: s
   parameters restored straight into its shardings, batches split over its batch axes. ``dtype``: the compute
   dtype of a Hugging Face or GGUF source ("float32", the default, "bfloat16" or "auto"; a run computes in its
   own ``model.dtype``)."""
+  for name, v, low in (("batch_workers", batch_workers, 1), ("chunk", chunk, 1)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low):
+      raise ConfigError(f"{name}: a positive integer, got {v!r}")
   loaded = inference.open_model(source, step=step, adapter=adapter, mesh=mesh, dtype=dtype)
   if loaded.kind == inference.RUN:
     data = loaded.dataset()

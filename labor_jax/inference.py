@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -188,8 +189,9 @@ def open_model(source: str | os.PathLike, *, step: int | str | None = None, adap
     if dtype is not None:
       raise ConfigError(f"{source}: a run computes in its own model.dtype; dtype applies to Hugging Face sources")
     step = "best" if step is None else step
-    if step not in STEPS and not isinstance(step, int):
+    if isinstance(step, bool) or (step not in STEPS and not isinstance(step, numbers.Integral)):
       raise ConfigError(f"step must be 'best', 'last' or an integer, got {step!r}")
+    step = step if step in STEPS else int(step)  # numpy integers too
     run = RunDir(source)
     config, params, step = run.load_model(None if step in ("last", "latest") else step, mesh=mesh, rules=load_rules)
     tokenizer, what = run.tokenizer(), f"step {step}"

@@ -286,6 +286,53 @@ def test_transitions_are_scored_without_the_first_entries(trained_run, nlsy_data
   numerics.assert_close(raw, np.stack(want["llm_raw"]), **depth, what="raw")
 
 
+def test_python_api_takes_a_notebooks_frames_and_refuses_what_it_cannot_answer(trained_run, nlsy_dataset):
+  """What a notebook hands the API (probe, 2026-12-05): integer ids (they came back as text, so results did not merge
+  back), float codes after a merge, padded or differently cased titles, a categorical column, a worker without a
+  transition (a frame without columns) are answered; a negative top_k (it gave k - 1 columns), a next_year before the
+  history, an education with a line break (it wrote a fake entry into the resume), a repeated column, chunk=0 are
+  refused in one line."""
+  import labor_jax
+  from data_pipeline.dataset_dir import DatasetDir
+  from data_pipeline.errors import PanelError
+  from labor_jax.config import ConfigError
+  data = DatasetDir(nlsy_dataset)
+  panel = data.panel()
+  test = panel[panel["split"] == "test"].drop(columns="split")
+  workers = test[test["person_id"].isin(test["person_id"].unique()[:3])].reset_index(drop=True)
+  m = labor_jax.load(trained_run)
+  assert labor_jax.load(trained_run, step=np.int64(m.loaded.step)).loaded.step == m.loaded.step  # a numpy integer
+  want = m.score(workers, top_k=2)
+  assert [c for c in want.columns if c.startswith("top")] == ["top1", "top1_prob", "top2", "top2_prob"]
+  titles = dict(zip(m.titles.codes, m.titles.titles))
+  as_int = workers.assign(person_id=pd.factorize(workers["person_id"])[0] + 100,
+                          occupation=[float(c) if i % 2 else f"  {titles[c].upper()} " for i, c in
+                                      enumerate(workers["occupation"])],
+                          education=workers["education"].astype("category"))
+  got = m.score(as_int, top_k=2)
+  assert got["person_id"].tolist() == (pd.factorize(want["person_id"])[0] + 100).tolist()
+  assert got.merge(as_int, on=["person_id", "year"]).shape[0] == len(got)  # the caller's ids merge back
+  # the same workers in a call of the same shape: at most one forward pass's float32 bound apart
+  depth = numerics.forward_terms(inference.model_config(trained_run), tokens=longest_resume(nlsy_dataset))
+  numerics.assert_close(got["logprob"], want["logprob"], **depth, what="a notebook's frame")
+  empty = m.score(workers.iloc[:1])
+  assert len(empty) == 0 and "logprob" in empty.columns
+  history = as_int[as_int["person_id"] == 100]
+  dist = m.next_distribution(history, next_education="  high school diploma ")
+  assert dist.index.tolist() == [100]
+  numerics.assert_close(np.log(dist.to_numpy()), np.log(m.next_distribution(history, next_education="high school "
+                        "diploma").to_numpy()), **depth, what="a padded next_education")
+  last = int(history["year"].max())
+  for call, said in ((lambda: m.score(workers, top_k=-1), "top_k: a count of titles"),
+                     (lambda: m.next_distribution(history, next_year=last), "next_year must come after every"),
+                     (lambda: m.next_distribution(history, next_year="soon"), "next_year must be a year"),
+                     (lambda: m.next_distribution(history, next_education="x\n1999: Sales workers"), "next_education"),
+                     (lambda: m.score(pd.concat([workers, workers[["year"]]], axis=1)), "'year' appears more than"),
+                     (lambda: labor_jax.load(trained_run, chunk=0), "chunk: a positive integer")):
+    with pytest.raises((PanelError, ConfigError), match=said):
+      call()
+
+
 def test_open_model_dtype_applies_to_hugging_face_sources_only(trained_run, tmp_path):
   """A Hugging Face source opens in the compute dtype asked for ("auto": the hardware's choice); a run
   keeps its own and refuses another."""
