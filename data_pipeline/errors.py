@@ -70,6 +70,8 @@ class PanelError(ValueError):
     if column is not None:
       parts.append(f"column '{column}'")
     where = ", ".join(parts)
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():  # 1980, not np.int64(1980)
+      value = value.item()
     shown = f" (value {value!r})" if has_value else ""
     super().__init__(f"{where}: {problem}{shown}".replace("\n", " "))
     self.file, self.row, self.column, self.value = file, row, column, value
