@@ -106,8 +106,8 @@ def check_dataset(source: str | os.PathLike, data: DatasetDir, tokenizer: Resume
     run = source_kind(source) == RUN
     own = RunDir(source).tokenizer_dir if run else source  # what data_pipeline.build reads
     raise TokenizerMismatch(f"{data.path} was tokenised with another tokenizer than {source}'s: rebuild it with "
-                      f"python -m data_pipeline.build --tokenizer-dir {own}"
-                      + (" (or leave out --data: the run's own dataset)" if run else ""))
+                            f"python -m data_pipeline.build --tokenizer-dir {own}"
+                            + (" (or leave out --data: the run's own dataset)" if run else ""))
 
 
 def hf_dir(source: str | os.PathLike) -> Path:

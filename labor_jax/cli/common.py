@@ -23,7 +23,6 @@ from labor_jax import distributed, inference, runtime, sharding
 from labor_jax.training import hooks
 from labor_jax.config import ConfigError
 from labor_jax.interop import hf
-from labor_jax.rundir import RunDir
 from labor_jax.training.config import DistributedConfig
 
 EXIT_CONFIG, EXIT_NAN, EXIT_WRITE = 2, 3, 4
@@ -91,7 +90,7 @@ def model_source(args: argparse.Namespace, hf_only: tuple[str, ...] = ("adapter"
     raise ConfigError(f"{' and '.join(given)} apply to --hf models (a run has its own)")
   if args.hf and getattr(args, "step", None) is not None:
     raise ConfigError("--step applies to --run (a run's checkpoints); a --hf model has one set of weights")
-  if args.hf and Path(args.hf).suffix.lower() != ".gguf" and RunDir(args.hf).is_run:
+  if args.hf and inference.source_kind(args.hf) == inference.RUN:
     raise ConfigError(f"--hf {args.hf} is a labor_jax.train run: use --run (scored at its best checkpoint)")
   return args.run or args.hf
 

@@ -68,25 +68,21 @@ def main(argv=None) -> int:
     if not args.no_train:
       train_config.check_devices(cfg, jax.device_count(), 1)
     config = train_config.model_config(cfg, planning.base_config(cfg, args.preset), platform=args.chip)  # auto: bf16 on a chip
+    chip = planning.CHIPS.get(args.chip)
+    if not args.no_score:  # the scoring mesh and batch checked before the train step's compile (minutes on 7B)
+      n = args.score_devices or args.devices  # labor_jax.evaluate's default mesh for this model on this chip
+      score_mesh = sharding.scoring_mesh(args.score_mesh,
+                                         config.num_params() * np.dtype(config.jnp_param_dtype).itemsize,
+                                         devices=jax.devices()[:n], device_bytes=chip.hbm_bytes if chip else None)
+      inference.check_batch(score_mesh, args.batch_workers, args.chunk)  # as labor_jax.evaluate refuses them
   except (ConfigError, sharding.ShardingError) as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
-  chip = planning.CHIPS.get(args.chip)
   m = cfg.mesh
   print(f"{args.config}: {args.preset or cfg.model.hf_path or 'from scratch'} ({config.num_params() / 1e6:,.1f}M "
         f"parameters, {config.param_dtype}), {'LoRA r=%d' % cfg.lora.rank if cfg.lora.enabled else 'full'}, "
         f"remat={config.remat}, scan_layers={config.scan_layers}; {args.devices} fake CPU devices"
         + (f"; chip {args.chip} ({planning.gib(chip.hbm_bytes)})" if chip else ""))
-  if not args.no_score:  # the scoring mesh and batch checked before the train step's compile (minutes on 7B)
-    n = args.score_devices or args.devices  # labor_jax.evaluate's default mesh for this model on this chip
-    try:
-      score_mesh = sharding.scoring_mesh(args.score_mesh,
-                                         config.num_params() * np.dtype(config.jnp_param_dtype).itemsize,
-                                         devices=jax.devices()[:n], device_bytes=chip.hbm_bytes if chip else None)
-      inference.check_batch(score_mesh, args.batch_workers, args.chunk)  # as labor_jax.evaluate refuses them
-    except (ConfigError, sharding.ShardingError) as e:
-      print(f"config error: {e}", file=sys.stderr)
-      return 2
   plans = []
   if not args.no_train:
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor)
