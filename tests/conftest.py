@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests import suite  # the suite's XLA flags and devices marker (checked by test_suite_setup.py)
+from tests import numerics, suite  # suite: the XLA flags and devices marker (checked by test_suite_setup.py)
 
 # The suite's XLA flags (tests/suite.py) under the caller's, which are kept and win for a flag they set:
 # `XLA_FLAGS=--xla_cpu_max_isa=AVX2 bash scripts/test.sh` runs the suite as on a CPU without AVX-512 (docs/index.md).
@@ -32,7 +32,13 @@ def pytest_configure(config):
   and it is removed at the end. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is."""
   config.addinivalue_line("markers", "devices(n): needs n JAX devices; skipped on an accelerator that has fewer "
                           "(scripts/gpu_check.sh on one GPU), never on the CPU, where the suite makes 8")
-  if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+  if hasattr(config, "workerinput"):
+    return
+  if numerics.MARGINS_ENV not in os.environ:  # every process's passed comparisons, for the summary's margins line
+    fd, config._labor_jax_margins = tempfile.mkstemp(prefix="labor_jax_tests_margins_", suffix=".jsonl")
+    os.close(fd)
+    os.environ[numerics.MARGINS_ENV] = config._labor_jax_margins
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   config._labor_jax_cache = tempfile.mkdtemp(prefix="labor_jax_tests_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = config._labor_jax_cache
@@ -48,8 +54,12 @@ def machine() -> str:
 
 def pytest_terminal_summary(terminalreporter):
   """The machine and the XLA flags under the run's result (also with -q): a failure or a timing in a CI log
-  names the CPU it came from."""
+  names the CPU it came from; and how near this machine came to the float32 bounds (tests/numerics.py)."""
   terminalreporter.write_line(f"labor_jax: {machine()}; XLA_FLAGS={os.environ['XLA_FLAGS']}")
+  margins = os.environ.get(numerics.MARGINS_ENV)
+  line = margins and numerics.nearest(margins)
+  if line:
+    terminalreporter.write_line(line)
 
 
 def pytest_runtest_setup(item):
@@ -68,6 +78,9 @@ def pytest_unconfigure(config):
   cache = getattr(config, "_labor_jax_cache", None)
   if cache:
     shutil.rmtree(cache, ignore_errors=True)
+  margins = getattr(config, "_labor_jax_margins", None)
+  if margins:
+    Path(margins).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,21 @@ probabilities), ``floor`` = 1 so that values near zero are held to an absolute e
 to zero, and C = 4: a few standard deviations of the random walk of roundings. The bound is tens of eps
 times the values: a real fault (a permuted head, a dropped layer, a misplaced shard) moves results by a
 good fraction of their magnitude and fails it, and each test that uses this keeps such a broken variant.
+
+How close a machine comes to the bounds: with ``LABOR_JAX_TESTS_MARGINS`` naming a file (tests/conftest.py sets one
+for every run), each comparison that passes appends its error and bound there as a JSON line, and the run's summary
+names the comparison nearest its bound (:func:`nearest`).
 """
+
+import json
+import os
 
 import numpy as np
 
 EPS_F32 = 2.0 ** -23  # float32 machine epsilon (1 ulp at 1.0)
 EPS_BF16 = 2.0 ** -7  # bfloat16 machine epsilon (8 significant bits); a rounding is half of it, 2**-8
 C = 4.0  # roundings of either sign: a few standard deviations of their random walk
+MARGINS_ENV = "LABOR_JAX_TESTS_MARGINS"
 
 
 def forward_terms(config, tokens: int = 0) -> dict:
@@ -64,7 +72,40 @@ def assert_close(got, want, *, terms: int, layers: int = 1, eps: float = EPS_F32
     return 0.0
   at = np.unravel_index(np.argmax(err), err.shape)
   worst = float(err[at])
+  if worst <= bound:
+    _record(what, worst, bound)
   assert worst <= bound, (f"{what}: max |got - want| = {worst:.3g} > bound {bound:.3g} = {C:g} * eps {eps:.3g} * "
                           f"sqrt({terms} terms) * {layers} layers * max(scale {scale:.3g}, floor {floor:g}), at index "
                           f"{tuple(int(i) for i in at)}: got {g[at]!r}, want {w[at]!r}")
   return worst
+
+
+def _record(what: str, worst: float, bound: float) -> None:
+  """One JSON line for a passed comparison in the file ``LABOR_JAX_TESTS_MARGINS`` names, if any: the test (pytest's
+  PYTEST_CURRENT_TEST), ``what``, the error and the bound. One short write in append mode, so the suite's
+  processes can share the file. A comparison that fails is not written: its failure says more."""
+  path = os.environ.get(MARGINS_ENV)
+  if not path:
+    return
+  test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+  line = json.dumps({"test": test, "what": what, "error": worst, "bound": bound}) + "\n"
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(line)
+
+
+def nearest(path: str | os.PathLike) -> str | None:
+  """One line on the comparisons recorded in ``path`` (see :func:`_record`): how many, and the one whose error came
+  nearest its bound, as a fraction of it; None when there are none."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  except FileNotFoundError:
+    return None
+  if not rows:
+    return None
+  top = max(rows, key=lambda r: r["error"] / r["bound"] if r["bound"] > 0 else 0.0)
+  ratio = top["error"] / top["bound"] if top["bound"] > 0 else 0.0
+  tests = len({r["test"] for r in rows})
+  return (f"numerics: {len(rows)} comparisons in {tests} tests passed their float32 bounds; the nearest used "
+          f"{ratio:.2f} of its bound: {top['test']} ({top['what'] or 'unnamed'}: error {top['error']:.3g}, bound "
+          f"{top['bound']:.3g})")

@@ -114,7 +114,7 @@ def test_a_run_by_epochs_trains_the_resolved_steps_and_keeps_them_on_resume(tmp_
   saved = yaml.safe_load((run_dir / "config.yaml").read_text())
   assert (saved["steps"], saved["epochs"], saved["eval_every"], saved["ckpt_every"]) == (5, 0.05, 2, 2)
   lr = lambda steps: [float(train_core.make_schedule(0.003, steps, 2, "cosine", 0.1)(i)) for i in range(5)]  # noqa: E731
-  np.testing.assert_allclose([r["lr"] for r in rows], lr(5), rtol=1e-6)
+  np.testing.assert_allclose([r["lr"] for r in rows], lr(5), rtol=1e-6)  # one optax schedule, logged as float32
   assert not np.allclose([r["lr"] for r in rows], lr(300), rtol=1e-3)  # demo.yaml's 300 steps would decay slower
 
   # As if the split had changed since: the recorded length is kept, and said.

@@ -58,3 +58,18 @@ def test_shapes_and_non_finite_entries_must_agree():
     numerics.assert_close([-np.inf, 1.0], [-1e30, 1.0], terms=1)
   with pytest.raises(AssertionError, match="shapes"):
     numerics.assert_close([1.0, 2.0], [1.0], terms=1)
+
+
+def test_passed_comparisons_are_recorded_for_the_margins_line(tmp_path, monkeypatch):
+  path = tmp_path / "margins.jsonl"
+  monkeypatch.setenv(numerics.MARGINS_ENV, str(path))
+  assert numerics.nearest(path) is None  # no file yet: no line
+  bound = numerics.tolerance([1.0], terms=16)
+  numerics.assert_close([1.0 + bound / 4], [1.0], terms=16, what="a quarter")
+  numerics.assert_close([1.0 + bound / 2], [1.0], terms=16, what="a half")
+  with pytest.raises(AssertionError):
+    numerics.assert_close([1.0 + 2 * bound], [1.0], terms=16, what="twice")  # a failure is not recorded
+  line = numerics.nearest(path)
+  assert line.startswith("numerics: 2 comparisons in 1 tests passed")
+  assert "the nearest used 0.50 of its bound" in line and "(a half:" in line
+  assert "test_numerics.py::test_passed_comparisons_are_recorded_for_the_margins_line" in line

@@ -204,6 +204,7 @@ def test_two_evaluations_into_one_directory_leave_one_whole_report(hf_pair, nlsy
     assert p.returncode == 0, err[-3000:]
   metrics = json.loads((out / "metrics.json").read_text())["models"]["LABOR-LLM (this run)"]
   pred = pd.read_csv(out / "predictions.csv")
+  # the same probabilities in both files (float32 roundings ~1e-6 relative; see test_evaluate)
   assert np.exp(-pred["logprob"].mean()) == pytest.approx(metrics["perplexity"], rel=1e-4)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
 
