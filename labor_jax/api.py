@@ -115,8 +115,7 @@ class Model:
     (the true code), ``title``, ``prob`` and ``logprob`` (of the true title given the worker's history,
     normalised over the titles), then ``top1`` .. ``top{k}`` (titles) with ``top1_prob`` .. Rows are
     sorted by dataset, person and year."""
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-      raise ConfigError(f"top_k: a count of titles (an integer >= 0), got {top_k!r}")
+    _check_integer("top_k", top_k, 0, "a count of titles (an integer >= 0)")
     ids = self._ids(panel)
     panel = self._panel(panel)
     resumes = resume.render_panel(panel, self.titles, self.variant)
@@ -185,6 +184,13 @@ class Model:
     return pd.DataFrame(probs_WJ, index=pd.Index(out_ids, name="person_id"), columns=list(self.titles.titles))
 
 
+def _check_integer(name: str, value, low: int, what: str) -> None:
+  """ConfigError ``"{name}: {what}, got {value!r}"`` unless ``value`` is an integer (numpy's too, not a bool)
+  of at least ``low``."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise ConfigError(f"{name}: {what}, got {value!r}")
+
+
 def prompt_tokens(worker: resume.Resume | pd.DataFrame, tokenizer, next_year: int, next_education=None, *,
                   titles: TitleTable | None = None, variant: str = "titles") -> np.ndarray:
   """The tokens a prediction continues: the worker's resume (a Resume, or one person's validated panel
@@ -208,9 +214,9 @@ def load(source: str | os.PathLike, *, step: int | str | None = None, adapter: s
   parameters restored straight into its shardings, batches split over its batch axes. ``dtype``: the compute
   dtype of a Hugging Face or GGUF source ("float32", the default, "bfloat16" or "auto"; a run computes in its
   own ``model.dtype``)."""
-  for name, v, low in (("batch_workers", batch_workers, 1), ("chunk", chunk, 1)):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low):
-      raise ConfigError(f"{name}: a positive integer, got {v!r}")
+  for name, v in (("batch_workers", batch_workers), ("chunk", chunk)):
+    if v is not None:
+      _check_integer(name, v, 1, "a positive integer")
   loaded = inference.open_model(source, step=step, adapter=adapter, mesh=mesh, dtype=dtype)
   if loaded.kind == inference.RUN:
     data = loaded.dataset()

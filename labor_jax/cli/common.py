@@ -56,10 +56,8 @@ def run_training(fn: Callable[[], object]) -> int:
   checkpoint that could not be written (full disk) one line and 4."""
   try:
     fn()
-  except (ConfigError, GGUFError, hf.CheckpointError) as e:  # GGUF / HF sources named by model.hf_path
-    print(f"config error: {e}", file=sys.stderr)
-    return EXIT_CONFIG
-  except (FileNotFoundError, NotADirectoryError, FileExistsError) as e:  # a path in the config (model.hf_path, ...)
+  # GGUF / HF sources named by model.hf_path, and a path in the config that is missing or in the way
+  except (ConfigError, GGUFError, hf.CheckpointError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_CONFIG
   except hooks.NonFiniteLoss as e:

@@ -320,12 +320,16 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
               "mesh.tensor": cfg.mesh.tensor, "log_every": cfg.log_every, "eval_every": cfg.eval_every,
               "eval_every_epochs": cfg.eval_every_epochs, "ckpt_every": cfg.ckpt_every,
               "ckpt_every_epochs": cfg.ckpt_every_epochs, "keep": cfg.keep}
-  m = cfg.model
-  positive.update({f"model.{k}": getattr(m, k) for k in _ARCHITECTURE}, **{"data.vocab_size": cfg.data.vocab_size})
+  positive.update({f"model.{k}": getattr(cfg.model, k) for k in _ARCHITECTURE})
+  positive["data.vocab_size"] = cfg.data.vocab_size
   for key, v in positive.items():
     if v is not None and not (math.isfinite(v) and v > 0):  # NaN and inf too (epochs: .nan, .inf)
       raise ConfigError(f"{key}: must be a finite positive number, got {v}")
-  for key, v in (("eval_batches", cfg.eval_batches), ("ckpt_every_minutes", cfg.ckpt_every_minutes)):
+  o = cfg.optim
+  non_negative = {"eval_batches": cfg.eval_batches, "ckpt_every_minutes": cfg.ckpt_every_minutes,
+                  "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
+                  "optim.clip_norm": o.clip_norm, "optim.min_lr_ratio": o.min_lr_ratio}
+  for key, v in non_negative.items():
     if not (math.isfinite(v) and v >= 0):
       raise ConfigError(f"{key}: must be a finite number >= 0, got {v}")
   if not math.isfinite(cfg.lora.alpha) or cfg.lora.alpha <= 0:
@@ -333,13 +337,8 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
                       f"got {cfg.lora.alpha}")
   if not 0 <= cfg.lora.dropout < 1:
     raise ConfigError(f"lora.dropout: a probability in [0, 1), got {cfg.lora.dropout}")
-  o = cfg.optim
   if not (math.isfinite(o.lr) and o.lr > 0):
     raise ConfigError(f"optim.lr: must be a positive number, got {o.lr}")
-  for key, v in (("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
-                 ("optim.clip_norm", o.clip_norm), ("optim.min_lr_ratio", o.min_lr_ratio)):
-    if not (math.isfinite(v) and v >= 0):
-      raise ConfigError(f"{key}: must be a finite number >= 0, got {v}")
   for key, v in (("optim.b1", o.b1), ("optim.b2", o.b2)):
     if not 0 <= v < 1:
       raise ConfigError(f"{key}: must be in [0, 1), got {v}")
